@@ -1,0 +1,1 @@
+"""Subcommands of `chipfuse`; each module exposes register(subparsers)."""

@@ -1,0 +1,69 @@
+"""`chipfuse pool show|detect|catalog`."""
+
+from __future__ import annotations
+
+import argparse
+
+from chipfuse.cluster.catalog import GiB, load_catalog
+from chipfuse.cluster.pool import load_pool, pool_to_dict
+from chipfuse.report.output import console, table, write_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pool", help="describe a pool of devices")
+    psub = p.add_subparsers(dest="pool_command", required=True)
+    show = psub.add_parser("show", help="print a pool file as a table")
+    show.add_argument("file")
+    show.add_argument("--json", metavar="PATH")
+    show.set_defaults(func=cmd_show)
+    det = psub.add_parser("detect", help="describe this machine's devices")
+    det.add_argument("--bench", action="store_true", help="also micro-benchmark each device (a few seconds)")
+    det.add_argument("--json", metavar="PATH")
+    det.set_defaults(func=cmd_detect)
+    cat = psub.add_parser("catalog", help="list the chip catalog")
+    cat.add_argument("--json", metavar="PATH")
+    cat.set_defaults(func=cmd_catalog)
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    pool = load_pool(args.file)
+    rows = [[d.name, d.node, d.chip.name, d.vendor, f"{d.memory_bytes / GiB:.1f}",
+             f"{d.peak_flops('bf16') / 1e12:.1f}", f"{d.chip.mem_bw / 1e9:.0f}", d.backend,
+             f"emulated x{d.emulation.speed:g}" if d.emulation else "real"] for d in pool.devices]
+    console.print(table(f"pool {pool.name} ({len(pool.devices)} devices, {len(pool.nodes)} nodes)",
+                        ["device", "node", "chip", "vendor", "mem GiB", "bf16 TFLOP/s", "mem GB/s", "backend", "kind"],
+                        rows))
+    links = [[f"{n.name} (inside)", f"{n.intra_bandwidth / 1e9:.1f}", f"{n.intra_latency_s * 1e6:.1f}"] for n in pool.nodes]
+    links += [[f"{ln.a} <-> {ln.b}", f"{ln.bandwidth / 1e9:.2f}", f"{ln.latency_s * 1e6:.0f}"] for ln in pool.links]
+    links.append(["other node pairs", f"{pool.default_link.bandwidth / 1e9:.2f}", f"{pool.default_link.latency_s * 1e6:.0f}"])
+    console.print(table("links", ["link", "GB/s", "latency us"], links))
+    write_json(args.json, pool_to_dict(pool))
+    return 0
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from chipfuse.cluster.detect import detect_devices
+
+    found = detect_devices(bench=args.bench)
+    cols = ["device", "kind", "name", "memory GiB", "cores/SMs"] + (["fp32 GFLOP/s", "mem GB/s"] if args.bench else [])
+    rows = []
+    for d in found:
+        row = [d["device"], d["kind"], d["name"], f"{d['memory_bytes'] / GiB:.1f}", d.get("cores", "")]
+        if args.bench:
+            row += [f"{d['fp32_flops'] / 1e9:.1f}", f"{d['mem_bw'] / 1e9:.1f}"]
+        rows.append(row)
+    console.print(table("devices on this machine", cols, rows))
+    write_json(args.json, {"devices": found})
+    return 0
+
+
+def cmd_catalog(args: argparse.Namespace) -> int:
+    cat = load_catalog()
+    rows = [[c.name, c.vendor, f"{c.memory_bytes / GiB:.0f}", f"{c.flops_bf16 / 1e12:g}", f"{c.flops_fp32 / 1e12:g}",
+             f"{c.mem_bw / 1e9:g}", f"{c.link_bw / 1e9:g}"] for c in cat.values()]
+    console.print(table("chip catalog (dense peaks; sources in catalog.toml)",
+                        ["chip", "vendor", "GiB", "bf16 TFLOP/s", "fp32 TFLOP/s", "mem GB/s", "link GB/s"], rows))
+    write_json(args.json, {c.name: {"vendor": c.vendor, "memory_bytes": c.memory_bytes, "flops_bf16": c.flops_bf16,
+                                    "flops_fp32": c.flops_fp32, "mem_bw": c.mem_bw, "link_bw": c.link_bw,
+                                    "source": c.source} for c in cat.values()})
+    return 0

@@ -1,0 +1,1 @@
+"""Models chipfuse trains, and what they cost."""

@@ -1,0 +1,248 @@
+"""The Plan: a frozen, JSON-serialisable description of how one job uses a pool.
+
+A person can write one by hand; the planner writes the same format. Shape::
+
+    Plan
+      replicas: each a pipeline (one or more stages) computing `batch_share` samples of every
+                global batch, in micro-batches of `micro_batch_size`. Replicas may differ in
+                stage count and layer split; shares need not be equal.
+        stages: a contiguous run of transformer blocks [first_layer, first_layer+num_layers)
+                on a group of devices. Stage 0 also holds the embedding, the last the head.
+                A group of n devices is tensor-parallel when tp_degree == n, else its devices
+                shard the stage (FSDP2) and split its micro-batches evenly.
+      sync:     how replicas combine gradients (every step, or DiLoCo islands over slow links).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from chipfuse.errors import PlanError
+from chipfuse.model.spec import ModelSpec
+
+CHECKPOINT_MODES = ("none", "selective", "full")
+SHARD_MODES = ("none", "optimizer", "grads", "full")
+OFFLOAD_MODES = ("none", "optimizer", "params")
+SCHEDULES = ("gpipe", "1f1b", "interleaved")
+DTYPES = ("fp32", "bf16")
+OPTIMIZER_DTYPES = ("fp32", "bf16", "int8", "int4")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage:
+    devices: tuple[str, ...]
+    """Device names; several form one group (tensor-parallel or sharded) inside a node."""
+    first_layer: int
+    num_layers: int
+    tp_degree: int = 1
+    checkpoint: str = "none"
+    """Activation checkpointing: none | selective | full."""
+    shard: str = "none"
+    """Sharding inside the group (ZeRO-1/2/3 via FSDP2): none | optimizer | grads | full."""
+    offload: str = "none"
+    """Host-memory offload: none | optimizer | params."""
+
+    @property
+    def layers(self) -> range:
+        return range(self.first_layer, self.first_layer + self.num_layers)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Replica:
+    stages: tuple[Stage, ...]
+    batch_share: int
+    """Samples of every global batch this replica computes."""
+    micro_batch_size: int
+    """Samples per micro-batch (the last micro-batch may be smaller)."""
+
+    @property
+    def num_micro_batches(self) -> int:
+        return math.ceil(self.batch_share / self.micro_batch_size) if self.batch_share else 0
+
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(d for s in self.stages for d in s.devices)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyncPlan:
+    """How replicas combine. islands=() means one synchronous all-reduce every step."""
+
+    islands: tuple[tuple[str, ...], ...] = ()
+    """Groups of well-connected devices; synchronous inside, DiLoCo between."""
+    outer_every: int = 1
+    """H: inner steps between outer (cross-island) steps."""
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    compression: str = "none"
+    """Cross-island payload: none | bf16 | fp16."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    model: ModelSpec
+    global_batch: int
+    """Samples per optimizer step, over all replicas."""
+    seq_len: int
+    replicas: tuple[Replica, ...]
+    schedule: str = "1f1b"
+    dtype: str = "fp32"
+    """Compute dtype; bf16 keeps fp32 master weights."""
+    optimizer_dtype: str = "fp32"
+    """Optimizer-state dtype (int8/int4 via torchao)."""
+    sync: SyncPlan = field(default_factory=SyncPlan)
+    excluded: tuple[str, ...] = ()
+    """Pool devices the plan leaves out because they would only slow the job."""
+    strategy: str = "manual"
+    """Who made it: chipfuse | even | fastest-only | proportional-dp | manual."""
+    pool: str = ""
+    version: int = 1
+
+    # ------------------------------------------------------------------ derived views
+    @property
+    def devices(self) -> tuple[str, ...]:
+        return tuple(d for r in self.replicas for d in r.devices)
+
+    @property
+    def shares(self) -> dict[str, int]:
+        """Samples per step of each replica, keyed by its first device."""
+        return {r.devices[0]: r.batch_share for r in self.replicas}
+
+    @property
+    def is_pure_data_parallel(self) -> bool:
+        return all(len(r.stages) == 1 and len(r.stages[0].devices) == 1 for r in self.replicas)
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "<plan>") -> Plan:
+        try:
+            _known(d, cls, source, "plan")
+            model = ModelSpec.from_dict(d["model"])
+            replicas = []
+            for i, r in enumerate(d["replicas"]):
+                _known(r, Replica, source, f"replicas[{i}]")
+                stages = []
+                for j, s in enumerate(r["stages"]):
+                    _known(s, Stage, source, f"replicas[{i}].stages[{j}]")
+                    stages.append(Stage(**{**s, "devices": tuple(s["devices"])}))
+                replicas.append(Replica(**{**r, "stages": tuple(stages)}))
+            sync_raw = d.get("sync", {})
+            _known(sync_raw, SyncPlan, source, "sync")
+            sync = SyncPlan(**{**sync_raw, "islands": tuple(tuple(x) for x in sync_raw.get("islands", ()))})
+            rest = {k: v for k, v in d.items() if k not in ("model", "replicas", "sync")}
+            if "excluded" in rest:
+                rest["excluded"] = tuple(rest["excluded"])
+            plan = cls(model=model, replicas=tuple(replicas), sync=sync, **rest)
+        except KeyError as e:
+            raise PlanError(f"{source}: field {e} missing. Fix: add it (see `chipfuse plan --json` output)") from None
+        except TypeError as e:
+            raise PlanError(f"{source}: {e}. Fix: check the field names and types") from None
+        plan.check()
+        return plan
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        try:
+            raw = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{p}: no such plan file. Fix: write one with `chipfuse plan --json {p}`") from None
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{p}: not valid JSON ({e}). Fix: correct the syntax there") from None
+        if isinstance(raw, dict) and "plan" in raw and "replicas" not in raw:
+            raw = raw["plan"]  # accept the whole output of `chipfuse plan --json`
+        return cls.from_dict(raw, source=str(p))
+
+    # ------------------------------------------------------------------ checks
+    def check(self, source: str = "<plan>") -> None:
+        """Internal consistency (no pool needed). Raises PlanError naming the field and the fix."""
+
+        def fail(where: str, problem: str, fix: str) -> PlanError:
+            return PlanError(f"{source}: {where}: {problem}. Fix: {fix}")
+
+        if self.global_batch <= 0:
+            raise fail("global_batch", f"is {self.global_batch}", "use a positive number of samples")
+        if not 0 < self.seq_len <= self.model.seq_len:
+            raise fail("seq_len", f"is {self.seq_len}, model allows 1..{self.model.seq_len}", "lower seq_len")
+        for name, val, allowed in (("schedule", self.schedule, SCHEDULES), ("dtype", self.dtype, DTYPES),
+                                   ("optimizer_dtype", self.optimizer_dtype, OPTIMIZER_DTYPES)):
+            if val not in allowed:
+                raise fail(name, f"is {val!r}", f"use one of {allowed}")
+        if not self.replicas:
+            raise fail("replicas", "is empty", "give at least one replica")
+        total = sum(r.batch_share for r in self.replicas)
+        if total != self.global_batch:
+            raise fail("replicas[*].batch_share", f"sum to {total}, global_batch is {self.global_batch}",
+                       "make the shares add up to global_batch")
+        seen: set[str] = set()
+        L = self.model.num_layers
+        for i, r in enumerate(self.replicas):
+            w = f"replicas[{i}]"
+            if r.batch_share < 0 or r.micro_batch_size <= 0:
+                raise fail(w, f"batch_share={r.batch_share}, micro_batch_size={r.micro_batch_size}",
+                           "use batch_share >= 0 and micro_batch_size >= 1")
+            if not r.stages:
+                raise fail(f"{w}.stages", "is empty", "give at least one stage")
+            nxt = 0
+            for j, s in enumerate(r.stages):
+                sw = f"{w}.stages[{j}]"
+                if s.first_layer != nxt or s.num_layers <= 0:
+                    raise fail(f"{sw}.first_layer", f"stage covers layers {s.first_layer}..+{s.num_layers}, "
+                               f"expected to start at {nxt}", "make stages contiguous, each with >= 1 layer")
+                nxt += s.num_layers
+                if not s.devices:
+                    raise fail(f"{sw}.devices", "is empty", "name at least one device")
+                if len(s.devices) % s.tp_degree:
+                    raise fail(f"{sw}.tp_degree", f"{s.tp_degree} does not divide {len(s.devices)} devices",
+                               "use a tp_degree that divides the stage's device count")
+                for name, val, allowed in (("checkpoint", s.checkpoint, CHECKPOINT_MODES),
+                                           ("shard", s.shard, SHARD_MODES), ("offload", s.offload, OFFLOAD_MODES)):
+                    if val not in allowed:
+                        raise fail(f"{sw}.{name}", f"is {val!r}", f"use one of {allowed}")
+                for dv in s.devices:
+                    if dv in seen:
+                        raise fail(f"{sw}.devices", f"device {dv!r} is used twice", "use each device once")
+                    seen.add(dv)
+            if nxt != L:
+                raise fail(f"{w}.stages", f"cover {nxt} layers, the model has {L}", "cover every layer once")
+
+    def check_against_pool(self, pool: Any, source: str = "<plan>") -> None:
+        """The plan names only devices of `pool`, and none of them twice (pool: cluster.Pool)."""
+        names = {d.name for d in pool.devices}
+        for dv in self.devices:
+            if dv not in names:
+                raise PlanError(f"{source}: device {dv!r} is not in pool {pool.name!r} "
+                                f"(it has {sorted(names)}). Fix: re-plan for this pool with `chipfuse plan`")
+
+
+def _known(d: dict, cls: type, source: str, where: str) -> None:
+    allowed = {f.name for f in fields(cls)}
+    extra = sorted(set(d) - allowed)
+    if extra:
+        raise PlanError(f"{source}: {where}.{extra[0]}: unknown field. Fix: use one of {sorted(allowed)}")
+
+
+def data_parallel_plan(model: ModelSpec, shares: dict[str, int], *, seq_len: int, micro_batch_size: int | dict[str, int],
+                       strategy: str = "manual", pool: str = "") -> Plan:
+    """A pure data-parallel plan: one whole-model replica per device, with the given shares."""
+    mbs = micro_batch_size if isinstance(micro_batch_size, dict) else {d: micro_batch_size for d in shares}
+    replicas = tuple(
+        Replica(stages=(Stage(devices=(d,), first_layer=0, num_layers=model.num_layers),),
+                batch_share=n, micro_batch_size=max(1, min(mbs[d], n) if n else mbs[d]))
+        for d, n in shares.items()
+    )
+    return Plan(model=model, global_batch=sum(shares.values()), seq_len=seq_len, replicas=replicas,
+                strategy=strategy, pool=pool)

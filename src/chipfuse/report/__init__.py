@@ -1,0 +1,1 @@
+"""Tables for the terminal, JSON for scripts, pictures for people."""
