@@ -1,0 +1,1 @@
+"""Apply a plan to a model and train it on torch.distributed."""
