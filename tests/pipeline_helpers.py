@@ -9,6 +9,7 @@ from chipfuse.data import get_batch
 from chipfuse.model.gpt import loss_sum
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.plan import Plan, Replica, Stage
+from chipfuse.runtime.optim import build_optimizer
 from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
 from chipfuse.runtime.stages import build_full, full_logits
 
@@ -58,7 +59,7 @@ def reference(spec: ModelSpec, plan: Plan, steps: int, cfg: WorkerConfig) -> dic
     """One device, whole global batch, same seed, loss and optimizer."""
     torch.set_num_threads(1)
     model = build_full(spec, cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = build_optimizer(model.parameters(), plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
     tokens = plan.global_batch * plan.seq_len
     losses, grads = [], None
     for s in range(steps):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from chipfuse.runtime.groups import link_backend, make_reducer, usable_backend
-from chipfuse.runtime.local import spawn
 from chipfuse.runtime.pipeline import WorkerConfig
+from tests.distributed import run_ranks
 from tests.pipeline_helpers import TINY_GPT, plan_of, pool_of, reference, run_steps
 
 VENDOR_POOL = {"n0": ("A100-SXM-80GB", 1.0), "h0": ("Ascend-910B", 1.0), "n1": ("A100-SXM-80GB", 1.0)}
@@ -29,7 +29,7 @@ def _reduce_three_ways(rank: int, world: int) -> dict:
 
 
 def test_vendor_groups_and_bridge_equal_the_flat_sum():
-    res = spawn(_reduce_three_ways, 3)
+    res = run_ranks(_reduce_three_ways, 3)
     for s in [(0, 1, 2), (0, 2), (1, 2)]:
         # float64 and exact small values: the hierarchical order of the sum changes nothing.
         flat = sum(res[r][s]["mine"] for r in s)
@@ -57,7 +57,7 @@ def test_pipeline_across_vendors_matches_one_device():
     pool = pool_of(VENDOR_POOL)
     plan = plan_of(TINY_GPT, [([("n0", 1), ("h0", 2)], 3, 2), ([("n1", 3)], 3, 3)])
     cfg = WorkerConfig(pace=False, lr=3e-3)
-    results = spawn(run_steps, 3, plan, pool, 5, cfg)
+    results = run_ranks(run_steps, 3, plan, pool, 5, cfg)
     ref = reference(TINY_GPT, plan, 5, cfg)
     for r in results:
         for name, g in r["grads"].items():

@@ -8,8 +8,8 @@ import torch
 from chipfuse.errors import PlanError
 from chipfuse.plan.plan import Plan, Replica, Stage
 from chipfuse.runtime.layout import check_runnable, layout, unit_ranks
-from chipfuse.runtime.local import spawn
 from chipfuse.runtime.pipeline import WorkerConfig
+from tests.distributed import run_ranks
 from tests.pipeline_helpers import TINY_GPT, plan_of, pool_of, reference, run_steps
 
 STEPS = 50
@@ -24,7 +24,8 @@ def _check_parity(results: list[dict], ref: dict, *, curve_atol: float) -> None:
         for name, g in r["grads"].items():
             torch.testing.assert_close(g, ref["grads"][name], atol=1e-6, rtol=1e-5, msg=name)
     # The loss curve: identical data and weights, so only rounding differs; AdamW divides by
-    # sqrt(v), which amplifies rounding on tiny gradients, so 50 steps drift by up to ~1e-4.
+    # sqrt(v), which amplifies rounding on tiny gradients: over 50 steps we measured up to 1.5e-4
+    # (relative 5e-5 of a loss near 3); 5e-4 leaves room and still catches any wrong sample or share.
     for r in results:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]),
                                    atol=curve_atol, rtol=0)
@@ -37,8 +38,8 @@ def test_two_unequal_stages_times_two_unequal_replicas_match_one_device():
     # with micro-batches of 2 and 1 (replica 0's last micro-batch is padded).
     pool = pool_of({"a0": ("cpu", 1.0), "a1": ("cpu", 1.0), "b0": ("cpu", 1.0), "b1": ("cpu", 1.0)})
     plan = plan_of(TINY_GPT, [([("a0", 1), ("a1", 2)], 5, 2), ([("b0", 2), ("b1", 1)], 3, 1)], schedule="1f1b")
-    results = spawn(run_steps, 4, plan, pool, STEPS, CFG)
-    _check_parity(results, reference(TINY_GPT, plan, STEPS, CFG), curve_atol=1e-4)
+    results = run_ranks(run_steps, 4, plan, pool, STEPS, CFG)
+    _check_parity(results, reference(TINY_GPT, plan, STEPS, CFG), curve_atol=5e-4)
     assert {r["describe"]["schedule"] for r in results} == {"1f1b"}
 
 
@@ -47,7 +48,7 @@ def test_gpipe_checkpointing_and_a_whole_model_replica_match_one_device():
     pool = pool_of({"a0": ("cpu", 1.0), "a1": ("cpu", 1.0), "b0": ("cpu", 1.0)})
     plan = plan_of(TINY_GPT, [([("a0", 2), ("a1", 1)], 3, 1), ([("b0", 3)], 5, 2)], schedule="gpipe",
                    checkpoint="full")
-    results = spawn(run_steps, 3, plan, pool, 10, CFG)
+    results = run_ranks(run_steps, 3, plan, pool, 10, CFG)
     _check_parity(results, reference(TINY_GPT, plan, 10, CFG), curve_atol=1e-4)
 
 

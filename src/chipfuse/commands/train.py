@@ -56,6 +56,10 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
     if args.plan:
         plan = Plan.from_json(args.plan)
         plan.check_against_pool(pool, source=args.plan)
+        if not plan.is_pure_data_parallel or plan.model.family != "gpt":
+            from chipfuse.runtime.layout import check_runnable
+
+            check_runnable(plan, pool, source=args.plan)
         return plan
     from chipfuse.plan.data_parallel import unequal_data_parallel
     from chipfuse.runtime.probe import measure_memory

@@ -28,6 +28,7 @@ from chipfuse.plan.plan import Plan
 from chipfuse.runtime.emulate import MemoryMeter, Pacer, model_state_tensors
 from chipfuse.runtime.groups import Reducer, link_backend, make_reducer
 from chipfuse.runtime.layout import layout, schedule_for, unit_ranks, units_of_model
+from chipfuse.runtime.optim import build_optimizer
 from chipfuse.runtime.paced import Clock, PacedStage, measure_solo
 from chipfuse.runtime.stages import build_full, build_stage
 
@@ -79,7 +80,7 @@ class PipelineWorker:
         del full
         self.unit_params = {u: [dict(self.module.named_parameters())[n] for n in names]
                             for u, names in self.module.units().items()}
-        self.opt = torch.optim.AdamW(self.module.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.opt = build_optimizer(self.module.parameters(), plan, lr=config.lr, weight_decay=config.weight_decay)
         self.global_tokens = plan.global_batch * plan.seq_len
         self.offset = sum(r.batch_share for r in plan.replicas[: role.replica])
         self.n_mb = max(1, rep.num_micro_batches)
@@ -196,7 +197,7 @@ class PipelineWorker:
         loss = local_loss.clone()
         if dist.is_initialized():
             dist.all_reduce(loss)  # the last stage of every replica holds a part of the global loss
-        return {"loss": loss.item(), "step_s": time.perf_counter() - t0, "compute_s": t1 - t0,
+        return {"loss": loss.item(), "loss_local": local_loss.item(), "step_s": time.perf_counter() - t0, "compute_s": t1 - t0,
                 "reduce_s": t2 - t1, "peak_bytes": float(self.meter.peak_bytes)}
 
     def grads(self) -> dict[str, torch.Tensor]:
@@ -207,5 +208,6 @@ class PipelineWorker:
         return {"rank": self.rank, "device": self.device.name, "replica": self.role.replica,
                 "stage": self.role.stage_index, "num_stages": self.role.num_stages,
                 "layers": list(self.replica.stages[self.role.stage_index].layers),
+                "num_params": sum(p.numel() for p in self.module.parameters()),
                 "schedule": self.schedule_name, "schedule_note": self.schedule_note,
                 "reducers": [r.describe() for r in self.reducers.values()]}

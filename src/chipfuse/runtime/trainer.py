@@ -79,8 +79,10 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     if info.world_size != len(plan.devices):
         raise ValueError(f"the plan uses {len(plan.devices)} devices but {info.world_size} workers started. "
                          f"Fix: launch with --nproc-per-node {len(plan.devices)} (or use `chipfuse train`)")
-    if not plan.is_pure_data_parallel:
-        raise NotImplementedError("pipeline and tensor-parallel stages are not wired into this trainer yet")
+    if not plan.is_pure_data_parallel or plan.model.family != "gpt":
+        from chipfuse.runtime.pipeline_train import run_pipeline  # stages over devices, HF models
+
+        return run_pipeline(plan, pool, cfg, info)
     name = plan.devices[info.rank]
     device: Device = pool.device(name)
     idx, replica = _replica_of(plan, name)
