@@ -76,3 +76,40 @@ def test_plans_that_cannot_run_are_refused_before_workers_start():
         stages=(Stage(devices=("a0", "a1"), first_layer=0, num_layers=3),), batch_share=4, micro_batch_size=2),))
     with pytest.raises(PlanError, match="one device"):
         check_runnable(two, pool)
+
+
+def _whole_model_bytes(spec, batch: int, seq_len: int) -> int:
+    """What one device needs to train the whole model: state (params, grads, 2 AdamW moments)
+    plus the activations saved for backward of one micro-batch."""
+    from chipfuse.data import get_batch
+    from chipfuse.model.gpt import loss_sum
+    from chipfuse.runtime.emulate import MemoryMeter
+    from chipfuse.runtime.stages import build_full
+
+    model = build_full(spec, 0)
+    meter = MemoryMeter(device_name="probe", cap_bytes=None)
+    meter.set_static(list(model.parameters()))
+    x, y = get_batch(0, batch, seq_len)
+    with meter.track():
+        loss_sum(model(x), y).backward()
+    return 4 * meter.static_bytes + (meter.peak_bytes - meter.static_bytes)
+
+
+def test_model_too_big_for_any_one_device_trains_across_two():
+    from chipfuse.cluster.catalog import GiB
+    from chipfuse.cluster.pool import pool_from_dict
+    from chipfuse.errors import DeviceMemoryError
+
+    need = _whole_model_bytes(TINY_GPT, 2, 32)
+    cap_gib = 0.75 * need / GiB  # no device can hold the whole model, each holds a stage
+    pool = pool_from_dict({"name": "capped", "node": [{"name": "h", "device": [
+        {"name": "fast", "chip": "cpu", "emulate": {"speed": 1.0, "memory_gib": cap_gib}},
+        {"name": "slow", "chip": "cpu", "emulate": {"speed": 0.5, "memory_gib": cap_gib}}]}]})
+    cfg = WorkerConfig(pace=False, lr=3e-3)
+    alone = plan_of(TINY_GPT, [([("fast", 3)], 2, 2)])
+    with pytest.raises(DeviceMemoryError, match="'fast' \\(emulated\\) is out of memory"):
+        run_steps(0, 1, alone, pool.subset(["fast"]), 2, cfg)
+    split = plan_of(TINY_GPT, [([("fast", 2), ("slow", 1)], 2, 2)])
+    results = run_ranks(run_steps, 2, split, pool, 3, cfg)
+    ref = reference(TINY_GPT, split, 3, cfg)
+    torch.testing.assert_close(torch.tensor(results[0]["losses"]), torch.tensor(ref["losses"]), atol=1e-5, rtol=0)
