@@ -3,6 +3,7 @@ global batch it computes, in which micro-batches. Everything else is built by fu
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +76,10 @@ def _all_gather_floats(values: list[float]) -> list[list[float]]:
 
 def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     """Train `plan` on this rank. Returns the run's summary on rank 0, None elsewhere."""
-    info = cfdist.init()
+    kinds = [cfdist.torch_device_kind(pool.device(d)) for d in plan.devices]
+    rank = int(os.environ.get("RANK", 0))
+    info = cfdist.init(device_kind=kinds[rank] if rank < len(kinds) else "cpu",
+                       backend="nccl" if all(k == "cuda" for k in kinds) else "gloo")
     if info.world_size != len(plan.devices):
         raise ValueError(f"the plan uses {len(plan.devices)} devices but {info.world_size} workers started. "
                          f"Fix: launch with --nproc-per-node {len(plan.devices)} (or use `chipfuse train`)")
