@@ -43,6 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", default=None, help="per-step JSON lines (default: RUN_DIR/metrics.jsonl)")
     p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/plan.json and stop (for multi-host launches)")
     p.set_defaults(func=cmd_train)
 
 
@@ -72,6 +73,8 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise ChipfuseError(f"--steps is {args.steps}. Fix: train at least one step (use --dry-run to only plan)")
     pool = _load_pool(args.pool)
     if launched_by_torchrun():
         return _worker(args, pool)
@@ -80,6 +83,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     plan_path = run_dir / "plan.json"
     plan.to_json(plan_path)
+    if args.dry_run:
+        console.print(f"plan written to {plan_path} ({len(plan.devices)} devices, strategy {plan.strategy})")
+        return 0
     summary_path = Path(args.json) if args.json else run_dir / "summary.json"
     metrics = args.metrics or str(run_dir / "metrics.jsonl")
     if pool.emulated:
