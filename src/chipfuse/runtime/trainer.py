@@ -190,7 +190,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         "fusion_efficiency": tps / solo_sum if solo_sum else None,
         "devices": {
             d: {"chip": pool.device(d).chip.name,
-                "speed": pool.device(d).emulation.speed if pool.device(d).emulation else None,
+                "speed": _speed(pool.device(d)),
                 "seconds_per_sample": eff[d],
                 "tokens_per_s": sum(r["devices"][d]["samples"] for r in log.rows[2:] or log.rows) * plan.seq_len
                 / max(1e-9, sum(r["devices"][d]["compute_s"] for r in log.rows[2:] or log.rows)),
@@ -199,6 +199,10 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         },
         "metrics_path": cfg.metrics_path,
     }
+
+
+def _speed(device: Device) -> float | None:
+    return device.emulation.speed if device.emulation else None
 
 
 class _Progress:
