@@ -40,9 +40,10 @@ def plan_of(spec: ModelSpec, replicas: list[tuple[list[tuple[str, int]], int, in
     return plan
 
 
-def run_steps(rank: int, world: int, plan: Plan, pool: Pool, steps: int, cfg: WorkerConfig) -> dict:
-    """Worker body for chipfuse.runtime.local.spawn: losses of every step, grads of step 0."""
-    w = PipelineWorker(plan, pool, rank=rank, config=cfg)
+def run_steps(rank: int, world: int, plan: Plan, pool: Pool, steps: int, cfg: WorkerConfig,
+              by_rank: list[str] | None = None) -> dict:
+    """Worker body for tests.distributed.run_ranks: losses of every step, grads of step 0."""
+    w = PipelineWorker(plan, pool, rank=rank, config=cfg, by_rank=by_rank)
     losses, grads = [], None
     for s in range(steps):
         w.opt.zero_grad(set_to_none=True)

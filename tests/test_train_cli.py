@@ -86,3 +86,32 @@ def test_pacer_pads_to_target_and_never_speeds_up():
     late = time.perf_counter() - 1.0
     assert p.pad(late, 1) == 0.0  # already past the target: no sleep
     assert torch.get_num_threads() >= 1
+
+
+def test_single_device_runs_in_process_and_measured_shares_follow_speed(tmp_path):
+    one = tmp_path / "one.toml"
+    one.write_text('[[node]]\nname = "h"\n[[node.device]]\nname = "solo"\nchip = "cpu"\nemulate = { speed = 1.0 }\n')
+    out = tmp_path / "one.json"
+    assert main(["train", "--pool", str(one), "--model", "tiny", "--steps", "2", "--global-batch", "4",
+                 "--solo-samples", "0", "--run-dir", str(tmp_path / "r1"), "--json", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["shares"] == {"solo": 4}
+
+    pool = tmp_path / "pool.toml"
+    pool.write_text(POOL)
+    out2 = tmp_path / "m.json"
+    # Start from an even split; the warm-up measures the devices and re-splits 2 : 1.
+    assert main(["train", "--pool", str(pool), "--model", "tiny", "--steps", "2", "--global-batch", "12",
+                 "--even", "--shares", "measured", "--solo-samples", "0", "--run-dir", str(tmp_path / "r2"),
+                 "--json", str(out2), "--no-progress"]) == 0
+    shares = json.loads(out2.read_text())["shares"]
+    assert sum(shares.values()) == 12 and shares["fast"] > shares["slow"]
+
+
+def test_bad_steps_and_dry_run(tmp_path, capsys):
+    assert main(["train", "--steps", "0"]) == 2
+    assert "--steps is 0" in capsys.readouterr().err
+    assert main(["train", "--model", "tiny", "--dry-run", "--run-dir", str(tmp_path)]) == 0
+    from chipfuse.plan.plan import Plan
+
+    plan = Plan.from_json(tmp_path / "plan.json")
+    assert plan.devices == ("fast", "mid", "slow") and plan.global_batch == 56

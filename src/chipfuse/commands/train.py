@@ -43,6 +43,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", default=None, help="per-step JSON lines (default: RUN_DIR/metrics.jsonl)")
     p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--node", help="under torchrun on several hosts: this host's node in the pool; its "
+                   "workers take that node's plan devices by local rank")
+    p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/plan.json and stop (for multi-host launches)")
     p.set_defaults(func=cmd_train)
 
 
@@ -76,6 +79,8 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise ChipfuseError(f"--steps is {args.steps}. Fix: train at least one step (use --dry-run to only plan)")
     pool = _load_pool(args.pool)
     if launched_by_torchrun():
         return _worker(args, pool)
@@ -84,6 +89,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     plan_path = run_dir / "plan.json"
     plan.to_json(plan_path)
+    if args.dry_run:
+        console.print(f"plan written to {plan_path} ({len(plan.devices)} devices, strategy {plan.strategy})")
+        return 0
     summary_path = Path(args.json) if args.json else run_dir / "summary.json"
     metrics = args.metrics or str(run_dir / "metrics.jsonl")
     if pool.emulated:
@@ -132,7 +140,8 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
     plan = make_plan(args, pool)
     shares = args.shares or ("plan" if all(d.emulated for d in pool.devices) else "measured")
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
-                      shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress)
+                      shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
+                      device=_node_device(args.node, plan, pool) if args.node else None)
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)
@@ -140,6 +149,18 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
         cfdist.shutdown(exit_code=0)
     cfdist.shutdown()
     return 0
+
+
+def _node_device(node: str, plan: Plan, pool: Pool) -> str:
+    names = [d.name for n in pool.nodes if n.name == node for d in n.devices if d.name in plan.devices]
+    if not any(n.name == node for n in pool.nodes):
+        raise ChipfuseError(f"--node {node!r} is not a node of pool {pool.name!r}. "
+                            f"Fix: use one of {[n.name for n in pool.nodes]}")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if local >= len(names):
+        raise ChipfuseError(f"node {node!r} has {len(names)} plan devices but local rank {local} started. "
+                            f"Fix: --nproc-per-node {len(names)} on this host")
+    return names[local]
 
 
 def print_summary(s: dict) -> None:

@@ -89,14 +89,19 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGr
     """SUM-reduce gradients in one flat buffer per dtype (ranks with no share contribute zeros)."""
     if not dist.is_initialized() or dist.get_world_size(group) == 1:
         return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-    for p in params:
-        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)  # type: ignore[union-attr]
+        by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         flat = _flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
+        if flat.is_cuda and dist.get_backend(group) == "gloo":
+            # The bridge between chip kinds: gloo reaches every device through host memory.
+            host = flat.cpu()
+            dist.all_reduce(host, group=group)
+            flat.copy_(host)
+        else:
+            dist.all_reduce(flat, group=group)
         for g, r in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
             g.copy_(r)

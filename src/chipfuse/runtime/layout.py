@@ -37,16 +37,19 @@ class Role:
         return self.stage_index == self.num_stages - 1
 
 
-def layout(plan: Plan) -> list[Role]:
+def layout(plan: Plan, by_rank: list[str] | None = None) -> list[Role]:
+    """Every rank's role, in rank order. by_rank: the device of each rank when the launcher chose
+    (multi-host c10d hands out ranks by arrival); default plan.devices order, which keeps each
+    pipeline's ranks consecutive and in stage order."""
+    names = list(by_rank) if by_rank is not None else list(plan.devices)
+    rank_of = {d: i for i, d in enumerate(names)}
     roles: list[Role] = []
-    rank = 0
     for i, rep in enumerate(plan.replicas):
-        ranks = tuple(range(rank, rank + len(rep.stages)))
+        ranks = tuple(rank_of[s.devices[0]] for s in rep.stages)
         for j, st in enumerate(rep.stages):
-            roles.append(Role(rank=rank, device=st.devices[0], replica=i, stage_index=j,
+            roles.append(Role(rank=rank_of[st.devices[0]], device=st.devices[0], replica=i, stage_index=j,
                               num_stages=len(rep.stages), pipeline_ranks=ranks))
-            rank += 1
-    return roles
+    return sorted(roles, key=lambda r: r.rank)
 
 
 def units_of_model(spec: ModelSpec) -> list[str]:
@@ -54,10 +57,10 @@ def units_of_model(spec: ModelSpec) -> list[str]:
     return [EMBED_UNIT, *(block_unit(i) for i in range(spec.num_layers)), HEAD_UNIT]
 
 
-def unit_ranks(plan: Plan) -> dict[str, tuple[int, ...]]:
+def unit_ranks(plan: Plan, by_rank: list[str] | None = None) -> dict[str, tuple[int, ...]]:
     """For every unit, the ranks holding it: one per replica. When replicas split the model the
     same way these are the same stage of every replica; otherwise per-layer-range sets."""
-    roles = layout(plan)
+    roles = layout(plan, by_rank)
     out: dict[str, list[int]] = {u: [] for u in units_of_model(plan.model)}
     for r in roles:
         st = plan.replicas[r.replica].stages[r.stage_index]
@@ -68,7 +71,7 @@ def unit_ranks(plan: Plan) -> dict[str, tuple[int, ...]]:
             mine.append(HEAD_UNIT)
         for u in mine:
             out[u].append(r.rank)
-    return {u: tuple(v) for u, v in out.items()}
+    return {u: tuple(sorted(v)) for u, v in out.items()}
 
 
 def schedule_for(plan: Plan, num_stages: int, num_micro_batches: int) -> tuple[str, str]:

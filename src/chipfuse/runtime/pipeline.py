@@ -51,9 +51,10 @@ class WorkerConfig:
 class PipelineWorker:
     """One rank. Construction is collective: every rank of the job must build its worker."""
 
-    def __init__(self, plan: Plan, pool: Any, *, rank: int, config: WorkerConfig = WorkerConfig()):
+    def __init__(self, plan: Plan, pool: Any, *, rank: int, config: WorkerConfig = WorkerConfig(),
+                 by_rank: list[str] | None = None):
         self.plan, self.cfg, self.rank = plan, config, rank
-        roles = layout(plan)
+        roles = layout(plan, by_rank)
         self.role = role = roles[rank]
         self.replica = rep = plan.replicas[role.replica]
         self.device = pool.device(role.device)
@@ -62,13 +63,13 @@ class PipelineWorker:
 
         # Groups, created on every rank in one order: pipelines by replica, then reducers.
         self.pp_group = None
-        for r in plan.replicas:
-            ranks = [x.rank for x in roles if plan.replicas[x.replica] is r]
+        for i in range(len(plan.replicas)):
+            ranks = sorted(x.rank for x in roles if x.replica == i)
             if len(ranks) > 1:
                 g = dist.new_group(ranks, backend=link_backend({vendor_of[x] for x in ranks}, native_of))
                 if rank in ranks:
                     self.pp_group = g
-        self.unit_ranks = unit_ranks(plan)
+        self.unit_ranks = unit_ranks(plan, by_rank)
         self.reducers: dict[tuple[int, ...], Reducer] = {}
         for s in sorted({v for v in self.unit_ranks.values() if len(v) > 1}):
             red = make_reducer(s, vendor_of, native_of)
@@ -137,6 +138,10 @@ class PipelineWorker:
 
         stage = PipelineStage(self.paced, self.role.stage_index, self.role.num_stages, torch.device("cpu"),
                               group=self.pp_group)
+        # Stage j lives on the j-th device of the replica, whose place in the group (ranks sorted)
+        # need not be j when the launcher handed out ranks (multi-host).
+        members = sorted(self.role.pipeline_ranks)
+        stage.stage_index_to_group_rank = {j: members.index(r) for j, r in enumerate(self.role.pipeline_ranks)}
         cls = Schedule1F1B if self.schedule_name == "1f1b" else ScheduleGPipe
         # scale_grads=False: the loss is already divided by the global token count.
         return cls(stage, n_microbatches=self.n_mb, loss_fn=self._loss, scale_grads=False)

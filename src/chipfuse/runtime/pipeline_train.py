@@ -23,14 +23,16 @@ from chipfuse.runtime.metrics import StepLog, gather_row
 from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
 
 
-def run_pipeline(plan: Plan, pool: Pool, cfg: Any, info: cfdist.DistInfo) -> dict | None:
+def run_pipeline(plan: Plan, pool: Pool, cfg: Any, info: cfdist.DistInfo,
+                 by_rank: list[str] | None = None) -> dict | None:
     """Train `plan` (any mix of pipelines and whole-model replicas) on this rank.
     cfg: runtime.trainer.TrainConfig. Returns the summary on rank 0, None elsewhere."""
     wcfg = WorkerConfig(seed=cfg.seed, data_seed=cfg.seed, lr=cfg.lr, weight_decay=cfg.weight_decay,
                         pace=True, slack=cfg.slack)
-    worker = PipelineWorker(plan, pool, rank=info.rank, config=wcfg)
+    worker = PipelineWorker(plan, pool, rank=info.rank, config=wcfg, by_rank=by_rank)
     role = worker.role
-    log = StepLog(devices=list(plan.devices), seq_len=plan.seq_len, emulated=pool.emulated,
+    names = list(by_rank) if by_rank is not None else list(plan.devices)
+    log = StepLog(devices=names, seq_len=plan.seq_len, emulated=pool.emulated,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     events: list[list[tuple[str, float, float]]] = []
     t_origin = _common_origin()
@@ -55,7 +57,7 @@ def run_pipeline(plan: Plan, pool: Pool, cfg: Any, info: cfdist.DistInfo) -> dic
                                                     "peak_bytes": worker.meter.peak_bytes, "events": events})
     if not info.is_main:
         return None
-    return _summary(plan, pool, cfg, log, describe, worker)
+    return _summary(plan, pool, cfg, log, describe, by_rank)
 
 
 def _padded(worker: PipelineWorker) -> float:
@@ -81,8 +83,8 @@ def _gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def _summary(plan: Plan, pool: Pool, cfg: Any, log: StepLog, ranks: list[dict], worker: PipelineWorker) -> dict:
-    roles = layout(plan)
+def _summary(plan: Plan, pool: Pool, cfg: Any, log: StepLog, ranks: list[dict], by_rank: list[str] | None) -> dict:
+    roles = layout(plan, by_rank)
     step_s = log.steady_step_s()
     tps = log.steady_tokens_per_s()
     steady = log.rows[2:] or log.rows
@@ -123,7 +125,7 @@ def _summary(plan: Plan, pool: Pool, cfg: Any, log: StepLog, ranks: list[dict], 
         "solo_tokens_per_s": {d: math.nan for d in plan.devices},
         "fusion_efficiency": None,
         "devices": devices,
-        "timeline": {d: ranks[i]["events"][-3:] for i, d in enumerate(plan.devices)},
+        "timeline": {r.device: ranks[r.rank]["events"][-3:] for r in roles},
         "metrics_path": cfg.metrics_path,
     }
 

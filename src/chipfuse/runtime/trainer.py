@@ -3,6 +3,7 @@ global batch it computes, in which micro-batches. Everything else is built by fu
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ class TrainConfig:
     slack: float = 1.1
     """Emulated devices pad each micro-batch to slack x solo time / speed (torch-on-cpu.md)."""
     progress: bool = True
+    device: str | None = None
+    """This worker's device name; None = the plan's device at this rank (single host)."""
 
 
 def _replica_of(plan: Plan, device: str) -> tuple[int, Replica]:
@@ -64,6 +67,19 @@ def _in_turns(info: cfdist.DistInfo, fn):  # type: ignore[no-untyped-def]
     return result
 
 
+def _rank_names(name: str, info: cfdist.DistInfo) -> list[str]:
+    """Every rank's device name, in rank order; each plan device exactly once."""
+    names = [name]
+    if info.distributed:
+        names = [""] * info.world_size
+        dist.all_gather_object(names, name)
+    if sorted(names) != sorted(set(names)):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"devices {dup} were claimed by more than one worker. Fix: give each host its own "
+                         "--node, with --nproc-per-node equal to that node's devices in the plan")
+    return names
+
+
 def _all_gather_floats(values: list[float]) -> list[list[float]]:
     t = torch.tensor(values, dtype=torch.float64)
     if not dist.is_initialized():
@@ -75,15 +91,20 @@ def _all_gather_floats(values: list[float]) -> list[list[float]]:
 
 def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     """Train `plan` on this rank. Returns the run's summary on rank 0, None elsewhere."""
-    info = cfdist.init()
+    kinds = [cfdist.torch_device_kind(pool.device(d)) for d in plan.devices]
+    # Which device this worker is: given (multi-host: the node's devices by local rank, since c10d
+    # rendezvous hands out global ranks in arrival order), or the plan's device at this rank.
+    name = cfg.device or plan.devices[int(os.environ.get("RANK", 0))]
+    info = cfdist.init(device_kind=cfdist.torch_device_kind(pool.device(name)),
+                       backend="nccl" if all(k == "cuda" for k in kinds) else "gloo")
     if info.world_size != len(plan.devices):
         raise ValueError(f"the plan uses {len(plan.devices)} devices but {info.world_size} workers started. "
                          f"Fix: launch with --nproc-per-node {len(plan.devices)} (or use `chipfuse train`)")
+    by_rank = _rank_names(name, info)
     if not plan.is_pure_data_parallel or plan.model.family != "gpt":
         from chipfuse.runtime.pipeline_train import run_pipeline  # stages over devices, HF models
 
-        return run_pipeline(plan, pool, cfg, info)
-    name = plan.devices[info.rank]
+        return run_pipeline(plan, pool, cfg, info, by_rank)
     device: Device = pool.device(name)
     idx, replica = _replica_of(plan, name)
     offsets = _offsets(plan)
@@ -132,8 +153,8 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
 
         solo_tps = _in_turns(info, _solo) or 0.0
     gathered = _all_gather_floats([eff_s, solo_tps])
-    eff = {d: g[0] for d, g in zip(plan.devices, gathered, strict=True)}
-    solo = {d: g[1] for d, g in zip(plan.devices, gathered, strict=True)}
+    eff = {d: g[0] for d, g in zip(by_rank, gathered, strict=True)}
+    solo = {d: g[1] for d, g in zip(by_rank, gathered, strict=True)}
 
     shares = {r.devices[0]: r.batch_share for r in plan.replicas}
     if cfg.shares == "measured" and plan.is_pure_data_parallel:
@@ -145,7 +166,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             start += shares[d]
 
     optimizer = build_optimizer(params, plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log = StepLog(devices=list(plan.devices), seq_len=plan.seq_len, emulated=pool.emulated,
+    log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     progress = _Progress(enabled=info.is_main and cfg.progress, steps=cfg.steps, devices=list(plan.devices))
 
@@ -188,7 +209,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         "fusion_efficiency": tps / solo_sum if solo_sum else None,
         "devices": {
             d: {"chip": pool.device(d).chip.name,
-                "speed": pool.device(d).emulation.speed if pool.device(d).emulation else None,
+                "speed": _speed(pool.device(d)),
                 "seconds_per_sample": eff[d],
                 "tokens_per_s": sum(r["devices"][d]["samples"] for r in log.rows[2:] or log.rows) * plan.seq_len
                 / max(1e-9, sum(r["devices"][d]["compute_s"] for r in log.rows[2:] or log.rows)),
@@ -197,6 +218,10 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         },
         "metrics_path": cfg.metrics_path,
     }
+
+
+def _speed(device: Device) -> float | None:
+    return device.emulation.speed if device.emulation else None
 
 
 class _Progress:
