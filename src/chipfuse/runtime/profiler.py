@@ -27,7 +27,7 @@ from chipfuse.cluster.pool import Device, Pool
 from chipfuse.model.gpt import loss_sum
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.plan import Stage
-from chipfuse.runtime.emulate import Pacer
+from chipfuse.runtime.emulate import Pacer, solo_time
 from chipfuse.runtime.stages import build_full, build_stage
 
 
@@ -39,24 +39,14 @@ class HostFigures:
     """Bytes/s of a large copy (read + write)."""
 
 
-def _best(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
-    fn()
-    out = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out = min(out, time.perf_counter() - t0)
-    return out
-
-
 def host_figures(*, n: int = 512, copy_bytes: int = 64 << 20, repeats: int = 5) -> HostFigures:
     flops = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-        flops[name] = 2 * n**3 / _best(lambda a=a, b=b: a @ b, repeats)
+        flops[name] = 2 * n**3 / solo_time(lambda a=a, b=b: a @ b, repeats=repeats)
     src = torch.empty(copy_bytes // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
-    mem_bw = 2 * copy_bytes / _best(lambda: dst.copy_(src), repeats)
+    mem_bw = 2 * copy_bytes / solo_time(lambda: dst.copy_(src), repeats=repeats)
     return HostFigures(flops=flops, mem_bw=mem_bw)
 
 
@@ -144,9 +134,9 @@ def _link_worker(rank: int, port: int, nbytes: int, repeats: int, q) -> None:  #
             dist.recv(t, 0)
             dist.send(t, 0)
 
-    rtt_small = _best(lambda: ping(small), repeats * 4)
-    rtt_big = _best(lambda: ping(big), repeats)
-    ar = _best(lambda: dist.all_reduce(big), repeats)
+    rtt_small = solo_time(lambda: ping(small), repeats=repeats * 4)
+    rtt_big = solo_time(lambda: ping(big), repeats=repeats)
+    ar = solo_time(lambda: dist.all_reduce(big), repeats=repeats)
     if rank == 0:
         lat = rtt_small / 2
         q.put({"latency_s": lat, "p2p_bandwidth": nbytes / max(1e-9, rtt_big / 2 - lat),
