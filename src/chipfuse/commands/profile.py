@@ -38,7 +38,8 @@ def measure(pool, spec, *, seq_len: int, micro_batch_sizes: tuple[int, ...], sla
         # sustained FLOP/s on blocks (the planner's meaning), from the largest micro-batch measured
         b = max(m["blocks"], key=lambda t: t["micro_batch_size"])
         rate = fpt * b["micro_batch_size"] * b["seq_len"] / b["fwd_s"]
-        flops[dev] = {"fp32": rate, "bf16": rate * host.flops["bf16"] / host.flops["fp32"]}
+        # The CPU runtime computes in fp32 whatever the plan's dtype, so both entries are that rate.
+        flops[dev] = {"fp32": rate, "bf16": rate}
     link = profiler.link_figures() if links else None
     nodes = sorted({d.node for d in pool.devices})
     return {

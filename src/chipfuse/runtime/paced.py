@@ -74,7 +74,7 @@ class PacedStage(nn.Module):
         return y
 
 
-def measure_solo(module: StageModule, x: torch.Tensor, backward_fn, *, repeats: int = 3) -> tuple[float, float]:
+def measure_solo(module: StageModule, x: torch.Tensor, backward_fn, *, repeats: int = 5) -> tuple[float, float]:
     """Best-of-`repeats` forward and backward seconds of one micro-batch (after one warm-up)."""
     best_f = best_b = float("inf")
     for k in range(repeats + 1):

@@ -58,6 +58,7 @@ class PipelineWorker:
         self.role = role = roles[rank]
         self.replica = rep = plan.replicas[role.replica]
         self.device = pool.device(role.device)
+        self.stage_plan = rep.stages[role.stage_index]
         native_of = {d.vendor: d.backend for d in pool.devices}
         vendor_of = {r.rank: pool.device(r.device).vendor for r in roles}
 
@@ -198,7 +199,11 @@ class PipelineWorker:
         self.reduce_grads()
         t2 = time.perf_counter()
         self.opt.step()
-        self.meter.set_static(model_state_tensors(self.module, self.opt), what="model state")
+        t3 = time.perf_counter()
+        self.clock.events += [("sync", t1, t2), ("optimizer", t2, t3)]
+        # offload="optimizer": AdamW's state lives in host memory, not on the device
+        on_device_opt = None if self.stage_plan.offload == "optimizer" else self.opt
+        self.meter.set_static(model_state_tensors(self.module, on_device_opt), what="model state")
         loss = local_loss.clone()
         if dist.is_initialized():
             dist.all_reduce(loss)  # the last stage of every replica holds a part of the global loss
