@@ -106,6 +106,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         worker_args += ["--shares", args.shares]
     if args.no_progress:
         worker_args.append("--no-progress")
+    if args.profile:
+        worker_args += ["--profile", args.profile]
     if len(plan.devices) == 1:
         env_backup = dict(os.environ)
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
@@ -150,7 +152,8 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
     shares = args.shares or ("plan" if all(d.emulated for d in pool.devices) else "measured")
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
                       shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
-                      device=_node_device(args.pool_node, plan, pool) if args.pool_node else None)
+                      device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
+                      profile_path=args.profile)
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)

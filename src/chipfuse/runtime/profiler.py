@@ -172,3 +172,32 @@ def block_fwd_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     else:
         weights = 4 * c * c + 2 * c * f
     return 2 * weights + 2 * seq_len * c
+
+
+def _closest(timings: list[dict], tokens: int) -> tuple[float, float]:
+    """(fwd_s, bwd_s) for `tokens`, scaled linearly from the closest measured shape (as the planner)."""
+    t = min(timings, key=lambda x: abs(x["micro_batch_size"] * x["seq_len"] - tokens))
+    scale = tokens / (t["micro_batch_size"] * t["seq_len"])
+    return t["fwd_s"] * scale, t["bwd_s"] * scale
+
+
+def stage_targets(profile_path: str, device: str, stage: Stage, *, last: bool, micro_batch_size: int,
+                  seq_len: int) -> tuple[float, float] | None:
+    """Forward and backward seconds of one micro-batch of `stage` on `device` by the profile:
+    its blocks, the head on the last stage, and a recomputed forward under checkpointing."""
+    import json
+
+    prof = json.loads(open(profile_path).read())
+    blocks = prof.get("layer_times", {}).get(device)
+    if not blocks:
+        return None
+    tokens = micro_batch_size * seq_len
+    f1, b1 = _closest(blocks, tokens)
+    f, b = stage.num_layers * f1, stage.num_layers * b1
+    if stage.checkpoint != "none":
+        b += f
+    heads = prof.get("head_times", {}).get(device)
+    if last and heads:
+        hf, hb = _closest(heads, tokens)
+        f, b = f + hf, b + hb
+    return f, b
