@@ -14,6 +14,7 @@ Written by hand: torch has benchmark utilities but no notion of emulated chips o
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -43,7 +44,7 @@ def host_figures(*, n: int = 512, copy_bytes: int = 64 << 20, repeats: int = 5) 
     flops = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-        flops[name] = 2 * n**3 / solo_time(lambda a=a, b=b: a @ b, repeats=repeats)
+        flops[name] = 2 * n**3 / solo_time(functools.partial(torch.matmul, a, b), repeats=repeats)
     src = torch.empty(copy_bytes // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
     mem_bw = 2 * copy_bytes / solo_time(lambda: dst.copy_(src), repeats=repeats)
