@@ -91,8 +91,9 @@ def block_and_head_times(spec: ModelSpec, pool: Pool, *, micro_batch_sizes: tupl
     for mbs in micro_batch_sizes:
         block = _stage_timer(spec, mid[1], 1, mid, mbs, seq_len)
         last = _stage_timer(spec, stages[1], 1, stages, mbs, seq_len)  # one block + norm + head + loss
-        host_b = [block(None) for _ in range(repeats + 1)][1:]
-        host_l = [last(None) for _ in range(repeats + 1)][1:]
+        # the host's own time: best of twice as many runs, since other processes only add to it
+        host_b = [block(None) for _ in range(2 * repeats + 1)][1:]
+        host_l = [last(None) for _ in range(2 * repeats + 1)][1:]
         f_b, b_b = min(t[0] for t in host_b), min(t[1] for t in host_b)
         f_l, b_l = min(t[0] for t in host_l), min(t[1] for t in host_l)
         for d in _measurable(pool):
