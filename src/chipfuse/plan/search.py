@@ -247,13 +247,19 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
     # 2. mixed pipelines over subsets of kinds
     mixed: list[Template] = []
     if len(ctx.kinds) > 1:
-        best_cfg = {}
+        # Unit configs per kind: its best alone, single devices, whole nodes at the largest tensor degree.
+        cfg_maps: list[dict[int, tuple[int, int]]] = [{}, {}, {}]
         for k in range(len(ctx.kinds)):
             cands = per_kind.get(k)
-            best_cfg[k] = (cands[0].blocks[0].g, cands[0].blocks[0].t) if cands else (1, 1)
-        for size in range(len(ctx.kinds), 1, -1):
-            for subset in itertools.combinations(range(len(ctx.kinds)), size):
-                mixed += ctx.mixed(subset, best_cfg, deadline)
+            cfgs = unit_configs(ctx.kinds[k], ctx.costs)
+            cfg_maps[0][k] = (cands[0].blocks[0].g, cands[0].blocks[0].t) if cands else (1, 1)
+            cfg_maps[1][k] = (1, 1)
+            cfg_maps[2][k] = max(cfgs)
+        unique = [m for i, m in enumerate(cfg_maps) if m not in cfg_maps[:i]]
+        for cfg in unique:
+            for size in range(len(ctx.kinds), 1, -1):
+                for subset in itertools.combinations(range(len(ctx.kinds)), size):
+                    mixed += ctx.mixed(subset, cfg, deadline)
         mixed.sort(key=ctx.estimate, reverse=True)
     # 3. combinations, quickest estimate first
     combos: list[list[Template]] = []
@@ -264,7 +270,12 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
     for k in kinds_ok:
         if len(per_kind[k]) > 1:
             combos.append([per_kind[j][1 if j == k else 0] for j in kinds_ok])
-    combos += [[t] for t in mixed[:8]]
+    for t in mixed[:16]:
+        combos.append([t])
+        # Kinds a mixed pipeline leaves out may still help as replicas of their own.
+        rest = [per_kind[k][0] for k in kinds_ok if k not in {b.kind for b in t.blocks}]
+        if rest:
+            combos.append([t, *rest])
     combos.sort(key=lambda c: -sum(ctx.estimate(t) for t in c))
     stop = t0 + time_budget_s * 0.9
     evaluated = 0
