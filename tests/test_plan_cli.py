@@ -72,3 +72,15 @@ def test_example_pools_load():
     sizes = {p.stem: len(load_pool(p).devices) for p in EXAMPLES.glob("*.toml")}
     assert sizes["big-1024"] == 1024
     assert {"amp-v100-t4", "metis-a100-v100-t4", "export-mix"} <= set(sizes)
+
+
+def test_plan_for_the_builtin_emulated_pool_says_so(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main(["plan", "--pool", "builtin", "--model", "small", "--global-batch", "56", "--seq-len", "128",
+                 "--time-budget", "1", "--json", str(out)]) == 0
+    assert "EMULATED" in capsys.readouterr().out
+    d = json.loads(out.read_text())
+    assert d["emulated"] is True
+    # The fast emulated device gets the largest share.
+    plan = Plan.from_json(out)
+    assert plan.global_batch == 56 and set(plan.devices) <= {"fast", "mid", "slow"}

@@ -107,3 +107,20 @@ def test_memory_over_capacity_is_reported():
         stages=(Stage(devices=("d0",), first_layer=0, num_layers=4),), batch_share=8, micro_batch_size=8),))
     pred = predict(plan, tiny)
     assert not pred.fits and pred.breakdown["over_capacity"]["d0"] > 0
+
+
+def test_profile_and_plan_refusals(tmp_path):
+    from chipfuse.errors import ChipfuseError, PlanError
+
+    with pytest.raises(ChipfuseError, match="no such profile.*Fix"):
+        Profile.load(tmp_path / "none.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{")
+    with pytest.raises(ChipfuseError, match="not valid JSON.*Fix"):
+        Profile.load(bad)
+    bad.write_text('{"layer_times": {"a": [{"fwd": 1}]}}')
+    with pytest.raises(ChipfuseError, match="malformed profile.*Fix"):
+        Profile.load(bad)
+    plan = data_parallel_plan(MODEL, {"d0": 4, "elsewhere": 4}, seq_len=128, micro_batch_size=4)
+    with pytest.raises(PlanError, match="'elsewhere' is not in pool.*Fix"):
+        predict(plan, pool())

@@ -6,8 +6,9 @@ import argparse
 
 from rich.console import Console
 
+from chipfuse.cluster.builtin import default_pool
 from chipfuse.cluster.catalog import GiB
-from chipfuse.cluster.pool import Pool, load_pool
+from chipfuse.cluster.pool import Device, Pool, load_pool
 from chipfuse.model.spec import resolve_model
 from chipfuse.plan.plan import DTYPES, OPTIMIZER_DTYPES, SCHEDULES, Plan
 from chipfuse.plan.profile import Profile
@@ -20,7 +21,7 @@ wide = Console(highlight=False, width=max(console.width, 130))
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="search the best plan for a pool and a model (no devices needed)")
-    p.add_argument("--pool", required=True, help="pool TOML file (see examples/)")
+    p.add_argument("--pool", required=True, help="pool TOML file (see examples/), or 'builtin' (the emulated 4:2:1 pool)")
     p.add_argument("--model", required=True, help="model preset or Hugging Face config.json")
     p.add_argument("--global-batch", type=int, required=True, help="samples per optimizer step")
     p.add_argument("--seq-len", type=int, required=True, help="tokens per sample")
@@ -35,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    pool = load_pool(args.pool)
+    pool = default_pool() if args.pool == "builtin" else load_pool(args.pool)
     model = resolve_model(args.model)
     profile = Profile.load(args.profile) if args.profile else None
     res = search(pool, model, global_batch=args.global_batch, seq_len=args.seq_len, time_budget_s=args.time_budget,
@@ -68,7 +69,7 @@ def _group_rows(plan: Plan, pool: Pool, res: SearchResult) -> list[list]:
     folds: dict[tuple, list[int]] = {}
     for i, r in enumerate(plan.replicas):
         key = (r.batch_share, r.micro_batch_size,
-               tuple((dev[s.devices[0]].chip.name, len(s.devices), s.num_layers, s.tp_degree, s.checkpoint, s.shard,
+               tuple((_chip(dev[s.devices[0]]), len(s.devices), s.num_layers, s.tp_degree, s.checkpoint, s.shard,
                       s.offload) for s in r.stages))
         folds.setdefault(key, []).append(i)
     rows = []
@@ -76,7 +77,7 @@ def _group_rows(plan: Plan, pool: Pool, res: SearchResult) -> list[list]:
         r = plan.replicas[idxs[0]]
         label = f"{idxs[0]}" if len(idxs) == 1 else f"{idxs[0]}.. (x{len(idxs)})"
         for j, s in enumerate(r.stages):
-            chip = dev[s.devices[0]].chip.name
+            chip = _chip(dev[s.devices[0]])
             peak = max(mem.get(d, 0) for d in s.devices)
             cap = dev[s.devices[0]].memory_bytes
             memstr = " ".join(x for x in (s.checkpoint != "none" and f"ckpt:{s.checkpoint}",
@@ -87,6 +88,10 @@ def _group_rows(plan: Plan, pool: Pool, res: SearchResult) -> list[list]:
                          r.batch_share if j == 0 else "", f"{r.num_micro_batches} x {r.micro_batch_size}" if j == 0 else "",
                          memstr, f"{peak / GiB:.1f}/{cap / GiB:.0f}"])
     return rows
+
+
+def _chip(d: Device) -> str:
+    return f"{d.chip.name} (emulated x{d.emulation.speed:g})" if d.emulation else d.chip.name
 
 
 def plan_table(plan: Plan, pool: Pool, res: SearchResult):

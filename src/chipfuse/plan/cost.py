@@ -8,8 +8,8 @@ Stage timing (per micro-batch, tokens = ceil(mbs / d) x seq_len on each device):
   sharding (ZeRO-3): an all-gather of the block's weights in forward and backward and a reduce-scatter
                    of its gradients, overlapped with compute (the slower of the two counts).
 Replica (pipeline of p stages, m micro-batches, forward f_i, backward b_i, boundary transfer c_i):
-  T = sum_i (f_i + b_i) + 2 sum_i c_i + (m - 1) x max_i max(f_i + b_i, c_i)
-  (equal stages: bubble fraction (p - 1) / (m + p - 1)). Stage i's last backward ends at
+  T = sum_i (f_i + b_i) + 2 sum_i c_i + (m - 1) x max_i max(f_i + b_i, c_i, (f_i + b_i + f_i+1 + b_i+1) / 2 + c_i)
+  (equal stages, no transfers: bubble fraction (p - 1) / (m + p - 1)). Stage i's last backward ends at
   T - sum_{j<i} (b_j + c_j).
 Gradient sync, per run of layers held by the same stage groups (a segment), hierarchical: a ring inside
   each node among the groups there, then a ring across nodes over the slowest link among them. It
@@ -130,7 +130,10 @@ def pipeline_s(fwd: list[float], bwd: list[float], p2p: list[float], m: int) -> 
     if m <= 0:
         return 0.0
     per = [f + b for f, b in zip(fwd, bwd, strict=True)]
-    steady = max(max(per), max(p2p, default=0.0))
+    # Two neighbours exchange a micro-batch each way per period: with transfers on the critical
+    # path, their mean plus one round of transfer bounds the period too (matches the simulator).
+    pairs = [(per[i] + per[i + 1]) / 2 + p2p[i] for i in range(len(per) - 1)]
+    steady = max(max(per), max(p2p, default=0.0), max(pairs, default=0.0))
     return sum(per) + 2 * sum(p2p) + (m - 1) * steady
 
 
@@ -297,7 +300,12 @@ class Prediction:
 
 def predict(plan: Plan, pool: Pool, profile: Profile | None = None, *, overlap: bool = True,
             index: PoolIndex | None = None) -> Prediction:
-    """Predict one training step of `plan` on `pool` (catalog x efficiency, or `profile` where measured)."""
+    """Predict one training step of `plan` on `pool` (catalog x efficiency, or `profile` where measured).
+
+    Raises PlanError when the plan names devices the pool does not have. Islands in `plan.sync`
+    (DiLoCo) are not modelled yet: every replica is predicted to all-reduce every step.
+    """
+    plan.check_against_pool(pool)
     costs = model_costs(plan.model, plan.seq_len)
     ix = index or PoolIndex(pool, profile, plan.dtype)
     tables = plan_tables(plan, pool, profile, index=ix, costs=costs)

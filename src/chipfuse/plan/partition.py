@@ -1,7 +1,8 @@
 """Split L identical blocks over an ordered pipeline of unequal stages: a pure solver over cost arrays.
 
 cost[i][k] is stage i's forward + backward seconds per micro-batch with k blocks (inf where k blocks
-do not fit its memory). The objective is the pipeline closed form of chipfuse.plan.cost:
+do not fit its memory). The objective is the pipeline closed form of chipfuse.plan.cost without its
+neighbour-pair term (which couples adjacent stages; predict() adds it when it ranks the plans):
     sum_i cost[i][k_i] + 2 sum c + (m - 1) x max(max_i cost[i][k_i], max c)
 For a bound T on the slowest stage, the least sum under T is found either greedily (each stage
 starts with one block; every further block goes where it adds least, never past T: fast, and exact

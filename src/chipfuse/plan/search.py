@@ -65,16 +65,14 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        def pred(s: Scored | None) -> dict | None:
-            if s is None:
-                return None
-            p = s.prediction
+        """The `chipfuse plan --json` document (Plan.from_json reads its `plan` key)."""
+        def pred(plan: Plan, p: Prediction) -> dict:
             return {"step_s": p.step_s, "tokens_per_s": p.tokens_per_s, "mfu": p.mfu, "fits": p.fits,
-                    "memory_bytes": p.memory_bytes, "devices": len(s.plan.devices)}
-        return {"plan": self.plan.to_dict(), "predicted": {**pred(Scored(plan=self.plan, prediction=self.prediction)),
-                                                          "breakdown": self.prediction.breakdown},
-                "baselines": {k: pred(v) for k, v in self.baselines.items()}, "search_s": self.search_s,
-                "candidates": self.candidates, "notes": self.notes}
+                    "memory_bytes": p.memory_bytes, "devices": len(plan.devices)}
+        return {"plan": self.plan.to_dict(),
+                "predicted": {**pred(self.plan, self.prediction), "breakdown": self.prediction.breakdown},
+                "baselines": {k: pred(v.plan, v.prediction) if v else None for k, v in self.baselines.items()},
+                "search_s": self.search_s, "candidates": self.candidates, "notes": self.notes}
 
 
 @dataclass(kw_only=True)
@@ -135,7 +133,8 @@ class Context:
         rates = [ReplicaRate(fill_s=t.fill_s, steady_s=t.steady_s, micro_batch_size=t.mbs, count=t.replicas)
                  for t in tpls]
         shares = balance_shares(rates, self.global_batch)
-        replicas, used = [], set()
+        replicas: list[Replica] = []
+        used: set[str] = set()
         for tpl, sh in zip(tpls, shares, strict=True):
             for r in range(tpl.replicas):
                 units = self.solver.placement(tpl, r)
@@ -169,7 +168,7 @@ class Context:
         return out
 
     def _homogeneous_uncached(self, kind: int, deadline: float) -> list[Template]:
-        out = []
+        out: list[Template] = []
         L = self.costs.num_layers
         for g, t in unit_configs(self.kinds[kind], self.costs):
             n_units = len(self.solver.units(kind, g))
@@ -198,7 +197,7 @@ class Context:
         n_units = {k: len(self.solver.units(k, best_cfg[k][0])) for k in subset}
         lo = min(n_units.values())
         rs = sorted({max(1, lo // j) for j in (1, 2, 3, 4, 6, 8, 16)} | {1})
-        out = []
+        out: list[Template] = []
         for order in orders:
             for R in rs:
                 counts = {k: n_units[k] // R for k in subset}
@@ -329,16 +328,16 @@ def refusal(ctx: Context, tried: list[Scored], budget_s: float) -> NoPlanFits:
         missing = int(sum(closest.prediction.breakdown["over_capacity"].values())) if closest else int(need - have)
         why = "over the devices of the closest plan tried"
     suggestions = []
-    for label, kw in (("bf16 compute with fp32 masters (--dtype bf16)", {"dtype": "bf16"}),
-                      ("8-bit optimizer state (--optimizer-dtype int8)", {"optimizer_dtype": "int8"}),
-                      ("4-bit optimizer state (--optimizer-dtype int4)", {"optimizer_dtype": "int4"}),
-                      ("a sequence length of half", {"seq_len": max(1, ctx.seq_len // 2)})):
-        args = {"dtype": ctx.dtype, "optimizer_dtype": ctx.optimizer_dtype, "seq_len": ctx.seq_len, **kw}
-        if args == {"dtype": ctx.dtype, "optimizer_dtype": ctx.optimizer_dtype, "seq_len": ctx.seq_len}:
+    for label, dtype, opt, seq in (
+            ("bf16 compute with fp32 masters (--dtype bf16)", "bf16", ctx.optimizer_dtype, ctx.seq_len),
+            ("8-bit optimizer state (--optimizer-dtype int8)", ctx.dtype, "int8", ctx.seq_len),
+            ("4-bit optimizer state (--optimizer-dtype int4)", ctx.dtype, "int4", ctx.seq_len),
+            ("a sequence length of half", ctx.dtype, ctx.optimizer_dtype, max(1, ctx.seq_len // 2))):
+        if (dtype, opt, seq) == (ctx.dtype, ctx.optimizer_dtype, ctx.seq_len):
             continue
         try:
-            search(ctx.pool, ctx.model, global_batch=ctx.global_batch, time_budget_s=min(2.0, budget_s / 4),
-                   profile=ctx.profile, schedule=ctx.schedule, _refuse=False, **args)
+            search(ctx.pool, ctx.model, global_batch=ctx.global_batch, seq_len=seq, time_budget_s=min(2.0, budget_s / 4),
+                   profile=ctx.profile, dtype=dtype, optimizer_dtype=opt, schedule=ctx.schedule, _refuse=False)
             suggestions.append(label)
         except NoPlanFits:
             pass
