@@ -50,12 +50,14 @@ def check_properties(plan: Plan, pool, pred) -> None:
         assert b <= usable(devs[d].memory_bytes)
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_random_pools_give_valid_plans_within_memory(seed):
+@pytest.mark.parametrize("seed,schedule", [(s, "1f1b") for s in range(8)] + [(s, "gpipe") for s in range(8, 11)])
+def test_random_pools_give_valid_plans_within_memory(seed, schedule):
     rng = random.Random(seed)
     pool, model = random_pool(rng), random_model(rng)
     batch = rng.choice([8, 32, 96])
-    res = search(pool, model, global_batch=batch, seq_len=rng.choice([256, 1024]), time_budget_s=2.0)
+    res = search(pool, model, global_batch=batch, seq_len=rng.choice([256, 1024]), time_budget_s=2.0,
+                 schedule=schedule, dtype=rng.choice(["bf16", "fp32"]))
+    assert res.plan.schedule == schedule
     check_properties(res.plan, pool, res.prediction)
     assert res.plan.strategy == "chipfuse" and res.plan.pool == pool.name
     # The search's own figures are predict()'s.

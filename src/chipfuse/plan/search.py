@@ -130,8 +130,10 @@ class Context:
 
     def build(self, tpls: list[Template], strategy: str) -> Plan:
         """Replicas of each template on their units, shares balanced on the templates' pipeline times."""
-        rates = [ReplicaRate(fill_s=t.fill_s, steady_s=t.steady_s, micro_batch_size=t.mbs, count=t.replicas)
-                 for t in tpls]
+        # GPipe holds every micro-batch's activations: a replica may not take more than it was solved for.
+        gpipe = self.schedule == "gpipe"
+        rates = [ReplicaRate(fill_s=t.fill_s, steady_s=t.steady_s, micro_batch_size=t.mbs, count=t.replicas,
+                             max_share=t.m_est * t.mbs if gpipe else None) for t in tpls]
         shares = balance_shares(rates, self.global_batch)
         replicas: list[Replica] = []
         used: set[str] = set()
