@@ -126,6 +126,15 @@ def test_fastest_only_and_leaving_out_slow_devices():
     assert len(res.baselines["proportional-dp"].plan.replicas) == 2
 
 
+def test_a_node_behind_a_slow_link_is_left_out():
+    nodes = [{"name": f"n{i}", "device": [{"name": f"a{i}-", "chip": "A100", "count": 4}]} for i in range(3)]
+    pool = pool_from_dict({"name": "far", "node": nodes, "default_link": {"bandwidth_gbit_s": 0.1, "latency_ms": 5},
+                           "link": [{"nodes": ["n0", "n1"], "bandwidth_gbit_s": 400, "latency_ms": 0.01}]})
+    res = search(pool, SPEC_PRESETS["llama-1b"], global_batch=64, seq_len=2048, time_budget_s=3.0)
+    assert set(res.plan.excluded) == {f"a2-{i}" for i in range(4)}
+    check_properties(res.plan, pool, res.prediction)
+
+
 def test_unequal_shares_follow_speed():
     pool = pool_from_dict({"name": "av", "node": [{"name": "n", "device": [
         {"name": "a", "chip": "A100"}, {"name": "v", "chip": "V100"}]}]})

@@ -139,6 +139,8 @@ class Context:
         used: set[str] = set()
         for tpl, sh in zip(tpls, shares, strict=True):
             for r in range(tpl.replicas):
+                if sh[r] == 0:
+                    continue  # a replica with no samples would only join the gradient sync: leave it out
                 units = self.solver.placement(tpl, r)
                 first, stages = 0, []
                 for (_k, _g, t), units_i, n, (ck, sd, of) in zip(tpl.stages, units, tpl.layers, tpl.options, strict=True):
@@ -146,9 +148,7 @@ class Context:
                                         checkpoint=ck, shard=sd, offload=of))
                     first += n
                     used.update(units_i)
-                n_r = sh[r]
-                replicas.append(Replica(stages=tuple(stages), batch_share=n_r,
-                                        micro_batch_size=max(1, min(tpl.mbs, n_r) if n_r else tpl.mbs)))
+                replicas.append(Replica(stages=tuple(stages), batch_share=sh[r], micro_batch_size=min(tpl.mbs, sh[r])))
         excluded = tuple(d.name for d in self.pool.devices if d.name not in used)
         return Plan(model=self.model, global_batch=self.global_batch, seq_len=self.seq_len, replicas=tuple(replicas),
                     schedule=self.schedule, dtype=self.dtype, optimizer_dtype=self.optimizer_dtype, excluded=excluded,

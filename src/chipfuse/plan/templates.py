@@ -47,13 +47,15 @@ class Kind:
 
 def device_kinds(ix: PoolIndex) -> list[Kind]:
     groups: dict[tuple, dict[str, list[str]]] = {}
+    outside = worst_outside_link(ix)
     for node in ix.pool.nodes:
         for d in node.devices:
-            key = (d.chip.name, d.memory_bytes, round(ix.rate(d.name), -6), node.intra_bandwidth, node.intra_latency_s)
+            key = (d.chip.name, d.memory_bytes, round(ix.rate(d.name), -6), node.intra_bandwidth, node.intra_latency_s,
+                   outside[node.name])
             groups.setdefault(key, {}).setdefault(node.name, []).append(d.name)
     kinds = []
     for key, per_node in groups.items():
-        chip, mem, rate, bw, _ = key
+        chip, mem, rate = key[:3]
         kinds.append(Kind(name=chip, rate=rate, memory_bytes=mem,
                           per_node=tuple((n, tuple(v)) for n, v in per_node.items())))
     # Same chip on different interconnects or speeds: tell them apart in names.
@@ -64,6 +66,24 @@ def device_kinds(ix: PoolIndex) -> list[Kind]:
         seen[k.name] = n + 1
         out.append(k if n == 0 else replace(k, name=f"{k.name}#{n + 1}"))
     return out
+
+
+def worst_outside_link(ix: PoolIndex) -> dict[str, float]:
+    """Per node, the slowest link to another node: a node behind a slow link is its own kind, so the
+    search can leave it out."""
+    pool = ix.pool
+    partners: dict[str, set[str]] = {n.name: set() for n in pool.nodes}
+    worst = {n.name: float("inf") for n in pool.nodes}
+    for ln in pool.links:
+        if ln.a != ln.b and ln.a in worst and ln.b in worst:
+            bw = ix.link(ln.a, ln.b)[0]
+            for x, y in ((ln.a, ln.b), (ln.b, ln.a)):
+                partners[x].add(y)
+                worst[x] = min(worst[x], bw)
+    for n in worst:
+        if len(partners[n]) < len(worst) - 1:
+            worst[n] = min(worst[n], pool.default_link.bandwidth)
+    return worst
 
 
 def unit_configs(kind: Kind, costs: ModelCosts, max_tp: int = 8) -> list[tuple[int, int]]:
