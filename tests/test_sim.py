@@ -58,6 +58,7 @@ def test_simulator_agrees_with_prediction_on_equal_devices():
                                                                             micro_batch_size=2),))
     pool = equal_pool(4)
     pred, sim = predict(plan, pool), simulate(plan, pool)
+    assert pred.breakdown["bubble_fraction"] == pytest.approx(3 / (16 + 3), rel=2e-2)  # (p-1)/(m+p-1)
     # Identical but for the last stage's small head (vocab 64): the closed form is exact to ~0.1%.
     assert sim.step_s == pytest.approx(pred.step_s, rel=2e-3)
     gp = simulate(Plan(**{**plan.__dict__, "schedule": "gpipe"}), pool)

@@ -43,6 +43,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                  profile=profile, dtype=args.dtype, optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
     wide.print(plan_table(res.plan, pool, res))
     wide.print(strategy_table(res))
+    b = res.prediction.breakdown
+    console.print(f"chipfuse's step: slowest replica's pipeline {b['pipeline_s']:.3g} s (bubble {b['bubble_fraction']:.0%}), "
+                  f"then {b['sync_exposed_s']:.3g} s of gradient sync and optimizer not hidden behind it")
     out = res.to_dict()
     out["emulated"] = pool.emulated
     out["predicted_from"] = "profile " + args.profile if args.profile else "catalog peak x default efficiency"

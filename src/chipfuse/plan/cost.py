@@ -331,9 +331,13 @@ def _prediction(plan: Plan, ix: PoolIndex, costs: ModelCosts, tables: list[Repli
                 peak += ix.dev[dv].peak_flops(plan.dtype)
     mfu = costs.model_flops_per_token() * tokens / (step * peak) if step > 0 and peak else 0.0
     slowest = max(range(len(tables)), key=lambda i: tables[i].pipeline_s)
+    sl = tables[slowest]
+    busy = sl.num_micro_batches * max(s.fwd_s + s.bwd_s for s in sl.stages)
     breakdown: dict[str, Any] = {
-        "pipeline_s": tables[slowest].pipeline_s,
+        "pipeline_s": sl.pipeline_s,
         "slowest_replica": slowest,
+        "bubble_fraction": 1 - busy / sl.pipeline_s if sl.pipeline_s else 0.0,
+        "compute_s": busy,
         "sync_exposed_s": step - max(r.pipeline_s for r in tables),
         "num_sync_segments": len(segs),
         "model_flops_per_step": costs.model_flops_per_token() * tokens,
