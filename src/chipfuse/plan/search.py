@@ -161,12 +161,11 @@ class Context:
         return [b for b in MICRO_BATCHES if b <= cap and (b == 1 or (b // 2) * self.seq_len < 8192)] or [1]
 
     def homogeneous(self, kind: int, deadline: float) -> list[Template]:
-        """Every solved single-kind template (cached once complete: the baselines reuse them)."""
+        """Every solved single-kind template found by the deadline (cached: the baselines reuse them)."""
         if kind in self._homogeneous:
             return list(self._homogeneous[kind])
         out = self._homogeneous_uncached(kind, deadline)
-        if time.perf_counter() <= deadline:
-            self._homogeneous[kind] = list(out)
+        self._homogeneous[kind] = list(out)  # even when cut short: the time budget rules the baselines too
         return out
 
     def _homogeneous_uncached(self, kind: int, deadline: float) -> list[Template]:
