@@ -39,7 +39,7 @@ def reference_losses(steps: int, global_batch: int = 8, lr: float = 3e-3) -> lis
 def worker_argv(ckpt, steps: int, every: int, out, sleep_s: float = 0.0):
     def make(plan_path, resume):
         return [sys.executable, WORKER, str(ckpt), str(plan_path), str(steps), str(every),
-                "1" if resume else "0", str(out), str(sleep_s)]
+                "1" if resume else "0", str(out), str(sleep_s)]  # the worker resumes from its ckpt arg
     return make
 
 

@@ -5,13 +5,13 @@ import math
 
 import pytest
 import torch
-from endure_util import TINY, plan_for
 
 from chipfuse.cluster.pool import load_pool
 from chipfuse.errors import ChipfuseError, PlanError, PoolError
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime.checkpoint import CheckpointError, check_resumable
 from chipfuse.runtime.guard import LossGuard, NonFiniteLossError
+from tests.endure_util import TINY, plan_for
 
 
 def test_malformed_pool_file(tmp_path):

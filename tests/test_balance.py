@@ -3,24 +3,22 @@
 import itertools
 import random
 
-from endure_util import plan_for
-
 from chipfuse.runtime.balance import (
     BalanceConfig,
     Rebalancer,
     best_shares,
     predicted_step_s,
-    proportional_shares,
     with_shares,
 )
+from tests.endure_util import plan_for
 
 
-def test_proportional_shares_are_whole_and_sum_to_the_batch():
-    assert proportional_shares([1, 1, 0.5], 24) == [10, 9, 5]
+def test_best_shares_are_whole_sum_to_the_batch_and_keep_everyone_measured():
+    assert sorted(best_shares([0.01, 0.01, 0.02], 24)) == [5, 9, 10]
     for _ in range(200):
-        speeds = [random.uniform(0.05, 1) for _ in range(random.randint(1, 5))]
-        total = random.randint(len(speeds), 64)
-        s = proportional_shares(speeds, total)
+        sps = [random.uniform(0.001, 1) for _ in range(random.randint(1, 5))]
+        total = random.randint(len(sps), 64)
+        s = best_shares(sps, total)
         assert sum(s) == total and min(s) >= 1
 
 

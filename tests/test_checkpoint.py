@@ -1,13 +1,13 @@
 """Checkpoints: exact resume, atomic writes, checksum fallback, and a 3-device checkpoint on 2."""
 
 import torch
-from endure_util import ENV, TINY, plan_for, read_losses, reference_losses, worker_argv
 
 from chipfuse.data import get_batch
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime import checkpoint
 from chipfuse.runtime.supervisor import launch, watch
+from tests.endure_util import ENV, TINY, plan_for, read_losses, reference_losses, worker_argv
 
 
 def _train(model, opt, steps):

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import torch
-from endure_util import ENV, plan_for, read_losses, reference_losses, worker_argv
 
 from chipfuse.runtime.supervisor import supervise, survivor_plan
+from tests.endure_util import ENV, plan_for, read_losses, reference_losses, worker_argv
 
 
 def _kill_when(procs, rank, out, step, killed):

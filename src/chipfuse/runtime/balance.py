@@ -19,8 +19,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-import torch
-import torch.distributed as dist
+from chipfuse.plan.shares import proportional_shares
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,21 +53,6 @@ class Rebalance:
         return {"event": "rebalance", **dataclasses.asdict(self)}
 
 
-def proportional_shares(speeds: list[float], total: int, *, min_share: int = 1) -> list[int]:
-    """Whole-sample shares of `total` proportional to `speeds` (largest remainder), each >= min_share."""
-    n = len(speeds)
-    if total < n * min_share:
-        raise ValueError(f"cannot give {n} replicas {min_share} samples each from {total}")
-    free = total - n * min_share
-    s = sum(speeds)
-    raw = [free * v / s for v in speeds]
-    shares = [math.floor(r) for r in raw]
-    order = sorted(range(n), key=lambda i: raw[i] - shares[i], reverse=True)
-    for i in order[: free - sum(shares)]:
-        shares[i] += 1
-    return [x + min_share for x in shares]
-
-
 def predicted_step_s(shares: list[int] | tuple[int, ...], s_per_sample: list[float] | tuple[float, ...]) -> float:
     return max(n * s for n, s in zip(shares, s_per_sample, strict=True))
 
@@ -76,7 +60,12 @@ def predicted_step_s(shares: list[int] | tuple[int, ...], s_per_sample: list[flo
 def best_shares(s_per_sample: list[float], total: int, *, min_share: int = 1) -> list[int]:
     """Proportional shares, then single-sample moves off the predicted slowest replica while they help
     (rounding can leave the slowest one a sample too many)."""
-    shares = proportional_shares([1.0 / s for s in s_per_sample], total, min_share=min_share)
+    n = len(s_per_sample)
+    if total < n * min_share:
+        raise ValueError(f"cannot give {n} replicas {min_share} samples each from {total}")
+    # Every replica keeps min_share; the rest goes in proportion to speed (largest remainder).
+    rest = proportional_shares({i: 1.0 / s for i, s in enumerate(s_per_sample)}, total - n * min_share)
+    shares = [rest[i] + min_share for i in range(n)]
     while True:
         times = [n * s for n, s in zip(shares, s_per_sample, strict=True)]
         slow = max(range(len(shares)), key=times.__getitem__)
@@ -141,16 +130,6 @@ class Rebalancer:
         self._since_switch = self._ahead = 0
         self.history.append(ev)
         return ev
-
-
-def gather_step_stats(compute_s: float, *flags: float) -> list[list[float]]:
-    """All ranks' [compute_s, *flags] for this step, in rank order (one small all_gather)."""
-    local = torch.tensor([compute_s, *flags], dtype=torch.float64)
-    if not dist.is_initialized():
-        return [local.tolist()]
-    out = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, local)
-    return [t.tolist() for t in out]
 
 
 def with_shares(plan, shares: list[int] | tuple[int, ...]):  # (Plan, shares) -> Plan

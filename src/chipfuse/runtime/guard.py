@@ -61,7 +61,7 @@ class CleanStop:
     """Turns SIGINT / SIGTERM into a request the loop honours at the end of a step.
 
     The loop ORs the flag over ranks (one float in the per-step gather), so all ranks stop after the
-    same step, save a checkpoint, and exit 0. A second signal restores the default handler's effect.
+    same step, save a checkpoint, and exit 0. A second Ctrl-C interrupts at once.
     """
 
     def __init__(self) -> None:
@@ -70,8 +70,8 @@ class CleanStop:
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # second Ctrl-C: the user means it
-            self.restore()
+        if self.requested and signum == signal.SIGINT and self.signal_name == "SIGINT":
+            self.restore()  # Ctrl-C twice: the user means it (a launcher's SIGTERM after Ctrl-C does not count)
             raise KeyboardInterrupt
         self.requested = True
         self.signal_name = signal.Signals(signum).name

@@ -30,8 +30,9 @@ from typing import Any
 
 from chipfuse.errors import ChipfuseError
 from chipfuse.plan.plan import Plan
+from chipfuse.plan.shares import proportional_shares
 from chipfuse.runtime import checkpoint
-from chipfuse.runtime.balance import proportional_shares, with_shares
+from chipfuse.runtime.balance import with_shares
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,7 +114,8 @@ def survivor_plan(plan: Plan, dead: set[str]) -> Plan:
     if not keep:
         raise ChipfuseError(f"every replica lost a device ({sorted(dead)}): nothing left to train on. "
                             "Fix: resume on another pool with `chipfuse train --resume DIR --pool NEW`")
-    shares = proportional_shares([max(r.batch_share, 1) for r in keep], plan.global_batch)
+    by_first = proportional_shares({r.devices[0]: max(r.batch_share, 1) for r in keep}, plan.global_batch)
+    shares = [by_first[r.devices[0]] for r in keep]
     lost = sorted({d for r in plan.replicas if set(r.devices) & dead for d in r.devices} - dead)
     smaller = dataclasses.replace(plan, replicas=tuple(keep),
                                   excluded=tuple(plan.excluded) + tuple(sorted(dead)) + tuple(lost))
@@ -122,52 +124,70 @@ def survivor_plan(plan: Plan, dead: set[str]) -> Plan:
     return new
 
 
-def supervise(plan: Plan, make_argv: Callable[[Path, bool], list[str]], *, checkpoint_dir: str | Path,
-              policy: str = "restart", max_restarts: int = 3, env: dict[str, str] | None = None,
+def supervise(plan: Plan, make_argv: Callable[[Path, str | None], list[str]], *, checkpoint_dir: str | Path,
+              resume_from: str | Path | None = None, policy: str = "restart", max_restarts: int = 3,
+              env: dict[str, str] | None = None,
               replan: Callable[[Plan, set[str]], Plan] = survivor_plan, poll_s: float = 0.05,
               log: Callable[[str], Any] = lambda m: print(m, file=sys.stderr, flush=True),
               on_launch: Callable[[list[subprocess.Popen], Plan], Any] | None = None) -> Outcome:
     """Run the job to the end through device deaths.
 
-    `make_argv(plan_path, resume)`: the worker command for a plan file, resuming from
-    `checkpoint_dir` when `resume`. `on_launch(procs, plan)` lets a test or benchmark see the workers.
+    `make_argv(plan_path, resume)`: the worker command for a plan file, resuming from the checkpoint
+    directory `resume` when not None: `resume_from` for the first launch, `checkpoint_dir` after a
+    death (when it holds a checkpoint; else the survivors start over). `on_launch(procs, plan)` lets a
+    test or benchmark see the workers.
     """
     if policy not in ("restart", "stop"):
         raise ChipfuseError(f"on_device_loss: {policy!r}. Fix: use 'restart' or 'stop'")
     ckpt = Path(checkpoint_dir)
     ckpt.mkdir(parents=True, exist_ok=True)
     out = Outcome(returncode=0)
-    resume = bool(checkpoint.complete_steps(ckpt))
-    dead: set[str] = set()
-    for attempt in range(max_restarts + 1):
-        plan_path = ckpt / f"plan.launch{attempt}.json"
-        plan.to_json(plan_path)
-        out.plans.append(plan)
-        procs = launch(make_argv(plan_path, resume), plan.devices, env=env)
-        if on_launch:
-            on_launch(procs, plan)
-        death = watch(procs, plan.devices, poll_s=poll_s)
-        if death is None:
-            return out
-        out.deaths.append(death)
-        dead.add(death.device)
-        steps = checkpoint.complete_steps(ckpt)
-        last = f"{checkpoint.step_dir(ckpt, steps[-1])}" if steps else "none yet"
-        msg = (f"chipfuse: device {death.device!r} (rank {death.rank}, pid {death.pid}) {death.how}; "
-               f"the other workers were stopped. Last checkpoint: {last}.")
-        if policy == "stop" or attempt == max_restarts:
-            why = "on_device_loss=stop" if policy == "stop" else f"{max_restarts} restarts used"
-            msg += (f" Stopping ({why}). Fix: resume on the remaining devices with "
-                    f"`chipfuse train --resume {ckpt} --exclude {','.join(sorted(dead))}` "
-                    "(plus the pool/plan options of this run)")
+    live: list[subprocess.Popen] = []
+
+    def forward_term(signum: int, frame: Any) -> None:  # a scheduler stops the job: stop the workers cleanly
+        for p in live:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+
+    # Ctrl-C reaches the workers too (same process group); they save and exit 0, and we wait for them.
+    old = {signal.SIGINT: signal.signal(signal.SIGINT, lambda s, f: None),
+           signal.SIGTERM: signal.signal(signal.SIGTERM, forward_term)}
+    try:
+        resume = str(resume_from) if resume_from else None
+        dead: set[str] = set()
+        for attempt in range(max_restarts + 1):
+            plan_path = ckpt / f"plan.launch{attempt}.json"
+            plan.to_json(plan_path)
+            out.plans.append(plan)
+            procs = launch(make_argv(plan_path, resume), plan.devices, env=env)
+            live[:] = procs
+            if on_launch:
+                on_launch(procs, plan)
+            death = watch(procs, plan.devices, poll_s=poll_s)
+            if death is None:
+                return out
+            out.deaths.append(death)
+            dead.add(death.device)
+            steps = checkpoint.complete_steps(ckpt)
+            last = f"{checkpoint.step_dir(ckpt, steps[-1])}" if steps else "none yet"
+            msg = (f"chipfuse: device {death.device!r} (rank {death.rank}, pid {death.pid}) {death.how}; "
+                   f"the other workers were stopped. Last checkpoint: {last}.")
+            if policy == "stop" or attempt == max_restarts:
+                why = "on_device_loss=stop" if policy == "stop" else f"{max_restarts} restarts used"
+                msg += (f" Stopping ({why}). Fix: resume on the remaining devices with "
+                        f"`chipfuse train --resume {ckpt} --exclude {','.join(sorted(dead))}` "
+                        "(plus the pool/plan options of this run)")
+                log(msg)
+                out.messages.append(msg)
+                out.returncode = 1
+                return out
+            plan = replan(plan, dead)
+            resume = str(ckpt) if steps else None
+            msg += (f" Restarting on {len(plan.devices)} survivors {list(plan.devices)} with shares "
+                    f"{[r.batch_share for r in plan.replicas]} from {last}.")
             log(msg)
             out.messages.append(msg)
-            out.returncode = 1
-            return out
-        plan = replan(plan, dead)
-        resume = bool(steps)
-        msg += (f" Restarting on {len(plan.devices)} survivors {list(plan.devices)} with shares "
-                f"{[r.batch_share for r in plan.replicas]} from {last}.")
-        log(msg)
-        out.messages.append(msg)
-    return out
+        return out
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
