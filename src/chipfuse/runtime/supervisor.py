@@ -143,8 +143,10 @@ def supervise(plan: Plan, make_argv: Callable[[Path, str | None], list[str]], *,
     ckpt.mkdir(parents=True, exist_ok=True)
     out = Outcome(returncode=0)
     live: list[subprocess.Popen] = []
+    stopping: list[bool] = []
 
     def forward_term(signum: int, frame: Any) -> None:  # a scheduler stops the job: stop the workers cleanly
+        stopping.append(True)
         for p in live:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -165,6 +167,11 @@ def supervise(plan: Plan, make_argv: Callable[[Path, str | None], list[str]], *,
                 on_launch(procs, plan)
             death = watch(procs, plan.devices, poll_s=poll_s)
             if death is None:
+                return out
+            if stopping:  # we asked them to stop; one that had not yet armed its handler just exits
+                out.returncode = 1
+                out.messages.append(f"chipfuse: stopped by SIGTERM; worker {death.device!r} {death.how}")
+                log(out.messages[-1])
                 return out
             out.deaths.append(death)
             dead.add(death.device)
