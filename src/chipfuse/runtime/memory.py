@@ -3,7 +3,7 @@
     1. apply_checkpointing   activation checkpointing of GPT blocks (full | selective)
     2. apply_sharding        FSDP2 fully_shard of every block, then the root; mixed precision and
                              parameter offload are FSDP2 policies given here
-    3. build_optimizer       (runtime.optim) AdamW with fp32 | bf16 | int8 | int4 state, optimizer offload
+    3. build_state_optimizer (runtime.optim_state) AdamW with fp32 | bf16 | int8 | int4 state, optimizer offload
 
 Every piece is a library's: torch.utils.checkpoint through checkpoint_wrapper, FSDP2's
 fully_shard / MixedPrecisionPolicy / CPUOffloadPolicy, torchao's optimizers. Written by hand here
@@ -47,9 +47,9 @@ import torch
 import torch.nn as nn
 
 from chipfuse.errors import ChipfuseError
-from chipfuse.runtime.optim import build_optimizer, leaf_tensors, state_tensors
+from chipfuse.runtime.optim_state import build_state_optimizer, leaf_tensors, state_tensors
 
-__all__ = ["MemoryConfig", "apply_checkpointing", "apply_sharding", "apply_memory", "build_optimizer",
+__all__ = ["MemoryConfig", "apply_checkpointing", "apply_sharding", "apply_memory", "build_state_optimizer",
            "compute_context", "device_state_tensors", "refuse_host_offload"]
 
 
@@ -145,7 +145,7 @@ def apply_memory(model: nn.Module, cfg: MemoryConfig, *, mesh=None, lr: float = 
     apply_checkpointing(model, cfg.checkpoint)
     apply_sharding(model, shard=cfg.shard, mesh=mesh, offload=cfg.offload, dtype=cfg.dtype)
     dev = next(model.parameters()).device
-    return build_optimizer(model.parameters(), optimizer_dtype=cfg.optimizer_dtype, lr=lr,
+    return build_state_optimizer(model.parameters(), optimizer_dtype=cfg.optimizer_dtype, lr=lr,
                            weight_decay=weight_decay, offload=cfg.offload == "optimizer", device=dev)
 
 
