@@ -26,6 +26,7 @@ MemoryMeter in tests/test_memory_plan.py), for the GPT of chipfuse.model.gpt:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from chipfuse.errors import PlanError
@@ -35,6 +36,8 @@ OPT_BYTES_PER_PARAM = {"fp32": 8.0, "bf16": 4.0, "int8": 2.0, "int4": 1.0}
 QUANT_BLOCK = {"int8": 256, "int4": 128}
 """Values per fp32 scale in torchao's AdamW8bit / AdamW4bit."""
 QUANT_MIN_NUMEL = 4096
+QMAP_BYTES = {"int8": 256 * 4, "int4": 16 * 4}
+"""The code book each quantised moment carries (fp32)."""
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
 REAL_CHIP_USABLE = 0.92
 """Share of a real accelerator's memory a job can use (runtime context, allocator fragmentation).
@@ -109,7 +112,7 @@ def _opt_bytes(numels: list[int], optimizer_dtype: str, shards: int) -> float:
             total += 8.0 * local  # torchao leaves small tensors in fp32 state
         else:
             scale = 2 * 4 / QUANT_BLOCK[optimizer_dtype] if optimizer_dtype in QUANT_BLOCK else 0.0
-            total += (OPT_BYTES_PER_PARAM[optimizer_dtype] + scale) * local
+            total += (OPT_BYTES_PER_PARAM[optimizer_dtype] + scale) * local + 2 * QMAP_BYTES.get(optimizer_dtype, 0)
     return total
 
 
@@ -211,18 +214,18 @@ def check_plan_memory(plan, pool, source: str = "<plan>") -> list[DeviceMemory]:
     return mems
 
 
-def best_shard_group(capacity_bytes: dict[str, int], *, sharded_bytes: float, fixed_bytes: float) -> tuple[str, ...]:
+def best_shard_group(capacity_bytes: dict[str, int], need_bytes: Callable[[int], float]) -> tuple[str, ...]:
     """The devices to shard one stage over when their memories differ.
 
-    FSDP2 shards evenly, so every member holds `sharded_bytes / k` + `fixed_bytes` (activations,
-    gathered parameters) and the group is as strong as its smallest member: k devices fit when
-    sharded_bytes / k + fixed_bytes <= min capacity of the k. Adding a small device can make the
-    group fail, so try every k largest devices and keep the smallest group that fits, or () if none.
-    The devices left out serve elsewhere (another replica or stage) or are excluded.
+    FSDP2 shards evenly, so each of k members needs the same `need_bytes(k)` (its 1/k of the state
+    plus what no sharding divides: activations, gathered parameters), and a group is only as large
+    as its smallest member. Adding a small device can therefore make a group fail that fits without
+    it. Among the k largest devices, for every k, keep the largest group that fits (more members:
+    more compute and headroom), or () when none does. Devices left out serve in another replica
+    or stage, or are excluded.
     """
     ranked = sorted(capacity_bytes, key=lambda d: (-capacity_bytes[d], d))
-    for k in range(1, len(ranked) + 1):
-        members = ranked[:k]
-        if sharded_bytes / k + fixed_bytes <= min(capacity_bytes[d] for d in members):
-            return tuple(members)
+    for k in range(len(ranked), 0, -1):
+        if need_bytes(k) <= min(capacity_bytes[d] for d in ranked[:k]):
+            return tuple(ranked[:k])
     return ()

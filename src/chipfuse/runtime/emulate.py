@@ -63,9 +63,13 @@ def _nbytes(t: torch.Tensor) -> int:
 class MemoryMeter:
     """Counts the bytes an emulated device holds and refuses to pass `cap_bytes`."""
 
-    def __init__(self, *, device_name: str, cap_bytes: int | None):
+    def __init__(self, *, device_name: str, cap_bytes: int | None,
+                 transient: Callable[[], Iterable[torch.Tensor]] | None = None):
         self.device_name = device_name
         self.cap_bytes = cap_bytes
+        self.transient = transient
+        """Tensors alive now that are neither static nor saved for backward (parameters FSDP2 gathered
+        for compute): counted at their current size at every check, each storage once."""
         self.static_bytes = 0
         self.live_act_bytes = 0
         self.peak_bytes = 0
@@ -78,7 +82,7 @@ class MemoryMeter:
         for t in tensors:
             if t is None or not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
-            for local in _plain_parts(t):
+            for local in plain_parts(t):
                 seen[local.untyped_storage().data_ptr()] = _nbytes(local)
         self.static_bytes = sum(seen.values())
         self._skip = {ptr for ptr in seen if ptr}  # 0: empty storages, never an activation's
@@ -87,7 +91,17 @@ class MemoryMeter:
 
     def _live_bytes(self) -> int:
         # Sizes now, not when saved: a storage freed since (FSDP2 reshard) no longer counts.
-        return sum(entry[0].nbytes() for entry in self._act.values())
+        storages = {key: entry[0] for key, entry in self._act.items()}
+        if self.transient is not None:
+            for t in self.transient():
+                st = t.untyped_storage()
+                if st.data_ptr() not in self._skip:
+                    storages.setdefault(st._cdata, st)
+        return sum(st.nbytes() for st in storages.values())
+
+    def check(self, what: str = "gathered parameters") -> None:
+        """Count and check now (hooks call this where no tensor is saved, e.g. before a block runs)."""
+        self._check(what)
 
     def _check(self, what: str) -> None:
         self.live_act_bytes = self._live_bytes()
@@ -140,13 +154,13 @@ class MemoryMeter:
             yield
 
 
-def _plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
+def plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
     """The plain tensors that hold `t`'s bytes: a DTensor's local shard, a quantised subclass's parts."""
     if hasattr(t, "to_local"):
         t = t.to_local()  # DTensor shards: only the local part
     if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
-        return [x for n in names for x in _plain_parts(getattr(t, n))]
+        return [x for n in names for x in plain_parts(getattr(t, n))]
     return [t]
 
 

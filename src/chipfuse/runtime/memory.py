@@ -50,7 +50,7 @@ from chipfuse.errors import ChipfuseError
 from chipfuse.runtime.optim_state import build_state_optimizer, leaf_tensors, state_tensors
 
 __all__ = ["MemoryConfig", "apply_checkpointing", "apply_sharding", "apply_memory", "build_state_optimizer",
-           "compute_context", "device_state_tensors", "refuse_host_offload"]
+           "compute_context", "device_state_tensors", "refuse_host_offload", "watch_gathered"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,6 +157,22 @@ def compute_context(cfg: MemoryConfig, device_type: str = "cpu") -> Iterator[Non
             yield
     else:
         yield
+
+
+def watch_gathered(model: nn.Module, meter) -> None:
+    """Make `meter` (runtime.emulate.MemoryMeter) count parameters FSDP2 has gathered for compute.
+
+    FSDP2 registers a module's gathered (unsharded) parameters in place of its shards while it
+    computes and frees them after, so the plain tensors among model.parameters() are exactly the
+    gathered ones. The meter checks before every block's forward, and before its recompute under
+    checkpointing (the hook sits on the wrapped block, which the recompute calls again).
+    """
+    from torch.distributed.tensor import DTensor
+
+    meter.transient = lambda: [p for p in model.parameters() if not isinstance(p, DTensor)]
+    for blk in _blocks(model):
+        inner = getattr(blk, "_checkpoint_wrapped_module", blk)
+        inner.register_forward_pre_hook(lambda *_: meter.check("gathered parameters"))
 
 
 def device_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, *,

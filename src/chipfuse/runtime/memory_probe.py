@@ -11,6 +11,7 @@ gradients and is not made to look worse than it is).
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 import traceback
@@ -24,7 +25,13 @@ from chipfuse.errors import ChipfuseError, DeviceMemoryError
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import ModelSpec
 from chipfuse.runtime.emulate import MemoryMeter
-from chipfuse.runtime.memory import MemoryConfig, apply_memory, compute_context, device_state_tensors
+from chipfuse.runtime.memory import (
+    MemoryConfig,
+    apply_memory,
+    compute_context,
+    device_state_tensors,
+    watch_gathered,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +69,8 @@ def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len:
     try:
         model = build_model(spec, seed=seed)
         opt = apply_memory(model, cfg, lr=lr, device_name=device_name)
+        if cfg.uses_fsdp:
+            watch_gathered(model, meter)
         # FSDP2 averages gradients over the group; the loss is already divided by the global token
         # count, so scale it back (set_gradient_divide_factor(1.0) needs PREMUL_SUM, which gloo lacks).
         grad_scale = float(world) if cfg.uses_fsdp else 1.0
@@ -107,7 +116,9 @@ def _free_port() -> int:
 
 
 def _send(queue, obj: dict) -> None:
-    queue.put(obj)
+    # Plain pickle: by value. The queue's own pickler would pass tensors as shared-memory handles,
+    # which die with this process before the parent reads them.
+    queue.put(pickle.dumps(obj))
     queue.close()
     queue.join_thread()  # flush before os._exit, which would drop what the feeder thread holds
 
@@ -155,7 +166,7 @@ def spawn_probe(world: int, *, cfgs: list[MemoryConfig], timeout_s: float = 300.
     first_error = None
     while len(got) < world and time.monotonic() < deadline:
         try:
-            msg = q.get(timeout=0.5 if first_error is None else 5.0)
+            msg = pickle.loads(q.get(timeout=0.5 if first_error is None else 5.0))
             got[msg["rank"]] = msg["results"]
             first_error = first_error or msg["results"][-1].get("error")
         except queue_mod.Empty:

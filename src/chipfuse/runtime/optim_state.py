@@ -25,6 +25,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from chipfuse.runtime.emulate import plain_parts as leaf_tensors
+
 LOW_BIT = ("bf16", "int8", "int4")
 
 
@@ -121,13 +123,3 @@ def state_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:
             if isinstance(v, Tensor) and v.dim() > 0:
                 out.extend(leaf_tensors(v))
     return out
-
-
-def leaf_tensors(t: Tensor) -> list[Tensor]:
-    """Plain tensors behind `t`: the local shard of a DTensor, the inner parts of a tensor subclass."""
-    if hasattr(t, "to_local"):
-        t = t.to_local()
-    if type(t) is not Tensor and type(t) is not torch.nn.Parameter and hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return [x for n in names for x in leaf_tensors(getattr(t, n))]
-    return [t]
