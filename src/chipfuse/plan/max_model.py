@@ -2,9 +2,9 @@
 
 Pure: a pool and a base ModelSpec in, a table out. The family keeps the base's depth, vocabulary
 and sequence length and scales its width (dim in steps of `head_dim`, heads = dim / head_dim),
-the way GPT-2 small to XL and Llama 7B to 70B grow mostly in width. Predicted peak memory is
-monotone in width, so each strategy's largest width is found by bisection on the memory model
-(plan.memory_model), which the emulated runs check (tests/test_memory_plan.py, benchmarks/memory.py).
+the way GPT-2 small to XL and Llama 7B to 70B grow mostly in width. Memory is the planner's own
+model (plan.memory.stage_memory, the one every searched plan is checked against), monotone in width,
+so each strategy's largest width is found by bisection; benchmarks/memory.py then measures it.
 
 Strategies are cumulative in the usual order of cost: plain data parallel (every device holds the
 whole model), + activation checkpointing, + sharding (ZeRO-3 over the group of devices that can
@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from chipfuse.model.costs import model_costs
 from chipfuse.model.spec import ModelSpec
-from chipfuse.plan.memory_model import Strategy, best_shard_group, stage_device_memory, usable_bytes
+from chipfuse.plan.memory import StageShape, stage_memory, usable
+from chipfuse.plan.memory_model import Strategy, best_shard_group
 
 LADDER: tuple[tuple[str, Strategy], ...] = (
     ("plain", Strategy()),
@@ -56,15 +58,44 @@ def num_params(spec: ModelSpec) -> int:
     return spec.num_layers * sum(block) + sum(embed) + sum(head)
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Memory:
+    """One device's predicted bytes by kind (plan.memory.StageMemory), against its usable memory."""
+
+    device: str
+    capacity_bytes: int
+    parts: dict[str, float]
+
+    @property
+    def peak_bytes(self) -> float:
+        return sum(self.parts.values())
+
+    @property
+    def missing_bytes(self) -> float:
+        return max(0.0, self.peak_bytes - self.capacity_bytes)
+
+    @property
+    def limit(self) -> str:
+        return max(self.parts, key=self.parts.__getitem__)
+
+
+def _memory(spec: ModelSpec, st: Strategy, device: str, capacity: int, group: int, micro_batch_size: int) -> _Memory:
+    sh = StageShape(num_layers=spec.num_layers, is_first=True, is_last=True, group_size=group,
+                    checkpoint=st.checkpoint, shard=st.shard if group > 1 else "none", offload=st.offload,
+                    micro_batch_size=micro_batch_size * group, in_flight=1)
+    m = stage_memory(model_costs(spec), sh, dtype=st.dtype, optimizer_dtype=st.optimizer_dtype)
+    parts = {"parameters": m.weights, "gradients": m.grads, "optimizer state": m.optimizer,
+             "activations": m.activations, "gathered parameters and buffers": m.transient}
+    return _Memory(device=device, capacity_bytes=capacity, parts=parts)
+
+
 def _fit(spec: ModelSpec, st: Strategy, caps: dict[str, int], micro_batch_size: int):
-    """(fits, devices, DeviceMemory of the tightest member) for one model under one strategy."""
-    tokens = micro_batch_size * spec.seq_len
-
-    def mem(dev: str, group: int):
-        return stage_device_memory(spec, st, device=dev, capacity_bytes=caps[dev], num_layers=spec.num_layers,
-                                   first=True, last=True, group_size=group, tokens_in_flight=tokens)
-
+    """(fits, devices, memory of the tightest member) for one model under one strategy."""
     ranked = sorted(caps, key=lambda d: (-caps[d], d))
+
+    def mem(dev: str, group: int) -> _Memory:
+        return _memory(spec, st, dev, caps[dev], group, micro_batch_size)
+
     if st.shard == "none":
         # Each device alone: the model fits where the largest device can hold it.
         m = mem(ranked[0], 1)
@@ -78,13 +109,15 @@ def _fit(spec: ModelSpec, st: Strategy, caps: dict[str, int], micro_batch_size: 
     return False, tuple(ranked[:k_best + 1]), tightest[k_best]
 
 
-def max_model(pool, base: ModelSpec, *, micro_batch_size: int = 1, head_dim: int = 64,
+def max_model(pool, base: ModelSpec, *, micro_batch_size: int = 1, head_dim: int = 64, dtype: str = "bf16",
               max_dim: int = 1 << 16, ladder=LADDER) -> list[MaxModel]:
-    """For each strategy of `ladder`, the widest member of `base`'s family that fits `pool` (predicted)."""
-    caps = {d.name: usable_bytes(d) for d in pool.devices}
+    """For each strategy of `ladder`, the widest member of `base`'s family that fits `pool` (predicted),
+    computing in `dtype` (fp32 master weights with bf16)."""
+    caps = {d.name: usable(d.memory_bytes) for d in pool.devices}
     has_cpu = any(d.chip.vendor == "cpu" for d in pool.devices)
     out = []
     for name, st in ladder:
+        st = replace(st, dtype=dtype)
         if st.offload != "none" and has_cpu:
             out.append(MaxModel(strategy=name, label=st.label, dim=0, num_params=0, devices=(), peak_bytes=0.0,
                                 limit="refused: the pool has CPU devices, whose memory is host memory"))

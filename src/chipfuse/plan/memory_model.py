@@ -191,8 +191,8 @@ def plan_memory(plan, pool) -> list[DeviceMemory]:
 
 
 def check_plan_memory(plan, pool, source: str = "<plan>") -> list[DeviceMemory]:
-    """Refuse, before any worker starts, a plan whose predicted peak passes a device's memory, and
-    offload on CPU devices. Returns the predictions when every device fits."""
+    """Refuse, before any worker starts, a plan whose predicted peak passes a device's memory,
+    offload on CPU devices and bf16 on chips without it. Returns the predictions when all fit."""
     for r_i, r in enumerate(plan.replicas):
         for s_i, s in enumerate(r.stages):
             for d in s.devices:
@@ -201,6 +201,12 @@ def check_plan_memory(plan, pool, source: str = "<plan>") -> list[DeviceMemory]:
                         f"{source}: replicas[{r_i}].stages[{s_i}].offload: is {s.offload!r} but device {d!r} is a CPU, "
                         "whose memory is host memory: offload would save nothing. Fix: set offload = \"none\" "
                         "and save memory with shard or checkpoint")
+    if plan.dtype == "bf16":
+        no_bf16 = [d for d in plan.devices if not pool.device(d).chip.has_bf16]
+        if no_bf16:
+            raise PlanError(f"{source}: dtype: is 'bf16' but device {no_bf16[0]!r} "
+                            f"({pool.device(no_bf16[0]).chip.name}) has no bfloat16. Fix: set dtype = \"fp32\" "
+                            "or leave that device out")
     mems = plan_memory(plan, pool)
     over = [m for m in mems if m.missing_bytes > 0]
     if over:

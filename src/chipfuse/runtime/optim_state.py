@@ -31,6 +31,12 @@ LOW_BIT = ("bf16", "int8", "int4")
 
 
 def _torchao_optim():  # imported lazily: torchao is an optional dependency (pip install chipfuse[ao])
+    import logging
+    import warnings
+
+    # torchao announces at import each optional CUDA kernel it cannot load; none is used here.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*register_constant.*")
     try:
         import torchao.optim as ao_optim
         from torchao.optim.adam import _AdamBase, single_param_adam
