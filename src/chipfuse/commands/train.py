@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", default=None, help="per-step JSON lines (default: RUN_DIR/metrics.jsonl)")
     p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
     p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--node", help="under torchrun on several hosts: this host's node in the pool; its "
+    p.add_argument("--pool-node", help="under torchrun on several hosts: this host's node in the pool; its "
                    "workers take that node's plan devices by local rank")
     p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/plan.json and stop (for multi-host launches)")
     p.set_defaults(func=cmd_train)
@@ -137,7 +137,7 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
     shares = args.shares or ("plan" if all(d.emulated for d in pool.devices) else "measured")
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
                       shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
-                      device=_node_device(args.node, plan, pool) if args.node else None)
+                      device=_node_device(args.pool_node, plan, pool) if args.pool_node else None)
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)
@@ -150,7 +150,7 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
 def _node_device(node: str, plan: Plan, pool: Pool) -> str:
     names = [d.name for n in pool.nodes if n.name == node for d in n.devices if d.name in plan.devices]
     if not any(n.name == node for n in pool.nodes):
-        raise ChipfuseError(f"--node {node!r} is not a node of pool {pool.name!r}. "
+        raise ChipfuseError(f"--pool-node {node!r} is not a node of pool {pool.name!r}. "
                             f"Fix: use one of {[n.name for n in pool.nodes]}")
     local = int(os.environ.get("LOCAL_RANK", 0))
     if local >= len(names):

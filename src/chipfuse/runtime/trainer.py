@@ -76,7 +76,7 @@ def _rank_names(name: str, info: cfdist.DistInfo) -> list[str]:
     if sorted(names) != sorted(set(names)):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise ValueError(f"devices {dup} were claimed by more than one worker. Fix: give each host its own "
-                         "--node, with --nproc-per-node equal to that node's devices in the plan")
+                         "--pool-node, with --nproc-per-node equal to that node's devices in the plan")
     return names
 
 
