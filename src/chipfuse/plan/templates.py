@@ -144,7 +144,8 @@ def option_tables(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, d
     d = g // t
     opts = [(c, s, o) for c in CHECKPOINTS for s in (SHARDS if d > 1 else ("none",)) for o in OFFLOADS]
     positions = [(False, False), (True, False), (False, True), (True, True)]
-    per_block, fixed = [], {pos: [] for pos in positions}
+    per_block: list[tuple[float, ...]] = []
+    fixed: dict[tuple[bool, bool], list[tuple[float, float]]] = {pos: [] for pos in positions}
     for c, s, o in opts:
         def shape(n: int, f: int, first: bool = False, last: bool = False, c: str = c, s: str = s,
                   o: str = o) -> StageShape:
