@@ -101,6 +101,13 @@ def test_slow_links_slow_the_gradient_sync_between_nodes():
     assert predict(plan, two_nodes(1)).step_s > predict(plan, two_nodes(400)).step_s
 
 
+def test_memory_per_device_matches_the_prediction():
+    from chipfuse.plan.cost import memory_per_device
+
+    plan = data_parallel_plan(MODEL, {"d0": 12, "d1": 4}, seq_len=128, micro_batch_size=4)
+    assert memory_per_device(plan, pool()) == predict(plan, pool()).memory_bytes
+
+
 def test_memory_over_capacity_is_reported():
     tiny = pool_from_dict({"name": "t", "node": [{"name": "n", "device": [{"name": "d0", "chip": "T4", "memory_gib": 0.05}]}]})
     plan = Plan(model=MODEL, global_batch=8, seq_len=128, replicas=(Replica(
