@@ -14,6 +14,7 @@ from pathlib import Path
 
 from chipfuse.cluster.builtin import default_pool
 from chipfuse.cluster.pool import Pool, load_pool
+from chipfuse.commands import endure_flags
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.spec import resolve_model
 from chipfuse.plan.plan import Plan
@@ -48,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool-node", help="under torchrun on several hosts: this host's node in the pool; its "
                    "workers take that node's plan devices by local rank")
     p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/plan.json and stop (for multi-host launches)")
+    endure_flags.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -69,7 +71,7 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
     from chipfuse.plan.data_parallel import unequal_data_parallel
     from chipfuse.runtime.probe import measure_memory
 
-    spec = resolve_model(args.model)
+    spec = getattr(args, "model_spec", None) or resolve_model(args.model)  # a resumed run: the checkpoint's
     seq_len = args.seq_len or spec.seq_len
     if seq_len > spec.seq_len:
         raise ChipfuseError(f"--seq-len {seq_len} is longer than model {spec.name!r} allows ({spec.seq_len}). "
@@ -83,10 +85,10 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ChipfuseError(f"--steps is {args.steps}. Fix: train at least one step (use --dry-run to only plan)")
-    pool = _load_pool(args.pool)
+    pool = endure_flags.exclude(args, _load_pool(args.pool))
     if launched_by_torchrun():
         return _worker(args, pool)
-    plan = make_plan(args, pool)
+    plan = endure_flags.prepare(args, pool, make_plan)
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     plan_path = run_dir / "plan.json"
@@ -106,9 +108,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         worker_args += ["--shares", args.shares]
     if args.no_progress:
         worker_args.append("--no-progress")
+    worker_args += endure_flags.worker_args(args)
     if args.profile:
         worker_args += ["--profile", args.profile]
     if len(plan.devices) == 1:
+        worker_args += ["--resume", args.resume] if args.resume else []
         env_backup = dict(os.environ)
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         try:
@@ -118,6 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         finally:
             os.environ.clear()
             os.environ.update(env_backup)
+    elif endure_flags.supervised(args):
+        rc = endure_flags.launch(args, plan, worker_args, summary_path)
     else:
         rc = launch_local(len(plan.devices), worker_args)
     if rc != 0:
@@ -148,12 +154,12 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
     from chipfuse.runtime import dist as cfdist
     from chipfuse.runtime.trainer import TrainConfig, run
 
-    plan = make_plan(args, pool)
+    plan = endure_flags.prepare(args, pool, make_plan)
     shares = args.shares or ("plan" if all(d.emulated for d in pool.devices) else "measured")
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
                       shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
                       device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
-                      profile_path=args.profile)
+                      endure=endure_flags.config(args), profile_path=args.profile)
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)

@@ -8,8 +8,8 @@ Stage timing (per micro-batch, tokens = ceil(mbs / d) x seq_len on each device):
   sharding (ZeRO-3): an all-gather of the block's weights in forward and backward and a reduce-scatter
                    of its gradients, overlapped with compute (the slower of the two counts).
 Replica (pipeline of p stages, m micro-batches, forward f_i, backward b_i, boundary transfer c_i):
-  T = sum_i (f_i + b_i) + 2 sum_i c_i + (m - 1) x max_i max(f_i + b_i, c_i)
-  (equal stages: bubble fraction (p - 1) / (m + p - 1)). Stage i's last backward ends at
+  T = sum_i (f_i + b_i) + 2 sum_i c_i + (m - 1) x max_i max(f_i + b_i, c_i, (f_i + b_i + f_i+1 + b_i+1) / 2 + c_i)
+  (equal stages, no transfers: bubble fraction (p - 1) / (m + p - 1)). Stage i's last backward ends at
   T - sum_{j<i} (b_j + c_j).
 Gradient sync, per run of layers held by the same stage groups (a segment), hierarchical: a ring inside
   each node among the groups there, then a ring across nodes over the slowest link among them. It
@@ -130,7 +130,10 @@ def pipeline_s(fwd: list[float], bwd: list[float], p2p: list[float], m: int) -> 
     if m <= 0:
         return 0.0
     per = [f + b for f, b in zip(fwd, bwd, strict=True)]
-    steady = max(max(per), max(p2p, default=0.0))
+    # Two neighbours exchange a micro-batch each way per period: with transfers on the critical
+    # path, their mean plus one round of transfer bounds the period too (matches the simulator).
+    pairs = [(per[i] + per[i + 1]) / 2 + p2p[i] for i in range(len(per) - 1)]
+    steady = max(max(per), max(p2p, default=0.0), max(pairs, default=0.0))
     return sum(per) + 2 * sum(p2p) + (m - 1) * steady
 
 
@@ -277,6 +280,21 @@ def stage_finish_times(tables: list[ReplicaTable], segs: list[Segment], *, overl
     return out
 
 
+def memory_per_device(plan: Plan, pool: Pool) -> dict[str, int]:
+    """Bytes each device of the plan holds at its peak (chipfuse.plan.memory), without timing anything."""
+    costs = model_costs(plan.model, plan.seq_len)
+    out: dict[str, int] = {}
+    for r in plan.replicas:
+        p, m = len(r.stages), r.num_micro_batches
+        for i, st in enumerate(r.stages):
+            sh = StageShape(num_layers=st.num_layers, is_first=i == 0, is_last=i == p - 1, group_size=len(st.devices),
+                            tp=st.tp_degree, checkpoint=st.checkpoint, shard=st.shard, offload=st.offload,
+                            micro_batch_size=r.micro_batch_size, in_flight=in_flight(plan.schedule, p, i, m))
+            total = stage_memory(costs, sh, dtype=plan.dtype, optimizer_dtype=plan.optimizer_dtype).total
+            out.update({d: total for d in st.devices})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- predict
 @dataclass(frozen=True, kw_only=True)
 class Prediction:
@@ -297,7 +315,12 @@ class Prediction:
 
 def predict(plan: Plan, pool: Pool, profile: Profile | None = None, *, overlap: bool = True,
             index: PoolIndex | None = None) -> Prediction:
-    """Predict one training step of `plan` on `pool` (catalog x efficiency, or `profile` where measured)."""
+    """Predict one training step of `plan` on `pool` (catalog x efficiency, or `profile` where measured).
+
+    Raises PlanError when the plan names devices the pool does not have. Islands in `plan.sync`
+    (DiLoCo) are not modelled yet: every replica is predicted to all-reduce every step.
+    """
+    plan.check_against_pool(pool)
     costs = model_costs(plan.model, plan.seq_len)
     ix = index or PoolIndex(pool, profile, plan.dtype)
     tables = plan_tables(plan, pool, profile, index=ix, costs=costs)
@@ -323,9 +346,13 @@ def _prediction(plan: Plan, ix: PoolIndex, costs: ModelCosts, tables: list[Repli
                 peak += ix.dev[dv].peak_flops(plan.dtype)
     mfu = costs.model_flops_per_token() * tokens / (step * peak) if step > 0 and peak else 0.0
     slowest = max(range(len(tables)), key=lambda i: tables[i].pipeline_s)
+    sl = tables[slowest]
+    busy = sl.num_micro_batches * max(s.fwd_s + s.bwd_s for s in sl.stages)
     breakdown: dict[str, Any] = {
-        "pipeline_s": tables[slowest].pipeline_s,
+        "pipeline_s": sl.pipeline_s,
         "slowest_replica": slowest,
+        "bubble_fraction": 1 - busy / sl.pipeline_s if sl.pipeline_s else 0.0,
+        "compute_s": busy,
         "sync_exposed_s": step - max(r.pipeline_s for r in tables),
         "num_sync_segments": len(segs),
         "model_flops_per_step": costs.model_flops_per_token() * tokens,
