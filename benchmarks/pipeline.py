@@ -1,7 +1,7 @@
 """Pipeline plans on an emulated pool that forces pipelining: chipfuse's plan versus an even layer split.
 
-Pool: three emulated devices of speeds 1 : 0.5 : 0.5 (scaled to 0.7 : 0.35 : 0.35 of one core so
-the pool fits 2 cores, shared/notes/torch-on-cpu.md), each with a memory cap below what the whole
+Pool: three emulated devices of speeds 1 : 0.5 : 0.5 (scaled to 0.5 : 0.25 : 0.25 of one core so
+the pool fits 2 cores shared with other jobs, shared/notes/torch-on-cpu.md), each with a memory cap below what the whole
 model needs to train, so every plan must split the layers. The model is GPT-shaped with 8 blocks
 (an even split 3/3/2 cannot follow the speeds; 4/2/2 can). Both plans are one 1F1B pipeline
 fast -> slow0 -> slow1 with the same micro-batches; they differ only in the layer split. In one
@@ -28,7 +28,7 @@ from chipfuse.cli import main as chipfuse
 from chipfuse.report.output import console, table, write_json
 
 MODEL = {"model_type": "gpt2", "n_layer": 8, "n_embd": 128, "n_head": 4, "vocab_size": 256, "n_positions": 128}
-SPEEDS = {"fast": 0.7, "slow0": 0.35, "slow1": 0.35}
+SPEEDS = {"fast": 0.5, "slow0": 0.25, "slow1": 0.25}
 GLOBAL_BATCH, SEQ_LEN, MICRO_BATCH = 16, 128, 2
 
 
