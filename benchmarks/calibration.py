@@ -1,7 +1,7 @@
 """Calibration of the planner's step-time prediction against real runs, on emulated pools.
 
-Two emulated pools (speeds 0.35 : 0.175 : 0.175 and 0.25 : 0.25 : 0.125 of one core) are profiled
-first with
+Two emulated pools (speeds 1 : 0.5 : 0.5 and 0.7 : 0.7 : 0.35, times `--speed-scale` of one core,
+default 0.25) are profiled first with
 `chipfuse profile`; then 10 different plans (unequal pipelines, GPipe and 1F1B, several micro-batch
 sizes, checkpointing, pipelines beside whole-model replicas, another stage order, a device left
 out, a badly balanced split, spanning step times from fast to slow) are each
@@ -10,7 +10,7 @@ predicted by chipfuse.plan.cost.predict with that profile and run for real with
 step time; target <= 0.10), `spearman` (rank correlation of predicted and measured; target
 >= 0.9), every plan's figures, and `emulated: true`.
 
-    .venv/bin/python benchmarks/calibration.py [--steps 12] [--json PATH]
+    .venv/bin/python benchmarks/calibration.py [--steps 12] [--speed-scale 0.25] [--json PATH]
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from chipfuse.cli import main as chipfuse
 from chipfuse.report.output import console, table, write_json
 
 MODEL = {"model_type": "gpt2", "n_layer": 8, "n_embd": 128, "n_head": 4, "vocab_size": 256, "n_positions": 128}
-# Speeds 2 : 1 : 1 and 2 : 2 : 1, scaled so their sum (0.7 and 0.625 cores) leaves room: pacing
-# holds only while the workers get the CPU their speed asks for (shared/notes/torch-on-cpu.md:
-# under ~1.6 cores on an idle 2-core machine; less when other jobs share it).
-POOLS = {"A": {"fast": 0.35, "slow0": 0.175, "slow1": 0.175}, "B": {"fast": 0.25, "slow0": 0.25, "slow1": 0.125}}
+# Pacing holds only while every worker gets the CPU its speed asks for (shared/notes/torch-on-cpu.md:
+# sums under ~1.6 cores on an idle 2-core machine; far less when other jobs share it), hence the scale.
+POOLS = {"A": {"fast": 1.0, "slow0": 0.5, "slow1": 0.5}, "B": {"fast": 0.7, "slow0": 0.7, "slow1": 0.35}}
 GLOBAL_BATCH, SEQ_LEN = 16, 128
 # (pool, schedule, checkpoint, [([(device, layers), ...], share, micro_batch), ...])
 PLANS = [
@@ -46,8 +45,9 @@ PLANS = [
 ]
 
 
-def pool_toml(name: str, speeds: dict[str, float]) -> str:
-    devs = "".join(f'[[node.device]]\nname = "{n}"\nchip = "cpu"\nemulate = {{ speed = {s} }}\n' for n, s in speeds.items())
+def pool_toml(name: str, speeds: dict[str, float], scale: float) -> str:
+    devs = "".join(f'[[node.device]]\nname = "{n}"\nchip = "cpu"\nemulate = {{ speed = {s * scale:g} }}\n'
+                   for n, s in speeds.items())
     return f'name = "emulated-{name}"\n[[node]]\nname = "host0"\n{devs}'
 
 
@@ -78,6 +78,7 @@ def describe(plan) -> str:  # type: ignore[no-untyped-def]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--speed-scale", type=float, default=0.25, help="one core x this = speed 1")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     from chipfuse.cluster.pool import load_pool
@@ -93,7 +94,7 @@ def main() -> None:
         model_path.write_text(json.dumps(MODEL))
         spec = resolve_model(str(model_path))
         for name, speeds in POOLS.items():
-            (tmp / f"pool{name}.toml").write_text(pool_toml(name, speeds))
+            (tmp / f"pool{name}.toml").write_text(pool_toml(name, speeds, args.speed_scale))
             if chipfuse(["profile", "--pool", str(tmp / f"pool{name}.toml"), "--model", str(model_path), "--seq-len",
                          str(SEQ_LEN), "--micro-batch", "1,2,4", "--json", str(tmp / f"profile{name}.json")]):
                 raise SystemExit("profile failed")
@@ -122,7 +123,8 @@ def main() -> None:
                          "measured ms", "error"], rows))
     console.print(f"mape = {mape:.3f} (target <= 0.10), spearman = {rho:.3f} (target >= 0.9), "
                   f"{len(results)} plans, EMULATED devices")
-    write_json(args.json, {"emulated": True, "mape": mape, "spearman": rho, "steps": args.steps, "pools": POOLS,
+    write_json(args.json, {"emulated": True, "mape": mape, "spearman": rho, "steps": args.steps, "speed_scale": args.speed_scale,
+                           "pools": POOLS,
                            "model": MODEL, "plans": results})
 
 

@@ -1,7 +1,9 @@
 """Pipeline plans on an emulated pool that forces pipelining: chipfuse's plan versus an even layer split.
 
-Pool: three emulated devices of speeds 1 : 0.5 : 0.5 (scaled to 0.5 : 0.25 : 0.25 of one core so
-the pool fits 2 cores shared with other jobs, shared/notes/torch-on-cpu.md), each with a memory cap below what the whole
+Pool: three emulated devices of speeds 1 : 0.5 : 0.5, times `--speed-scale` of one core (default
+0.25: pacing holds only while every worker gets the CPU its speed asks for, and this 2-core machine
+is shared with other jobs; on an idle one 0.7 fits, shared/notes/torch-on-cpu.md), each with a
+memory cap below what the whole
 model needs to train, so every plan must split the layers. The model is GPT-shaped with 8 blocks
 (an even split 3/3/2 cannot follow the speeds; 4/2/2 can). Both plans are one 1F1B pipeline
 fast -> slow0 -> slow1 with the same micro-batches; they differ only in the layer split. In one
@@ -14,7 +16,7 @@ and `emulated: true`.
 Why not the planner's whole search: under these caps it prefers plans with parameter offload,
 which the pipeline runtime does not run yet; the split is the part this benchmark is about.
 
-    .venv/bin/python benchmarks/pipeline.py [--steps 12] [--json PATH]
+    .venv/bin/python benchmarks/pipeline.py [--steps 12] [--speed-scale 0.25] [--json PATH]
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ from chipfuse.cli import main as chipfuse
 from chipfuse.report.output import console, table, write_json
 
 MODEL = {"model_type": "gpt2", "n_layer": 8, "n_embd": 128, "n_head": 4, "vocab_size": 256, "n_positions": 128}
-SPEEDS = {"fast": 0.5, "slow0": 0.25, "slow1": 0.25}
+SPEEDS = {"fast": 1.0, "slow0": 0.5, "slow1": 0.5}
 GLOBAL_BATCH, SEQ_LEN, MICRO_BATCH = 16, 128, 2
 
 
-def pool_toml(cap_gib: float) -> str:
-    devs = "".join(f'[[node.device]]\nname = "{n}"\nchip = "cpu"\nemulate = {{ speed = {s}, memory_gib = {cap_gib:.6f} }}\n'
-                   for n, s in SPEEDS.items())
+def pool_toml(cap_gib: float, scale: float) -> str:
+    devs = "".join(f'[[node.device]]\nname = "{n}"\nchip = "cpu"\nemulate = {{ speed = {s * scale:g}, '
+                   f'memory_gib = {cap_gib:.6f} }}\n' for n, s in SPEEDS.items())
     return f'name = "emulated-1-0.5-0.5-capped"\n[[node]]\nname = "host0"\n{devs}'
 
 
@@ -106,6 +108,7 @@ def train(tmp: Path, name: str, plan_path: Path, steps: int, profile: Path) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--speed-scale", type=float, default=0.25, help="one core x this = speed 1")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     from chipfuse.model.spec import resolve_model
@@ -116,7 +119,7 @@ def main() -> None:
         model_path.parent.mkdir()
         model_path.write_text(json.dumps(MODEL))
         cap = cap_that_forces_pipelining(model_path)
-        (tmp / "pool.toml").write_text(pool_toml(cap))
+        (tmp / "pool.toml").write_text(pool_toml(cap, args.speed_scale))
         prof_path = tmp / "profile.json"
         if chipfuse(["profile", "--pool", str(tmp / "pool.toml"), "--model", str(model_path), "--seq-len",
                      str(SEQ_LEN), "--micro-batch", "1,2,4", "--json", str(prof_path)]):
@@ -144,7 +147,7 @@ def main() -> None:
     console.print(f"speedup_vs_even = {speedup:.2f} (target >= 1.3); memory cap {cap * 1024:.1f} MiB per device "
                   "(EMULATED devices)")
     write_json(args.json, {
-        "emulated": True, "speedup_vs_even": speedup, "memory_cap_bytes": int(cap * 2**30), "speeds": SPEEDS,
+        "emulated": True, "speedup_vs_even": speedup, "memory_cap_bytes": int(cap * 2**30), "speeds": {n: v * args.speed_scale for n, v in SPEEDS.items()},
         "model": MODEL, "global_batch": GLOBAL_BATCH, "seq_len": SEQ_LEN, "steps": args.steps,
         "runs": {n: {"plan": plans[n].to_dict(), **{k: r[k] for k in (
             "tokens_per_s", "measured_step_s", "predicted_step_s", "prediction_error", "final_loss")}}
