@@ -76,7 +76,7 @@ def _stage_timer(spec: ModelSpec, stage: Stage, index: int, stages: tuple[Stage,
 
 
 def block_and_head_times(spec: ModelSpec, pool: Pool, *, micro_batch_sizes: tuple[int, ...], seq_len: int,
-                         slack: float = 1.1, repeats: int = 5) -> dict[str, dict]:
+                         slack: float = 1.1, repeats: int = 5, rounds: int = 4) -> dict[str, dict]:
     """device -> {"blocks": [{micro_batch_size, seq_len, fwd_s, bwd_s}], "head": [...]}: one block
     (a middle stage of one layer) and the last stage's extra (norm, head and loss), per device."""
     L = spec.num_layers
@@ -88,14 +88,20 @@ def block_and_head_times(spec: ModelSpec, pool: Pool, *, micro_batch_sizes: tupl
            Stage(devices=("z",), first_layer=2, num_layers=L - 2))
     stages = (Stage(devices=("x",), first_layer=0, num_layers=L - 1), Stage(devices=("z",), first_layer=L - 1, num_layers=1))
     out: dict[str, dict] = {d.name: {"blocks": [], "head": []} for d in _measurable(pool)}
+    timers = {m: (_stage_timer(spec, mid[1], 1, mid, m, seq_len),
+                  _stage_timer(spec, stages[1], 1, stages, m, seq_len))  # block; block + norm + head + loss
+              for m in micro_batch_sizes}
+    # The host's own time: the best of several rounds spread over time, every size in each round,
+    # since other processes on the machine only ever add to it.
+    host: dict[int, list[tuple[tuple[float, float], tuple[float, float]]]] = {m: [] for m in micro_batch_sizes}
+    for _ in range(rounds):
+        for m, (block, last) in timers.items():
+            block(None), last(None)  # warm-up
+            host[m] += [(block(None), last(None)) for _ in range(repeats)]
     for mbs in micro_batch_sizes:
-        block = _stage_timer(spec, mid[1], 1, mid, mbs, seq_len)
-        last = _stage_timer(spec, stages[1], 1, stages, mbs, seq_len)  # one block + norm + head + loss
-        # the host's own time: best of twice as many runs, since other processes only add to it
-        host_b = [block(None) for _ in range(2 * repeats + 1)][1:]
-        host_l = [last(None) for _ in range(2 * repeats + 1)][1:]
-        f_b, b_b = min(t[0] for t in host_b), min(t[1] for t in host_b)
-        f_l, b_l = min(t[0] for t in host_l), min(t[1] for t in host_l)
+        block, last = timers[mbs]
+        f_b, b_b = min(t[0][0] for t in host[mbs]), min(t[0][1] for t in host[mbs])
+        f_l, b_l = min(t[1][0] for t in host[mbs]), min(t[1][1] for t in host[mbs])
         for d in _measurable(pool):
             if d.emulation is None:
                 fb, bb, fl, bl = f_b, b_b, f_l, b_l
