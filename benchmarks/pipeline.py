@@ -1,10 +1,9 @@
 """Pipeline plans on an emulated pool that forces pipelining: chipfuse's plan versus an even layer split.
 
 Pool: three emulated devices of speeds 1 : 0.5 : 0.5, times `--speed-scale` of one core (default
-0.25: pacing holds only while every worker gets the CPU its speed asks for, and this 2-core machine
+0.2: pacing holds only while every worker gets the CPU its speed asks for, and this 2-core machine
 is shared with other jobs; on an idle one 0.7 fits, shared/notes/torch-on-cpu.md), each with a
-memory cap below what the whole
-model needs to train, so every plan must split the layers. The model is GPT-shaped with 8 blocks
+memory cap below what the whole model needs to train, so every plan must split the layers. The model is GPT-shaped with 8 blocks
 (an even split 3/3/2 cannot follow the speeds; 4/2/2 can). Both plans are one 1F1B pipeline
 fast -> slow0 -> slow1 with the same micro-batches; they differ only in the layer split. In one
 run: profile the pool (`chipfuse profile`), split the layers with the planner's solver
@@ -16,7 +15,7 @@ and `emulated: true`.
 Why not the planner's whole search: under these caps it prefers plans with parameter offload,
 which the pipeline runtime does not run yet; the split is the part this benchmark is about.
 
-    .venv/bin/python benchmarks/pipeline.py [--steps 12] [--speed-scale 0.25] [--json PATH]
+    .venv/bin/python benchmarks/pipeline.py [--steps 12] [--speed-scale 0.2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from chipfuse.report.output import console, table, write_json
 
 MODEL = {"model_type": "gpt2", "n_layer": 8, "n_embd": 128, "n_head": 4, "vocab_size": 256, "n_positions": 128}
 SPEEDS = {"fast": 1.0, "slow0": 0.5, "slow1": 0.5}
-GLOBAL_BATCH, SEQ_LEN, MICRO_BATCH = 16, 128, 2
+GLOBAL_BATCH, SEQ_LEN, MICRO_BATCH = 32, 128, 2  # 16 micro-batches: a short fill and drain
 
 
 def pool_toml(cap_gib: float, scale: float) -> str:
@@ -108,7 +107,7 @@ def train(tmp: Path, name: str, plan_path: Path, steps: int, profile: Path) -> d
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--speed-scale", type=float, default=0.25, help="one core x this = speed 1")
+    ap.add_argument("--speed-scale", type=float, default=0.2, help="one core x this = speed 1")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     from chipfuse.model.spec import resolve_model
