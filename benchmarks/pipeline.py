@@ -4,8 +4,9 @@ Pool: three emulated devices of speeds 1 : 0.5 : 0.5, times `--speed-scale` of o
 0.2: pacing holds only while every worker gets the CPU its speed asks for, and this 2-core machine
 is shared with other jobs; on an idle one 0.7 fits, shared/notes/torch-on-cpu.md), each with a
 memory cap below what the whole model needs to train, so every plan must split the layers. The model is GPT-shaped with 8 blocks
-(an even split 3/3/2 cannot follow the speeds; 4/2/2 can). Both plans are one 1F1B pipeline
-fast -> slow0 -> slow1 with the same micro-batches; they differ only in the layer split. In one
+(an even split 3/3/2 cannot follow the speeds; 4/2/2 can). Both plans are one 1F1B pipeline over
+the three devices in the same order (the solver's best of two) with the same micro-batches; they
+differ only in the layer split. In one
 run: profile the pool (`chipfuse profile`), split the layers with the planner's solver
 (chipfuse.plan.partition) over the profiled per-block times and the memory caps, train that plan
 and the even split for real with `chipfuse train --plan`, and compare measured tokens/s. Prints
@@ -30,6 +31,7 @@ from chipfuse.report.output import console, table, write_json
 
 MODEL = {"model_type": "gpt2", "n_layer": 8, "n_embd": 128, "n_head": 4, "vocab_size": 256, "n_positions": 128}
 SPEEDS = {"fast": 1.0, "slow0": 0.5, "slow1": 0.5}
+ORDERS = (("fast", "slow0", "slow1"), ("slow0", "slow1", "fast"))
 GLOBAL_BATCH, SEQ_LEN, MICRO_BATCH = 32, 128, 2  # 16 micro-batches: a short fill and drain
 
 
@@ -54,23 +56,23 @@ def even_split(L: int, p: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(p)]
 
 
-def solve_split(spec, profile: dict, cap_gib: float) -> list[int]:  # type: ignore[no-untyped-def]
-    """The planner's layer-split solver over profiled seconds per block (forward + backward of one
-    micro-batch) on each device, with the head on the last; k blocks that would not fit the cap
-    (fp32 weights, grads and AdamW moments, 16 bytes a parameter, with 35% left for activations)
-    cost infinity."""
+def solve_split(spec, profile: dict, cap_gib: float, order: tuple[str, ...]) -> tuple[list[int], float]:  # type: ignore[no-untyped-def]
+    """The planner's layer-split solver over profiled seconds per block (forward, backward and the
+    recomputed forward of one micro-batch) on each device of `order`, with the head on the last;
+    k blocks that would not fit the cap (fp32 weights, grads and AdamW moments, 16 bytes a
+    parameter, with 35% left for activations) cost infinity. Returns the split and its objective."""
     import numpy as np
 
     from chipfuse.model.costs import model_costs
     from chipfuse.plan.partition import partition
 
     costs = model_costs(spec, SEQ_LEN)
-    L, names = spec.num_layers, list(SPEEDS)
+    L, names = spec.num_layers, list(order)
     table = []
     for i, d in enumerate(names):
         blk = min(profile["layer_times"][d], key=lambda t: abs(t["micro_batch_size"] - MICRO_BATCH))
         head = min(profile["head_times"][d], key=lambda t: abs(t["micro_batch_size"] - MICRO_BATCH))
-        per_block = blk["fwd_s"] + blk["bwd_s"]
+        per_block = 2 * blk["fwd_s"] + blk["bwd_s"]
         extra = head["fwd_s"] + head["bwd_s"] if i == len(names) - 1 else 0.0
         row = np.full(L + 1, np.inf)
         for k in range(1, L + 1):
@@ -80,14 +82,14 @@ def solve_split(spec, profile: dict, cap_gib: float) -> list[int]:  # type: igno
     found = partition(table, L, GLOBAL_BATCH // MICRO_BATCH, exact=True)
     if found is None:
         raise SystemExit("no layer split fits the memory caps")
-    return found[0]
+    return found
 
 
-def pipeline_plan(spec, layers: list[int], strategy: str):  # type: ignore[no-untyped-def]
+def pipeline_plan(spec, order: tuple[str, ...], layers: list[int], strategy: str):  # type: ignore[no-untyped-def]
     from chipfuse.plan.plan import Plan, Replica, Stage
 
     first, stages = 0, []
-    for d, k in zip(SPEEDS, layers, strict=True):
+    for d, k in zip(order, layers, strict=True):
         # full checkpointing in both plans: under the caps, 1F1B's in-flight activations would not fit
         stages.append(Stage(devices=(d,), first_layer=first, num_layers=k, checkpoint="full"))
         first += k
@@ -125,8 +127,11 @@ def main() -> None:
             raise SystemExit("profile failed")
         profile = json.loads(prof_path.read_text())
         spec = resolve_model(str(model_path))
-        plans = {"chipfuse": pipeline_plan(spec, solve_split(spec, profile, cap), "chipfuse"),
-                 "even": pipeline_plan(spec, even_split(spec.num_layers, len(SPEEDS)), "even")}
+        # The stage order is part of the plan (which device carries the head): the solver's best of
+        # two orders; the even split runs in the same order, so only the split differs.
+        order, (layers, _) = min(((o, solve_split(spec, profile, cap, o)) for o in ORDERS), key=lambda x: x[1][1])
+        plans = {"chipfuse": pipeline_plan(spec, order, layers, "chipfuse"),
+                 "even": pipeline_plan(spec, order, even_split(spec.num_layers, len(SPEEDS)), "even")}
         runs = {}
         for name, plan in plans.items():
             path = tmp / f"{name}-plan.json"
