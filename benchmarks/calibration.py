@@ -1,7 +1,7 @@
 """Calibration of the planner's step-time prediction against real runs, on emulated pools.
 
 Two emulated pools (speeds 1 : 0.5 : 0.5 and 0.7 : 0.7 : 0.35, times `--speed-scale` of one core,
-default 0.25) are profiled first with
+default 0.2) are profiled first with
 `chipfuse profile`; then 10 different plans (unequal pipelines, GPipe and 1F1B, several micro-batch
 sizes, checkpointing, pipelines beside whole-model replicas, another stage order, a device left
 out, a badly balanced split, spanning step times from fast to slow) are each
@@ -10,7 +10,7 @@ predicted by chipfuse.plan.cost.predict with that profile and run for real with
 step time; target <= 0.10), `spearman` (rank correlation of predicted and measured; target
 >= 0.9), every plan's figures, and `emulated: true`.
 
-    .venv/bin/python benchmarks/calibration.py [--steps 12] [--speed-scale 0.25] [--json PATH]
+    .venv/bin/python benchmarks/calibration.py [--steps 12] [--speed-scale 0.2] [--json PATH]
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def describe(plan) -> str:  # type: ignore[no-untyped-def]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--speed-scale", type=float, default=0.25, help="one core x this = speed 1")
+    ap.add_argument("--speed-scale", type=float, default=0.2, help="one core x this = speed 1")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     from chipfuse.cluster.pool import load_pool
