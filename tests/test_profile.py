@@ -36,3 +36,20 @@ def test_profile_command_writes_planner_profile(tmp_path):
         assert all(t["fwd_s"] > 0 and t["bwd_s"] > 0 and t["seq_len"] == 32 for t in ts)
     assert all(v["fp32"] > 0 and v["bf16"] > 0 for v in p["flops"].values())
     assert p["host"]["mem_bw_bytes_s"] > 0 and p["links"] == []
+
+
+def test_stage_targets_follow_the_profile(tmp_path):
+    from chipfuse.plan.plan import Stage
+    from chipfuse.runtime.profiler import stage_targets
+
+    prof = {"layer_times": {"d": [{"micro_batch_size": 2, "seq_len": 32, "fwd_s": 0.01, "bwd_s": 0.02}]},
+            "head_times": {"d": [{"micro_batch_size": 2, "seq_len": 32, "fwd_s": 0.001, "bwd_s": 0.002}]}}
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(prof))
+    mid = Stage(devices=("d",), first_layer=0, num_layers=3)
+    f, b = stage_targets(str(path), "d", mid, last=False, micro_batch_size=4, seq_len=32)
+    assert (round(f, 6), round(b, 6)) == (0.06, 0.12)  # 3 blocks, twice the tokens
+    ck = Stage(devices=("d",), first_layer=0, num_layers=3, checkpoint="full")
+    f, b = stage_targets(str(path), "d", ck, last=True, micro_batch_size=2, seq_len=32)
+    assert (round(f, 6), round(b, 6)) == (0.031, 0.092)  # head added; backward recomputes the blocks' forward
+    assert stage_targets(str(path), "other", mid, last=False, micro_batch_size=2, seq_len=32) is None

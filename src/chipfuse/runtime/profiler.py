@@ -19,6 +19,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -195,7 +196,7 @@ def stage_targets(profile_path: str, device: str, stage: Stage, *, last: bool, m
     its blocks, the head on the last stage, and a recomputed forward under checkpointing."""
     import json
 
-    prof = json.loads(open(profile_path).read())
+    prof = json.loads(Path(profile_path).read_text())
     blocks = prof.get("layer_times", {}).get(device)
     if not blocks:
         return None
