@@ -1,0 +1,186 @@
+"""Islands: synchronous training inside groups of well-connected devices, DiLoCo between them.
+
+Inside an island every inner step all-reduces gradients (SUM: each rank's summed token loss is
+divided by the island's token count, so the sum is the island's mean gradient). Across islands,
+over a slow link, only every H inner steps: each island's pseudo-gradient (parameters at the last
+outer step minus its parameters now) is averaged, weighted by the island's share of the round's
+tokens, and an outer SGD step with Nesterov momentum (torch.optim.SGD, nesterov=True, on a copy of
+the global parameters) gives the new global parameters every island starts from (DiLoCo,
+Douillard et al. 2023). The cross-island payload may travel as bf16 or fp16.
+
+Unequal islands (the island rule): an island's batch share is proportional to its speed (the sum
+of its devices' shares in the plan), with one H for all, so every island ends a round at about the
+same wall time and every inner step consumes exactly the global batch that synchronous training
+would. An island may also be given its own inner step count (`inner_steps`), e.g. when memory caps
+its share; the weights then follow tokens processed, share x inner steps.
+
+Written by hand: torchft's DiLoCo needs its fault-tolerance Manager (a lighthouse server and a
+quorum) and is not a dependency; DDP comm hooks act on gradients each step, not on parameters
+every H steps (see docs/slow_links.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from chipfuse.errors import PlanError
+from chipfuse.runtime.links import EmulatedLink
+
+COMPRESSION_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class IslandGroups:
+    """This rank's view of the island layout and the process groups that serve it."""
+
+    islands: tuple[tuple[int, ...], ...]
+    """Ranks of each island; the first rank of an island is its leader on the slow link."""
+    index: int
+    """The island this rank belongs to."""
+    rank: int
+    group: dist.ProcessGroup | None
+    """This island's group (None when the island is this rank alone)."""
+    leaders: dist.ProcessGroup | None
+    """Group of the island leaders (None on ranks that lead no island, or with one island)."""
+
+    @property
+    def leader(self) -> int:
+        return self.islands[self.index][0]
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.leader
+
+    @property
+    def island_size(self) -> int:
+        return len(self.islands[self.index])
+
+
+def make_island_groups(islands: Sequence[Sequence[int]], *, rank: int, world_size: int) -> IslandGroups:
+    """Create every island's group and the leaders' group, in the same order on every rank
+    (torch.distributed.new_group is collective over the whole job)."""
+    isl = tuple(tuple(int(r) for r in i) for i in islands)
+    flat = sorted(r for i in isl for r in i)
+    if flat != list(range(world_size)) or any(not i for i in isl):
+        raise PlanError(f"sync.islands: ranks {[list(i) for i in isl]} do not cover ranks 0..{world_size - 1} "
+                        "exactly once. Fix: put every device of the plan in exactly one island")
+    groups = [dist.new_group(list(i)) if len(i) > 1 else None for i in isl]
+    leaders = dist.new_group([i[0] for i in isl]) if len(isl) > 1 else None
+    index = next(k for k, i in enumerate(isl) if rank in i)
+    return IslandGroups(islands=isl, index=index, rank=rank, group=groups[index],
+                        leaders=leaders if rank == isl[index][0] else None)
+
+
+def island_weights(shares: Sequence[float], inner_steps: Sequence[int] | None = None) -> list[float]:
+    """Each island's weight in the outer average: its fraction of the tokens of one outer round."""
+    steps = inner_steps or [1] * len(shares)
+    tokens = [s * h for s, h in zip(shares, steps, strict=True)]
+    total = sum(tokens)
+    return [t / total for t in tokens]
+
+
+def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset: offset + n].view_as(t))
+        offset += n
+
+
+def reduce_in_island(flat: torch.Tensor, groups: IslandGroups) -> None:
+    """SUM over the island's ranks, in place (the fast, local all-reduce)."""
+    if groups.group is not None:
+        dist.all_reduce(flat, group=groups.group)
+
+
+def reduce_across_islands(flat: torch.Tensor, groups: IslandGroups, link: EmulatedLink | None,
+                          compression: str = "none") -> None:
+    """SUM of the island leaders' `flat` over the slow link, then broadcast inside each island.
+
+    Only leaders put bytes on the link; the other members of an island receive the result over
+    the island's fast group. With compression, the payload crosses as bf16/fp16 and is summed in
+    that dtype (two to a few islands: the rounding of the sum is that of one cast)."""
+    dtype = COMPRESSION_DTYPES[compression]
+    if groups.leaders is not None:
+        payload = flat.to(dtype) if dtype is not None else flat
+        if link is not None:
+            link.all_reduce(payload)
+        else:
+            dist.all_reduce(payload, group=groups.leaders)
+        if payload is not flat:
+            flat.copy_(payload)
+    if groups.group is not None:
+        dist.broadcast(flat, src=groups.leader, group=groups.group)
+
+
+def sync_gradients(params: Sequence[torch.Tensor], groups: IslandGroups, link: EmulatedLink | None = None,
+                   *, across_islands: bool) -> None:
+    """All-reduce (SUM) the gradients of `params`: in the island, and over the link when
+    `across_islands` (that is synchronous data parallel over the slow link, done hierarchically)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = flatten(grads)
+    reduce_in_island(flat, groups)
+    if across_islands:
+        reduce_across_islands(flat, groups, link)
+    unflatten_into(flat, grads)
+
+
+class DiLoCo:
+    """The outer loop: call `sync_inner_grads()` after each backward and `after_inner_step()` after
+    each inner optimizer step; every `inner_steps` calls it runs the outer step."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, groups: IslandGroups, weight: float,
+                 inner_steps: int, outer_lr: float = 0.7, outer_momentum: float = 0.9,
+                 compression: str = "none", link: EmulatedLink | None = None):
+        if compression not in COMPRESSION_DTYPES:
+            raise PlanError(f"sync.compression is {compression!r}. Fix: use one of {sorted(COMPRESSION_DTYPES)}")
+        if inner_steps < 1:
+            raise PlanError(f"sync.outer_every is {inner_steps}. Fix: use 1 or more inner steps per outer step")
+        self.params = [p for p in params]
+        self.groups = groups
+        self.weight = weight
+        self.inner_steps = inner_steps
+        self.compression = compression
+        self.link = link
+        # The global parameters live apart from the model: inner steps move the model, the outer
+        # optimizer moves only these.
+        self.global_params = [p.detach().clone() for p in self.params]
+        self.outer_opt = torch.optim.SGD(self.global_params, lr=outer_lr, momentum=outer_momentum,
+                                         nesterov=outer_momentum > 0)
+        self.steps_done = 0
+        self.outer_steps = 0
+
+    def sync_inner_grads(self) -> None:
+        sync_gradients(self.params, self.groups, across_islands=False)
+
+    def after_inner_step(self) -> bool:
+        """Count an inner step; run the outer step when the round is over. True if it ran."""
+        self.steps_done += 1
+        if self.steps_done < self.inner_steps:
+            return False
+        self.outer_step()
+        return True
+
+    @torch.no_grad()
+    def outer_step(self) -> None:
+        # Pseudo-gradient, pre-weighted so that the SUM across islands is the token-weighted mean.
+        delta = (flatten(self.global_params) - flatten(self.params)).mul_(self.weight)
+        reduce_across_islands(delta, self.groups, self.link, self.compression)
+        offset = 0
+        for g in self.global_params:
+            g.grad = delta[offset: offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+        self.outer_opt.step()
+        for p, g in zip(self.params, self.global_params, strict=True):
+            p.copy_(g)
+            g.grad = None
+        self.steps_done = 0
+        self.outer_steps += 1
