@@ -38,13 +38,13 @@ def _train(rank: int, mode: str) -> list[torch.Tensor]:
     island_samples = [sum(SHARES[r] for r in isl) for isl in ISLANDS]
     # Outer lr 1 and no momentum: the outer step then sets the global parameters to the
     # token-weighted mean of the islands' parameters, which after one SGD step is the sync step.
-    diloco = DiLoCo(model.parameters(), groups=groups, weight=island_weights(island_samples)[groups.index],
-                    inner_steps=1, outer_lr=1.0, outer_momentum=0.0)
+    diloco = DiLoCo(model.parameters(), groups=groups, island_samples=island_samples, inner_steps=1,
+                    outer_lr=1.0, outer_momentum=0.0)
     start = sum(SHARES[:rank])
-    denom = island_samples[groups.index] if mode == "diloco" else GLOBAL
     for step in range(STEPS):
         x, y = get_batch(step, GLOBAL, SEQ, start=start, count=SHARES[rank])
-        (loss_sum(model(x), y) / (denom * SEQ)).backward()
+        # chipfuse's convention in every mode: summed token loss over the GLOBAL token count.
+        (loss_sum(model(x), y) / (GLOBAL * SEQ)).backward()
         if mode == "diloco":
             diloco.sync_inner_grads()
         else:
@@ -60,7 +60,8 @@ def _outer_by_hand(rank: int, compression: str) -> list[list[float]]:
     """Two outer rounds on a 2-element parameter with chosen island parameters."""
     groups = make_island_groups(ISLANDS, rank=rank, world_size=3)
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    diloco = DiLoCo([p], groups=groups, weight=(0.75, 0.25)[groups.index], inner_steps=2, outer_lr=0.7,
+    # Islands of 3 and 1 samples per step: weights 0.75 and 0.25.
+    diloco = DiLoCo([p], groups=groups, island_samples=(3, 1), inner_steps=2, outer_lr=0.7,
                     outer_momentum=0.9, compression=compression)
     out = []
     for rnd in range(2):
@@ -122,7 +123,7 @@ def test_island_weights_follow_tokens():
 
 def test_bad_settings_are_refused():
     with pytest.raises(PlanError, match="compression"):
-        DiLoCo([torch.nn.Parameter(torch.zeros(1))], groups=None, weight=1.0, inner_steps=1,  # type: ignore[arg-type]
-               compression="int3")
+        DiLoCo([torch.nn.Parameter(torch.zeros(1))], groups=None, island_samples=[1],  # type: ignore[arg-type]
+               inner_steps=1, compression="int3")
     with pytest.raises(PlanError, match="islands"):
         make_island_groups([[0], [0]], rank=0, world_size=2)

@@ -6,7 +6,8 @@ import pytest
 import torch
 from _islands_spawn import run_ranks
 
-from chipfuse.runtime.links import EmulatedLink, ring_allreduce_s, ring_allreduce_wire_bytes
+from chipfuse.plan.islands import ring_allreduce_s, ring_allreduce_wire_bytes
+from chipfuse.runtime.links import EmulatedLink
 
 MBIT_S = 1e6 / 8  # bytes/s per Mbit/s
 BANDWIDTH = 100 * MBIT_S

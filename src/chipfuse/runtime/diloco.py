@@ -122,7 +122,7 @@ def reduce_across_islands(flat: torch.Tensor, groups: IslandGroups, link: Emulat
 
 
 def sync_gradients(params: Sequence[torch.Tensor], groups: IslandGroups, link: EmulatedLink | None = None,
-                   *, across_islands: bool) -> None:
+                   *, across_islands: bool, scale: float = 1.0) -> None:
     """All-reduce (SUM) the gradients of `params`: in the island, and over the link when
     `across_islands` (that is synchronous data parallel over the slow link, done hierarchically)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -130,6 +130,8 @@ def sync_gradients(params: Sequence[torch.Tensor], groups: IslandGroups, link: E
     reduce_in_island(flat, groups)
     if across_islands:
         reduce_across_islands(flat, groups, link)
+    if scale != 1.0:
+        flat.mul_(scale)
     unflatten_into(flat, grads)
 
 
@@ -137,17 +139,23 @@ class DiLoCo:
     """The outer loop: call `sync_inner_grads()` after each backward and `after_inner_step()` after
     each inner optimizer step; every `inner_steps` calls it runs the outer step."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], *, groups: IslandGroups, weight: float,
-                 inner_steps: int, outer_lr: float = 0.7, outer_momentum: float = 0.9,
-                 compression: str = "none", link: EmulatedLink | None = None):
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, groups: IslandGroups,
+                 island_samples: Sequence[int], inner_steps: int | Sequence[int], outer_lr: float = 0.7,
+                 outer_momentum: float = 0.9, compression: str = "none", link: EmulatedLink | None = None):
+        """island_samples: samples per inner step of each island (the sum of its ranks' shares);
+        inner_steps: H, for every island or per island."""
+        steps = [inner_steps] * len(island_samples) if isinstance(inner_steps, int) else list(inner_steps)
         if compression not in COMPRESSION_DTYPES:
             raise PlanError(f"sync.compression is {compression!r}. Fix: use one of {sorted(COMPRESSION_DTYPES)}")
-        if inner_steps < 1:
+        if min(steps) < 1:
             raise PlanError(f"sync.outer_every is {inner_steps}. Fix: use 1 or more inner steps per outer step")
         self.params = [p for p in params]
         self.groups = groups
-        self.weight = weight
-        self.inner_steps = inner_steps
+        self.inner_steps = steps[groups.index]
+        self.weight = island_weights(island_samples, steps)[groups.index]
+        # chipfuse divides each rank's summed loss by the GLOBAL token count; the SUM inside an
+        # island then gives (island share) x (island mean gradient): undo the share.
+        self.grad_scale = sum(island_samples) / island_samples[groups.index]
         self.compression = compression
         self.link = link
         # The global parameters live apart from the model: inner steps move the model, the outer
@@ -159,7 +167,8 @@ class DiLoCo:
         self.outer_steps = 0
 
     def sync_inner_grads(self) -> None:
-        sync_gradients(self.params, self.groups, across_islands=False)
+        """Island mean gradient on every rank of the island (no traffic on the slow link)."""
+        sync_gradients(self.params, self.groups, across_islands=False, scale=self.grad_scale)
 
     def after_inner_step(self) -> bool:
         """Count an inner step; run the outer step when the round is over. True if it ran."""

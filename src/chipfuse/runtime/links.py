@@ -25,21 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-
-def ring_allreduce_wire_bytes(payload_bytes: float, members: int) -> float:
-    """Bytes each member sends (and receives) in a ring all-reduce of `payload_bytes`."""
-    return 2 * (members - 1) / members * payload_bytes if members > 1 else 0.0
-
-
-def ring_allreduce_rounds(members: int) -> int:
-    """Dependent message steps of a ring all-reduce: each pays the link latency once."""
-    return 2 * (members - 1) if members > 1 else 0
-
-
-def ring_allreduce_s(payload_bytes: float, members: int, *, bandwidth_bytes_s: float, latency_s: float) -> float:
-    """Predicted seconds of a ring all-reduce among `members` over a link (one direction's bandwidth)."""
-    return (ring_allreduce_rounds(members) * latency_s
-            + ring_allreduce_wire_bytes(payload_bytes, members) / bandwidth_bytes_s)
+from chipfuse.plan.islands import ring_allreduce_rounds, ring_allreduce_s, ring_allreduce_wire_bytes
 
 
 @dataclass(kw_only=True)
