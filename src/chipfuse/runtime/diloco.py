@@ -125,7 +125,10 @@ def sync_gradients(params: Sequence[torch.Tensor], groups: IslandGroups, link: E
                    *, across_islands: bool, scale: float = 1.0) -> None:
     """All-reduce (SUM) the gradients of `params`: in the island, and over the link when
     `across_islands` (that is synchronous data parallel over the slow link, done hierarchically)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    for p in params:
+        if p.grad is None:  # a rank with no share this step still takes part in the reduction
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     flat = flatten(grads)
     reduce_in_island(flat, groups)
     if across_islands:
@@ -177,6 +180,12 @@ class DiLoCo:
             return False
         self.outer_step()
         return True
+
+    def finish(self) -> None:
+        """End of training: an outer step for a round cut short, so every island ends on the
+        same global parameters."""
+        if self.steps_done:
+            self.outer_step()
 
     @torch.no_grad()
     def outer_step(self) -> None:
