@@ -62,7 +62,7 @@ def _sync(device: str) -> None:
 
 
 def detect_devices(bench: bool = False) -> list[dict]:
-    found = [{"device": "cpu", "kind": "cpu", "name": _cpu_name(), "memory_bytes": _mem_total(),
+    found: list[dict] = [{"device": "cpu", "kind": "cpu", "name": _cpu_name(), "memory_bytes": _mem_total(),
               "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}]
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):

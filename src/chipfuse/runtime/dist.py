@@ -31,7 +31,16 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("RANK", -1)) != -1
 
 
-def init(*, backend: str | None = None, timeout_s: float = 60.0, threads: int | None = 1) -> DistInfo:
+def torch_device_kind(device: object) -> str:
+    """'cuda' for a real (not emulated) NVIDIA/AMD device when this host has CUDA, else 'cpu'.
+    Emulated devices always run on the CPU: their speed is rehearsed, not real."""
+    emulated = getattr(device, "emulated", True)
+    vendor = getattr(device, "vendor", "cpu")
+    return "cuda" if not emulated and vendor in ("nvidia", "amd") and torch.cuda.is_available() else "cpu"
+
+
+def init(*, device_kind: str = "cpu", backend: str | None = None, timeout_s: float = 60.0,
+         threads: int | None = 1) -> DistInfo:
     """Join the job. With no RANK in the environment this is a one-process job (no group).
 
     `threads=1`: every emulated worker uses one thread, else workers fight for the cores and
@@ -43,9 +52,10 @@ def init(*, backend: str | None = None, timeout_s: float = 60.0, threads: int | 
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
-    if os.environ.get("CHIPFUSE_DEVICE", "cpu").startswith("cuda") and torch.cuda.is_available():
+    if device_kind == "cuda":
         device = torch.device("cuda", local % torch.cuda.device_count())
         torch.cuda.set_device(device)
+    # NCCL only when every rank is a CUDA device; a fused CPU+GPU job talks gloo over host memory.
     be = backend or ("nccl" if device.type == "cuda" else "gloo")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(be, timeout=datetime.timedelta(seconds=timeout_s))

@@ -1,0 +1,112 @@
+"""`chipfuse plan`: search a plan for a pool and a model, show it beside the simple strategies."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from chipfuse.cluster.catalog import GiB
+from chipfuse.cluster.pool import Pool, load_pool
+from chipfuse.model.spec import resolve_model
+from chipfuse.plan.plan import DTYPES, OPTIMIZER_DTYPES, SCHEDULES, Plan
+from chipfuse.plan.profile import Profile
+from chipfuse.plan.search import SearchResult, search
+from chipfuse.report.output import console, table, write_json
+
+# The plan table has nine columns: never squeeze it below 130 characters (a pipe gets 80 by default).
+wide = Console(highlight=False, width=max(console.width, 130))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="search the best plan for a pool and a model (no devices needed)")
+    p.add_argument("--pool", required=True, help="pool TOML file (see examples/)")
+    p.add_argument("--model", required=True, help="model preset or Hugging Face config.json")
+    p.add_argument("--global-batch", type=int, required=True, help="samples per optimizer step")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample")
+    p.add_argument("--time-budget", type=float, default=5.0, help="seconds the search may take (default 5)")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--optimizer-dtype", choices=OPTIMIZER_DTYPES, default="fp32")
+    p.add_argument("--schedule", choices=[s for s in SCHEDULES if s != "interleaved"], default="1f1b")
+    p.add_argument("--profile", help="measured profile JSON (from `chipfuse profile`) overriding catalog figures")
+    p.add_argument("--json", metavar="PATH", help="write plan, prediction and baselines (read by `chipfuse train --plan`)")
+    p.add_argument("--timeline", metavar="PNG", help="draw the simulated step of the chosen plan")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    pool = load_pool(args.pool)
+    model = resolve_model(args.model)
+    profile = Profile.load(args.profile) if args.profile else None
+    res = search(pool, model, global_batch=args.global_batch, seq_len=args.seq_len, time_budget_s=args.time_budget,
+                 profile=profile, dtype=args.dtype, optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
+    wide.print(plan_table(res.plan, pool, res))
+    wide.print(strategy_table(res))
+    out = res.to_dict()
+    out["emulated"] = pool.emulated
+    out["predicted_from"] = "profile " + args.profile if args.profile else "catalog peak x default efficiency"
+    if args.timeline:
+        from chipfuse.report.timeline import save_timeline
+        from chipfuse.sim.pipeline import simulate
+
+        sim = simulate(res.plan, pool, profile)
+        rows = save_timeline(sim, args.timeline, title=f"{model.name} on {pool.name}: simulated step {sim.step_s:.3g} s")
+        out["simulated_step_s"] = sim.step_s
+        console.print(f"timeline of the simulated step ({sim.step_s:.3g} s, {rows} rows) written to {args.timeline}")
+    console.print(f"searched {res.candidates} candidate plans in {res.search_s:.2f} s; predictions from "
+                  f"{out['predicted_from']}" + ("; the pool is EMULATED: figures describe the emulation" if pool.emulated else ""))
+    for n in res.notes:
+        console.print(f"note: {n}")
+    write_json(args.json, out)
+    return 0
+
+
+def _group_rows(plan: Plan, pool: Pool, res: SearchResult) -> list[list]:
+    """One row per stage; identical replicas (same chips, split and share) folded into one."""
+    mem = res.prediction.memory_bytes
+    dev = {d.name: d for d in pool.devices}
+    folds: dict[tuple, list[int]] = {}
+    for i, r in enumerate(plan.replicas):
+        key = (r.batch_share, r.micro_batch_size,
+               tuple((dev[s.devices[0]].chip.name, len(s.devices), s.num_layers, s.tp_degree, s.checkpoint, s.shard,
+                      s.offload) for s in r.stages))
+        folds.setdefault(key, []).append(i)
+    rows = []
+    for idxs in folds.values():
+        r = plan.replicas[idxs[0]]
+        label = f"{idxs[0]}" if len(idxs) == 1 else f"{idxs[0]}.. (x{len(idxs)})"
+        for j, s in enumerate(r.stages):
+            chip = dev[s.devices[0]].chip.name
+            peak = max(mem.get(d, 0) for d in s.devices)
+            cap = dev[s.devices[0]].memory_bytes
+            memstr = " ".join(x for x in (s.checkpoint != "none" and f"ckpt:{s.checkpoint}",
+                                          s.shard != "none" and f"shard:{s.shard}",
+                                          s.offload != "none" and f"offload:{s.offload}") if x) or "-"
+            rows.append([label if j == 0 else "", j, f"{len(s.devices)} x {chip}",
+                         f"{s.first_layer}-{s.first_layer + s.num_layers - 1}", s.tp_degree,
+                         r.batch_share if j == 0 else "", f"{r.num_micro_batches} x {r.micro_batch_size}" if j == 0 else "",
+                         memstr, f"{peak / GiB:.1f}/{cap / GiB:.0f}"])
+    return rows
+
+
+def plan_table(plan: Plan, pool: Pool, res: SearchResult):
+    used = len(plan.devices)
+    title = (f"plan for {plan.model.name} on {pool.name}: {len(plan.replicas)} replicas over {used} devices"
+             + (f", {len(plan.excluded)} left out" if plan.excluded else ""))
+    return table(title, ["replica", "stage", "devices", "layers", "tp", "share", "mb x size", "memory strategy",
+                         "GiB used/has"], _group_rows(plan, pool, res))
+
+
+def strategy_table(res: SearchResult):
+    ours = res.prediction
+    rows = [["chipfuse", len(res.plan.devices), f"{ours.step_s:.3g}", f"{ours.tokens_per_s:,.0f}", f"{ours.mfu:.1%}",
+             "yes", "1.00"]]
+    for name, s in res.baselines.items():
+        if s is None:
+            rows.append([name, "-", "-", "-", "-", "no plan", "-"])
+            continue
+        p = s.prediction
+        rows.append([name, len(s.plan.devices), f"{p.step_s:.3g}", f"{p.tokens_per_s:,.0f}", f"{p.mfu:.1%}",
+                     "yes" if p.fits else "NO", f"{ours.tokens_per_s / p.tokens_per_s:.2f}"])
+    return table("predicted step, chipfuse's plan beside each simple strategy (x: chipfuse's tokens/s / its)",
+                 ["strategy", "devices", "step s", "tokens/s", "MFU", "fits", "x"], rows)

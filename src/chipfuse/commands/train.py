@@ -1,0 +1,175 @@
+"""`chipfuse train`: the main job. Without torchrun it plans, checks and launches the workers
+itself; under torchrun (RANK set) it is one worker. Same flags either way."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from chipfuse.cluster.builtin import default_pool
+from chipfuse.cluster.pool import Pool, load_pool
+from chipfuse.errors import ChipfuseError
+from chipfuse.model.spec import resolve_model
+from chipfuse.plan.plan import Plan
+from chipfuse.report.output import console, table, write_json
+from chipfuse.runtime.dist import launched_by_torchrun
+
+BUILTIN = "builtin"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model on a pool (default: a built-in emulated 4:2:1 pool)")
+    p.add_argument("--pool", default=BUILTIN, help="pool TOML file (default: built-in emulated pool)")
+    p.add_argument("--plan", help="plan JSON (from `chipfuse plan --json`); default: unequal data parallel")
+    p.add_argument("--model", default="small", help="model preset or Hugging Face config.json (default: small)")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--global-batch", type=int, default=56)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the model's context length")
+    p.add_argument("--micro-batch", type=int, default=8, help="preferred micro-batch size (memory may lower it)")
+    p.add_argument("--even", action="store_true", help="split the batch evenly (the simple baseline)")
+    p.add_argument("--shares", choices=["plan", "measured"], default=None,
+                   help="'measured': re-split by speeds measured in a warm-up (default for real devices)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--solo-samples", type=int, default=16,
+                   help="samples each device runs alone at start, for fusion efficiency (0: skip)")
+    p.add_argument("--run-dir", default=None, help="where the plan, metrics and summary go (default: runs/<time>)")
+    p.add_argument("--metrics", default=None, help="per-step JSON lines (default: RUN_DIR/metrics.jsonl)")
+    p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--pool-node", help="under torchrun on several hosts: this host's node in the pool; its "
+                   "workers take that node's plan devices by local rank")
+    p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/plan.json and stop (for multi-host launches)")
+    p.set_defaults(func=cmd_train)
+
+
+def _load_pool(arg: str) -> Pool:
+    return default_pool() if arg == BUILTIN else load_pool(arg)
+
+
+def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
+    """The plan from --plan, or unequal data parallelism over the pool. Refused here, before any
+    worker starts, if it does not match the pool or the model."""
+    if args.plan:
+        plan = Plan.from_json(args.plan)
+        plan.check_against_pool(pool, source=args.plan)
+        return plan
+    from chipfuse.plan.data_parallel import unequal_data_parallel
+    from chipfuse.runtime.probe import measure_memory
+
+    spec = resolve_model(args.model)
+    seq_len = args.seq_len or spec.seq_len
+    if seq_len > spec.seq_len:
+        raise ChipfuseError(f"--seq-len {seq_len} is longer than model {spec.name!r} allows ({spec.seq_len}). "
+                            "Fix: lower --seq-len")
+    param_bytes, act = measure_memory(spec, seq_len)
+    return unequal_data_parallel(pool, spec, global_batch=args.global_batch, seq_len=seq_len,
+                                 act_bytes_per_sample=act, param_bytes=param_bytes,
+                                 preferred_micro_batch=args.micro_batch, even=args.even)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    if args.steps < 1:
+        raise ChipfuseError(f"--steps is {args.steps}. Fix: train at least one step (use --dry-run to only plan)")
+    pool = _load_pool(args.pool)
+    if launched_by_torchrun():
+        return _worker(args, pool)
+    plan = make_plan(args, pool)
+    run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    plan_path = run_dir / "plan.json"
+    plan.to_json(plan_path)
+    if args.dry_run:
+        console.print(f"plan written to {plan_path} ({len(plan.devices)} devices, strategy {plan.strategy})")
+        return 0
+    summary_path = Path(args.json) if args.json else run_dir / "summary.json"
+    metrics = args.metrics or str(run_dir / "metrics.jsonl")
+    if pool.emulated:
+        console.print(f"[bold]pool {pool.name}[/]: {len(plan.devices)} EMULATED devices on this machine "
+                      "(relative speeds and memory caps, see docs/emulation.md)")
+    worker_args = ["train", "--pool", args.pool, "--plan", str(plan_path), "--steps", str(args.steps),
+                   "--lr", str(args.lr), "--seed", str(args.seed), "--solo-samples", str(args.solo_samples),
+                   "--metrics", metrics, "--json", str(summary_path)]
+    if args.shares:
+        worker_args += ["--shares", args.shares]
+    if args.no_progress:
+        worker_args.append("--no-progress")
+    if len(plan.devices) == 1:
+        env_backup = dict(os.environ)
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        try:
+            from chipfuse.cli import build_parser
+
+            rc = _worker(build_parser().parse_args(worker_args), pool)
+        finally:
+            os.environ.clear()
+            os.environ.update(env_backup)
+    else:
+        rc = launch_local(len(plan.devices), worker_args)
+    if rc != 0:
+        console.print(f"[red]training failed (exit {rc})[/]; the plan is in {plan_path}")
+        return rc
+    summary = json.loads(summary_path.read_text())
+    print_summary(summary)
+    return 0
+
+
+def launch_local(nproc: int, worker_args: list[str]) -> int:
+    """Start `nproc` workers on this machine with torchrun (one thread each)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    with tempfile.TemporaryDirectory() as logs:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "--log-dir", logs, "--redirects", "1:3,2:3", "-m", "chipfuse.cli", *worker_args]
+        return subprocess.call(cmd, env=env)
+
+
+def _worker(args: argparse.Namespace, pool: Pool) -> int:
+    from chipfuse.runtime import dist as cfdist
+    from chipfuse.runtime.trainer import TrainConfig, run
+
+    plan = make_plan(args, pool)
+    shares = args.shares or ("plan" if all(d.emulated for d in pool.devices) else "measured")
+    cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
+                      shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
+                      device=_node_device(args.pool_node, plan, pool) if args.pool_node else None)
+    summary = run(plan, pool, cfg)
+    if summary is not None and args.json:
+        write_json(args.json, summary)
+    if cfdist.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        cfdist.shutdown(exit_code=0)
+    cfdist.shutdown()
+    return 0
+
+
+def _node_device(node: str, plan: Plan, pool: Pool) -> str:
+    names = [d.name for n in pool.nodes if n.name == node for d in n.devices if d.name in plan.devices]
+    if not any(n.name == node for n in pool.nodes):
+        raise ChipfuseError(f"--pool-node {node!r} is not a node of pool {pool.name!r}. "
+                            f"Fix: use one of {[n.name for n in pool.nodes]}")
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if local >= len(names):
+        raise ChipfuseError(f"node {node!r} has {len(names)} plan devices but local rank {local} started. "
+                            f"Fix: --nproc-per-node {len(names)} on this host")
+    return names[local]
+
+
+def print_summary(s: dict) -> None:
+    label = " (EMULATED devices)" if s["emulated"] else ""
+    rows = [[d, v["chip"], f"x{v['speed']:g}" if v["speed"] else "real", s["shares"].get(d, "-"),
+             s["micro_batch_size"].get(d, "-"), f"{s['solo_tokens_per_s'][d]:.0f}", f"{v['tokens_per_s']:.0f}",
+             f"{v['wait_s_mean'] * 1e3:.0f}"] for d, v in s["devices"].items()]
+    console.print(table(f"devices{label}", ["device", "chip", "speed", "share", "micro-batch", "alone tok/s",
+                                            "in job tok/s", "wait ms/step"], rows))
+    eff = s["fusion_efficiency"]
+    console.print(
+        f"[bold]{s['model']}[/] ({s['num_params'] / 1e6:.2f}M params), {s['steps']} steps of {s['global_batch']} x "
+        f"{s['seq_len']} tokens: loss {s['initial_loss']:.3f} -> {s['final_loss']:.3f}; "
+        f"{s['tokens_per_s']:.0f} tok/s{label}; fusion efficiency "
+        + (f"{eff:.2f}" if eff is not None else "n/a") + " (job / sum of each device alone)"
+    )

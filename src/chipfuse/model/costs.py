@@ -1,0 +1,92 @@
+"""What one transformer block, the embedding and the head cost: FLOPs, parameters and activation bytes.
+
+Pure arithmetic on a ModelSpec; the planner's cost model multiplies these by device rates.
+Formulas (h = dim, f = ffn, s = seq_len, kv = kv_heads * head_dim, V = vocab):
+
+- parameters per block: attention 2h^2 + 2h*kv (q, o + k, v) plus biases (gpt); MLP 2hf (gpt GELU)
+  or 3hf (llama SwiGLU); norms 2h (RMSNorm) or 4h (LayerNorm weight + bias).
+- forward FLOPs per token per block: 2 x matmul parameters + 4sh (QK^T and AV over the whole
+  sequence; the causal half is not subtracted, as in Megatron's MFU convention). Backward = 2 x forward.
+- head: 2hV forward FLOPs per token; the embedding is a gather (no FLOPs).
+- activation bytes per token per block, 16-bit, with sequence parallelism and a fused (flash / SDPA)
+  attention that stores no s x s score matrix (Korthikanti et al. 2022, generalised to GQA and SwiGLU):
+  attention 7h + 4kv (input, q, k, v, output-projection input, dropout mask), two norm inputs 4h,
+  MLP 2h + 4f (gpt: fc1 output and GELU output) or 2h + 8f (llama: gate, up, silu(gate), product)
+  plus a dropout mask of h. gpt with f = 4h gives the familiar 34h.
+  * selective checkpointing recomputes the attention core and the MLP activation function: it drops
+    the q, k, v, and the f-sized activation outputs (2f gpt, 4f llama).
+  * full checkpointing keeps only the block input (2h), and re-runs the forward in backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from chipfuse.model.spec import ModelSpec
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelCosts:
+    """Per-block and embedding/head costs of a model at one sequence length."""
+
+    spec: ModelSpec
+    seq_len: int
+    block_params: int
+    block_matmul_params: int
+    embed_params: int
+    """Token (and, for gpt, position) embedding."""
+    head_params: int
+    """Final norm plus the output projection (0 projection when tied, but see `tied`)."""
+    block_fwd_flops_per_token: float
+    head_fwd_flops_per_token: float
+    attn_core_fwd_flops_per_token: float
+    """The part selective checkpointing recomputes (QK^T, softmax, AV)."""
+    act_bytes_per_token: dict[str, float]
+    """Block activation bytes per token in 16-bit, by checkpoint mode (none, selective, full)."""
+
+    @property
+    def num_layers(self) -> int:
+        return self.spec.num_layers
+
+    @property
+    def total_params(self) -> int:
+        return self.embed_params + self.num_layers * self.block_params + self.head_params
+
+    def act_bytes(self, checkpoint: str, dtype: str) -> float:
+        """Activation bytes per token per block kept for backward, in the compute dtype."""
+        return self.act_bytes_per_token[checkpoint] * DTYPE_BYTES[dtype] / 2
+
+    def model_flops_per_token(self) -> float:
+        """Forward + backward FLOPs per trained token (no recomputation): the MFU numerator."""
+        return 3 * (self.num_layers * self.block_fwd_flops_per_token + self.head_fwd_flops_per_token)
+
+    def logits_bytes_per_token(self, dtype: str) -> float:
+        """Logits in the compute dtype plus their fp32 copy for the softmax/loss (transient, last stage)."""
+        return self.spec.vocab_size * (DTYPE_BYTES[dtype] + 4)
+
+
+def model_costs(spec: ModelSpec, seq_len: int | None = None) -> ModelCosts:
+    s = seq_len or spec.seq_len
+    h, f, V = spec.dim, spec.ffn, spec.vocab_size
+    kv = spec.kv_heads * (h // spec.num_heads)
+    llama = spec.family == "llama"
+    attn_mm = 2 * h * h + 2 * h * kv
+    mlp_mm = (3 if llama else 2) * h * f
+    matmul = attn_mm + mlp_mm
+    norms = 2 * h if llama else 4 * h
+    biases = 0 if llama else (h + 2 * kv + h + f + h)
+    block = matmul + norms + biases
+    embed = V * h + (0 if llama else spec.seq_len * h)
+    head = (2 * h if not llama else h) + (0 if spec.tie_embeddings else V * h)
+    attn_core = 4 * s * h
+    mlp_act = 2 * h + (8 * f if llama else 4 * f) + h
+    none = 4 * h + 7 * h + 4 * kv + mlp_act
+    dropped = 2 * h + 4 * kv + (4 * f if llama else 2 * f)
+    return ModelCosts(
+        spec=spec, seq_len=s, block_params=block, block_matmul_params=matmul, embed_params=embed,
+        head_params=head, block_fwd_flops_per_token=2 * matmul + attn_core,
+        head_fwd_flops_per_token=2 * h * V, attn_core_fwd_flops_per_token=attn_core,
+        act_bytes_per_token={"none": none, "selective": none - dropped, "full": 2 * h},
+    )

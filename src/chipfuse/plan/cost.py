@@ -1,0 +1,344 @@
+"""The cost model: predicted step time, throughput, MFU and memory per device of a Plan, with its breakdown.
+
+Stage timing (per micro-batch, tokens = ceil(mbs / d) x seq_len on each device):
+  block forward  = tokens x block FLOPs / t / (sustained FLOP/s x tokens / (tokens + 128)) + launch,
+                   or the profile's measured block time; backward = 2 x forward; full checkpointing
+                   adds a forward, selective the attention core.
+  tensor parallel: 2 ring all-reduces of tokens x h activations per block forward, 2 backward.
+  sharding (ZeRO-3): an all-gather of the block's weights in forward and backward and a reduce-scatter
+                   of its gradients, overlapped with compute (the slower of the two counts).
+Replica (pipeline of p stages, m micro-batches, forward f_i, backward b_i, boundary transfer c_i):
+  T = sum_i (f_i + b_i) + 2 sum_i c_i + (m - 1) x max_i max(f_i + b_i, c_i)
+  (equal stages: bubble fraction (p - 1) / (m + p - 1)). Stage i's last backward ends at
+  T - sum_{j<i} (b_j + c_j).
+Gradient sync, per run of layers held by the same stage groups (a segment), hierarchical: a ring inside
+  each node among the groups there, then a ring across nodes over the slowest link among them. It
+  starts when every holder is ready (overlap: during the holder's last backward), then the optimizer.
+Step time = the latest stage to finish its sync and optimizer step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from chipfuse.cluster.pool import Pool
+from chipfuse.model.costs import DTYPE_BYTES, ModelCosts, model_costs
+from chipfuse.plan.hardware import (
+    BLOCK_LAUNCH_S,
+    CPU_ADAM_PARAMS_S,
+    HOST_LINK_BW,
+    TOKENS_HALF,
+    GroupHW,
+    PoolIndex,
+    half_ring_s,
+    p2p_s,
+    ring_allreduce_s,
+)
+from chipfuse.plan.memory import StageMemory, StageShape, stage_memory, stage_params, state_bytes, usable
+from chipfuse.plan.plan import Plan
+from chipfuse.plan.profile import Profile
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockTime:
+    """Seconds of one stage shape, split into what grows with its block count and what does not."""
+
+    fwd_per_block_s: float
+    bwd_per_block_s: float
+    fwd_extra_s: float
+    """Embedding/head forward on the first/last stage."""
+    bwd_extra_s: float
+
+    def fwd_s(self, n: int) -> float:
+        return n * self.fwd_per_block_s + self.fwd_extra_s
+
+    def bwd_s(self, n: int) -> float:
+        return n * self.bwd_per_block_s + self.bwd_extra_s
+
+
+def block_time(costs: ModelCosts, hw: GroupHW, sh: StageShape, *, dtype: str) -> BlockTime:
+    t, d = sh.tp, sh.data_degree
+    tokens = sh.tokens_per_device(costs.seq_len)
+    rate = hw.flops * tokens / (tokens + TOKENS_HALF)
+    measured = _measured(hw, tokens)
+    if measured is not None:
+        f1, b1 = measured[0] / t, measured[1] / t
+        attn = costs.attn_core_fwd_flops_per_token / costs.block_fwd_flops_per_token * f1
+    else:
+        flops_f = tokens * costs.block_fwd_flops_per_token / t
+        f1, b1 = flops_f / rate + BLOCK_LAUNCH_S, 2 * flops_f / rate + 2 * BLOCK_LAUNCH_S
+        attn = tokens * costs.attn_core_fwd_flops_per_token / t / rate
+    if sh.checkpoint == "full":
+        b1 += f1
+    elif sh.checkpoint == "selective":
+        b1 += attn
+    w = DTYPE_BYTES[dtype]
+    if t > 1:
+        ar = ring_allreduce_s(tokens * costs.spec.dim * w, t, hw.intra_bw, hw.intra_lat)
+        f1 += 2 * ar
+        b1 += (4 if sh.checkpoint == "full" else 2) * ar
+    block_bytes = costs.block_params / t * w
+    if d > 1 and sh.shard in ("grads", "full"):
+        gather = half_ring_s(block_bytes, d, hw.intra_bw, hw.intra_lat)
+        if sh.shard == "full":
+            f1 = max(f1, gather)
+            b1 = max(b1, 2 * gather)
+        else:
+            b1 = max(b1, gather)
+    if sh.offload == "params":
+        upload = block_bytes / HOST_LINK_BW
+        f1, b1 = max(f1, upload), max(b1, upload)
+    head_f = tokens * costs.head_fwd_flops_per_token / t / rate if sh.is_last else 0.0
+    return BlockTime(fwd_per_block_s=f1, bwd_per_block_s=b1, fwd_extra_s=head_f, bwd_extra_s=2 * head_f)
+
+
+def _measured(hw: GroupHW, tokens: int) -> tuple[float, float] | None:
+    if not hw.layer_times:
+        return None
+    best = min(hw.layer_times, key=lambda x: abs(x.micro_batch_size * x.seq_len - tokens))
+    scale = tokens / (best.micro_batch_size * best.seq_len)
+    return best.fwd_s * scale, best.bwd_s * scale
+
+
+def optimizer_s(costs: ModelCosts, hw: GroupHW, sh: StageShape, *, dtype: str, optimizer_dtype: str) -> float:
+    """Adam is memory-bound: every byte of state read and written once; offloaded, it runs on the host."""
+    sb = state_bytes(dtype, optimizer_dtype)
+    params = stage_params(costs, sh.num_layers, is_first=sh.is_first, is_last=sh.is_last) / sh.tp
+    if sh.shard != "none":
+        params /= sh.data_degree
+    if sh.offload != "none":
+        return params * (sb.grads + sb.weights) / HOST_LINK_BW + params / CPU_ADAM_PARAMS_S
+    return 2 * params * sb.total / hw.mem_bw
+
+
+def group_sync_s(costs: ModelCosts, hw: GroupHW, sh: StageShape, *, dtype: str) -> float:
+    """Once per step inside a group with d > 1 data ranks (sharded modes reduce per micro-batch instead)."""
+    d = sh.data_degree
+    if d <= 1 or sh.shard == "full":
+        return 0.0
+    params = stage_params(costs, sh.num_layers, is_first=sh.is_first, is_last=sh.is_last) / sh.tp
+    nbytes = params * DTYPE_BYTES[dtype]
+    if sh.shard == "grads":
+        return half_ring_s(nbytes, d, hw.intra_bw, hw.intra_lat)
+    return ring_allreduce_s(nbytes, d, hw.intra_bw, hw.intra_lat)
+
+
+def pipeline_s(fwd: list[float], bwd: list[float], p2p: list[float], m: int) -> float:
+    """Closed form of a pipeline of unequal stages (see the module docstring)."""
+    if m <= 0:
+        return 0.0
+    per = [f + b for f, b in zip(fwd, bwd, strict=True)]
+    steady = max(max(per), max(p2p, default=0.0))
+    return sum(per) + 2 * sum(p2p) + (m - 1) * steady
+
+
+def in_flight(schedule: str, p: int, i: int, m: int) -> int:
+    return m if schedule == "gpipe" else max(1, min(m, p - i))
+
+
+# ---------------------------------------------------------------------------------------------- plan tables
+@dataclass(frozen=True, kw_only=True)
+class StageTable:
+    replica: int
+    index: int
+    devices: tuple[str, ...]
+    nodes: frozenset[str]
+    hw: GroupHW
+    shape: StageShape
+    fwd_s: float
+    bwd_s: float
+    p2p_s: float
+    """Transfer of one micro-batch's activations to the next stage (0 on the last)."""
+    opt_s: float
+    group_sync_s: float
+    memory: StageMemory
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReplicaTable:
+    stages: tuple[StageTable, ...]
+    num_micro_batches: int
+    pipeline_s: float
+
+    def end_s(self, i: int) -> float:
+        """When stage i's last backward ends."""
+        return self.pipeline_s - sum(s.bwd_s + s.p2p_s for s in self.stages[:i])
+
+
+def plan_tables(plan: Plan, pool: Pool, profile: Profile | None = None, *, index: PoolIndex | None = None,
+                costs: ModelCosts | None = None) -> list[ReplicaTable]:
+    """Per replica and stage: the cost tables that both predict() and the simulator use."""
+    costs = costs or model_costs(plan.model, plan.seq_len)
+    ix = index or PoolIndex(pool, profile, plan.dtype)
+    cache: dict[tuple, tuple] = {}
+    out = []
+    for ri, r in enumerate(plan.replicas):
+        p, m = len(r.stages), r.num_micro_batches
+        rows = []
+        for i, st in enumerate(r.stages):
+            hw = ix.hw(st.devices)
+            sh = StageShape(num_layers=st.num_layers, is_first=i == 0, is_last=i == p - 1, group_size=len(st.devices),
+                            tp=st.tp_degree, checkpoint=st.checkpoint, shard=st.shard, offload=st.offload,
+                            micro_batch_size=r.micro_batch_size, in_flight=in_flight(plan.schedule, p, i, m))
+            key = (hw, sh)
+            if key not in cache:
+                bt = block_time(costs, hw, sh, dtype=plan.dtype)
+                cache[key] = (bt.fwd_s(sh.num_layers), bt.bwd_s(sh.num_layers),
+                              optimizer_s(costs, hw, sh, dtype=plan.dtype, optimizer_dtype=plan.optimizer_dtype),
+                              group_sync_s(costs, hw, sh, dtype=plan.dtype),
+                              stage_memory(costs, sh, dtype=plan.dtype, optimizer_dtype=plan.optimizer_dtype))
+            f, b, o, g, mem = cache[key]
+            c = 0.0
+            if i < p - 1:
+                a_node, b_node = ix.dev[st.devices[0]].node, ix.dev[r.stages[i + 1].devices[0]].node
+                bw, lat = ix.link(a_node, b_node)
+                c = p2p_s(sh.tokens_per_device(costs.seq_len) * sh.data_degree * costs.spec.dim
+                          * DTYPE_BYTES[plan.dtype], bw, lat)
+            rows.append(StageTable(replica=ri, index=i, devices=st.devices,
+                                   nodes=frozenset(ix.dev[dv].node for dv in st.devices), hw=hw, shape=sh,
+                                   fwd_s=f, bwd_s=b, p2p_s=c, opt_s=o, group_sync_s=g, memory=mem))
+        T = pipeline_s([s.fwd_s for s in rows], [s.bwd_s for s in rows], [s.p2p_s for s in rows], m)
+        out.append(ReplicaTable(stages=tuple(rows), num_micro_batches=m, pipeline_s=T))
+    return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class Segment:
+    """A run of layers [first, last) that the same stage groups hold: one gradient all-reduce."""
+
+    first: int
+    last: int
+    holders: tuple[tuple[int, int], ...]
+    """(replica, stage) of every holder."""
+    sync_s: float
+
+
+def sync_segments(plan: Plan, tables: list[ReplicaTable], index: PoolIndex, costs: ModelCosts) -> list[Segment]:
+    L = plan.model.num_layers
+    cuts = sorted({0, L} | {s.first_layer for r in plan.replicas for s in r.stages})
+    g_b = DTYPE_BYTES[plan.dtype]
+    holders_of: dict[int, list[tuple[int, int]]] = {a: [] for a in cuts[:-1]}
+    pos = {a: k for k, a in enumerate(cuts)}
+    for ri, r in enumerate(plan.replicas):
+        for si, s in enumerate(r.stages):
+            for a in cuts[pos[s.first_layer]:pos[s.first_layer + s.num_layers]]:
+                holders_of[a].append((ri, si))
+    segs = []
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        hs = holders_of[a]
+        params = (b - a) * costs.block_params + (costs.embed_params if a == 0 else 0) + (costs.head_params if b == L else 0)
+        nbytes = params * g_b
+        per_node: dict[str, int] = {}
+        min_tp = min(tables[ri].stages[si].shape.tp for ri, si in hs)
+        for ri, si in hs:
+            node = next(iter(tables[ri].stages[si].nodes))
+            per_node[node] = per_node.get(node, 0) + 1
+        intra = 0.0
+        for node, c in per_node.items():
+            bw, lat = index.link(node, node)
+            intra = max(intra, ring_allreduce_s(nbytes / min_tp, c, bw, lat))
+        bw, lat = index.slowest(frozenset(per_node))
+        inter = ring_allreduce_s(nbytes, len(per_node), bw, lat) if len(per_node) > 1 else 0.0
+        segs.append(Segment(first=a, last=b, holders=tuple(hs), sync_s=intra + inter))
+    return segs
+
+
+def stage_finish_times(tables: list[ReplicaTable], segs: list[Segment], *, overlap: bool = True,
+                       end_s: dict[tuple[int, int], float] | None = None) -> dict[tuple[int, int], dict[str, float]]:
+    """When each stage finishes its step: backward end, gradient sync (waiting for all holders), optimizer.
+
+    `end_s` overrides the backward end times (the simulator passes the ones it replayed).
+    """
+    ends = end_s or {(r.stages[0].replica, i): r.end_s(i) for r in tables for i in range(len(r.stages))}
+    ready = {}
+    for r in tables:
+        for i, s in enumerate(r.stages):
+            k = (s.replica, i)
+            window = s.bwd_s if overlap else 0.0
+            ready[k] = max(0.0, ends[k] - (window if r.num_micro_batches else 0.0)) + s.group_sync_s
+    seg_start = [max(ready[h] for h in sg.holders) for sg in segs]
+    by_stage: dict[tuple[int, int], list[int]] = {}
+    for j, sg in enumerate(segs):
+        for h in sg.holders:
+            by_stage.setdefault(h, []).append(j)
+    out = {}
+    for r in tables:
+        for i, s in enumerate(r.stages):
+            k = (s.replica, i)
+            t = ready[k]
+            sync = 0.0
+            for j in reversed(by_stage.get(k, [])):  # backward produces the last layers' gradients first
+                t = max(t, seg_start[j]) + segs[j].sync_s
+                sync += segs[j].sync_s
+            done = max(t, ends[k]) + s.opt_s
+            out[k] = {"end_bwd_s": ends[k], "sync_s": sync, "sync_done_s": max(t, ends[k]), "finish_s": done}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- predict
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    step_s: float
+    tokens_per_s: float
+    mfu: float
+    memory_bytes: dict[str, int]
+    breakdown: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fits(self) -> bool:
+        return not self.breakdown.get("over_capacity")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"step_s": self.step_s, "tokens_per_s": self.tokens_per_s, "mfu": self.mfu,
+                "memory_bytes": self.memory_bytes, "fits": self.fits, "breakdown": self.breakdown}
+
+
+def predict(plan: Plan, pool: Pool, profile: Profile | None = None, *, overlap: bool = True,
+            index: PoolIndex | None = None) -> Prediction:
+    """Predict one training step of `plan` on `pool` (catalog x efficiency, or `profile` where measured)."""
+    costs = model_costs(plan.model, plan.seq_len)
+    ix = index or PoolIndex(pool, profile, plan.dtype)
+    tables = plan_tables(plan, pool, profile, index=ix, costs=costs)
+    segs = sync_segments(plan, tables, ix, costs)
+    fin = stage_finish_times(tables, segs, overlap=overlap)
+    return _prediction(plan, ix, costs, tables, segs, fin)
+
+
+def _prediction(plan: Plan, ix: PoolIndex, costs: ModelCosts, tables: list[ReplicaTable], segs: list[Segment],
+                fin: dict[tuple[int, int], dict[str, float]]) -> Prediction:
+    step = max(v["finish_s"] for v in fin.values())
+    tokens = plan.global_batch * plan.seq_len
+    memory: dict[str, int] = {}
+    over: dict[str, int] = {}
+    peak = 0.0
+    for r in tables:
+        for s in r.stages:
+            for dv in s.devices:
+                memory[dv] = s.memory.total
+                cap = usable(ix.dev[dv].memory_bytes)
+                if s.memory.total > cap:
+                    over[dv] = s.memory.total - cap
+                peak += ix.dev[dv].peak_flops(plan.dtype)
+    mfu = costs.model_flops_per_token() * tokens / (step * peak) if step > 0 and peak else 0.0
+    slowest = max(range(len(tables)), key=lambda i: tables[i].pipeline_s)
+    breakdown: dict[str, Any] = {
+        "pipeline_s": tables[slowest].pipeline_s,
+        "slowest_replica": slowest,
+        "sync_exposed_s": step - max(r.pipeline_s for r in tables),
+        "num_sync_segments": len(segs),
+        "model_flops_per_step": costs.model_flops_per_token() * tokens,
+        "peak_flops": peak,
+        "over_capacity": over,
+        "replicas": [
+            {"micro_batches": r.num_micro_batches, "pipeline_s": r.pipeline_s,
+             "stages": [{"devices": list(s.devices), "fwd_s": s.fwd_s, "bwd_s": s.bwd_s, "p2p_s": s.p2p_s,
+                         "opt_s": s.opt_s, "sync_s": fin[(s.replica, s.index)]["sync_s"],
+                         "finish_s": fin[(s.replica, s.index)]["finish_s"], "memory": s.memory.to_dict()}
+                        for s in r.stages]}
+            for r in tables
+        ],
+    }
+    return Prediction(step_s=step, tokens_per_s=tokens / step if step > 0 else math.inf, mfu=mfu,
+                      memory_bytes=memory, breakdown=breakdown)

@@ -1,0 +1,94 @@
+"""Measured figures that override the catalog's: the planner's bridge to reality.
+
+`chipfuse profile` fills one by measurement; the cost model uses it when given, else catalog
+peak x a documented efficiency (chipfuse.plan.rates).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from chipfuse.errors import ChipfuseError
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerTiming:
+    """Measured seconds of one transformer block for one micro-batch on one device."""
+
+    micro_batch_size: int
+    seq_len: int
+    fwd_s: float
+    bwd_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkMeasure:
+    """Measured one-direction bandwidth and latency between two nodes (a == b: inside a node)."""
+
+    a: str
+    b: str
+    bandwidth: float
+    """Bytes/s."""
+    latency_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    flops: dict[str, dict[str, float]] = field(default_factory=dict)
+    """device name -> dtype -> sustained FLOP/s on transformer blocks."""
+    layer_times: dict[str, tuple[LayerTiming, ...]] = field(default_factory=dict)
+    """device name -> measured block timings (scaled linearly in tokens to other shapes)."""
+    links: tuple[LinkMeasure, ...] = ()
+    source: str = ""
+    emulated: bool = False
+    """True when measured on emulated devices (figures then describe the emulation)."""
+
+    def sustained_flops(self, device: str, dtype: str) -> float | None:
+        return self.flops.get(device, {}).get(dtype)
+
+    def layer_time(self, device: str, tokens: int) -> tuple[float, float] | None:
+        """(fwd_s, bwd_s) of one block for `tokens` tokens, from the closest measured shape."""
+        ts = self.layer_times.get(device)
+        if not ts:
+            return None
+        best = min(ts, key=lambda t: abs(t.micro_batch_size * t.seq_len - tokens))
+        scale = tokens / (best.micro_batch_size * best.seq_len)
+        return best.fwd_s * scale, best.bwd_s * scale
+
+    def link(self, node_a: str, node_b: str) -> LinkMeasure | None:
+        for ln in self.links:
+            if {ln.a, ln.b} == {node_a, node_b}:
+                return ln
+        return None
+
+    # ------------------------------------------------------------------ JSON
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "<profile>") -> Profile:
+        try:
+            return cls(
+                flops={k: {dt: float(v) for dt, v in per.items()} for k, per in d.get("flops", {}).items()},
+                layer_times={k: tuple(LayerTiming(**t) for t in ts) for k, ts in d.get("layer_times", {}).items()},
+                links=tuple(LinkMeasure(**ln) for ln in d.get("links", ())),
+                source=d.get("source", source), emulated=bool(d.get("emulated", False)),
+            )
+        except (TypeError, AttributeError) as e:
+            raise ChipfuseError(f"{source}: malformed profile ({e}). Fix: write it with `chipfuse profile --json`") from None
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        p = Path(path)
+        try:
+            raw = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise ChipfuseError(f"{p}: no such profile. Fix: measure one with `chipfuse profile --json {p}`") from None
+        except json.JSONDecodeError as e:
+            raise ChipfuseError(f"{p}: not valid JSON ({e}). Fix: correct the syntax there") from None
+        return cls.from_dict(raw, source=str(p))
