@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
-from _islands_spawn import run_ranks
 
+from chipfuse.cluster.pool import pool_from_dict
 from chipfuse.data import get_batch
 from chipfuse.errors import PlanError
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import ModelSpec
+from chipfuse.plan.plan import SyncPlan, data_parallel_plan
 from chipfuse.runtime.diloco import DiLoCo, island_weights, make_island_groups, sync_gradients
+from chipfuse.runtime.grad_sync import build_gradient_sync
+from tests.distributed import run_ranks
 
 SPEC = ModelSpec(name="t", num_layers=2, dim=64, num_heads=4, vocab_size=256, seq_len=32)
 ISLANDS = ((0, 1), (2,))
@@ -73,9 +78,29 @@ def _outer_by_hand(rank: int, compression: str) -> list[list[float]]:
     return out
 
 
+TWO_SITES = {
+    "node": [{"name": "A", "device": [{"name": "a", "chip": "cpu", "count": 2, "emulate": {"speed": 0.5}}]},
+             {"name": "B", "device": [{"name": "b", "chip": "cpu", "emulate": {"speed": 0.25}}]}],
+    "link": [{"nodes": ["A", "B"], "bandwidth_gbit_s": 0.1, "latency_ms": 20}],
+}
+
+
+def _chosen_sync(rank: int) -> dict:
+    """What the trainer's hook builds for a two-site emulated pool, with and without islands."""
+    pool = pool_from_dict(TWO_SITES)
+    plan = data_parallel_plan(SPEC, {"a0": 3, "a1": 2, "b": 1}, seq_len=SEQ, micro_batch_size=4)
+    params = list(build_model(SPEC).parameters())
+    names = ["a0", "a1", "b"]
+    sync = build_gradient_sync(plan, pool, params, rank=rank, rank_devices=names)
+    islands = build_gradient_sync(replace(plan, sync=SyncPlan(islands=(("a0", "a1"), ("b",)), outer_every=4)),
+                                  pool, params, rank=rank, rank_devices=names)
+    return {"sync": (type(sync).__name__, sync.link is not None), "islands": islands.describe()}
+
+
 def _worker(rank: int, world: int) -> dict:
     return {"diloco": _train(rank, "diloco"), "sync": _train(rank, "sync"),
-            "hand": _outer_by_hand(rank, "none"), "hand_bf16": _outer_by_hand(rank, "bf16")}
+            "hand": _outer_by_hand(rank, "none"), "hand_bf16": _outer_by_hand(rank, "bf16"),
+            "chosen": _chosen_sync(rank)}
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +139,18 @@ def test_outer_nesterov_step_matches_hand_computation(results):
         torch.testing.assert_close(torch.tensor(r["hand"]), want, rtol=1e-6, atol=1e-6)
         # bf16 keeps 8 bits of mantissa: the pseudo-gradient arrives within 2^-8 relative.
         torch.testing.assert_close(torch.tensor(r["hand_bf16"]), want, rtol=1e-2, atol=1e-2)
+
+
+def test_trainer_hook_follows_plan_and_pool(results):
+    for rank, r in enumerate(results):
+        # Synchronous plan on an emulated pool spanning two sites: reduced per site, and only the
+        # site leaders (ranks 0 and 2) hold the emulated 100 Mbit/s link.
+        assert r["chosen"]["sync"] == ("HierarchicalSync", rank in (0, 2))
+        d = r["chosen"]["islands"]
+        assert d["mode"] == "islands" and d["outer_every"] == 4 and d["groups"] == [[0, 1], [2]]
+        assert ("link" in d) == (rank in (0, 2))
+        if "link" in d:
+            assert d["link"]["bandwidth_bytes_s"] == 0.1e9 / 8 and d["link"]["latency_s"] == 0.02
 
 
 def test_island_weights_follow_tokens():

@@ -7,7 +7,8 @@ import pytest
 from chipfuse.cluster.pool import pool_from_dict
 from chipfuse.errors import PlanError
 from chipfuse.model.spec import SPEC_PRESETS
-from chipfuse.plan.islands import island_layout, propose_sync, ring_allreduce_s, sync_comm_s
+from chipfuse.plan.hardware import ring_allreduce_s
+from chipfuse.plan.islands import island_layout, propose_sync, sync_comm_s
 from chipfuse.plan.plan import SyncPlan, data_parallel_plan
 
 GRAD_BYTES = 3.5e6
@@ -43,7 +44,7 @@ def test_slow_link_splits_into_islands_with_smallest_h():
         sync_comm_s(pool, _devices(pool), GRAD_BYTES))
     assert adv.sync_comm_s > GRAD_BYTES / (0.1e9 / 8)
     # H is the smallest that brings the amortised bf16 cross-island all-reduce within 10% of compute.
-    outer_s = ring_allreduce_s(GRAD_BYTES / 2, 2, bandwidth_bytes_s=0.1e9 / 8, latency_s=0.02)
+    outer_s = ring_allreduce_s(GRAD_BYTES / 2, 2, 0.1e9 / 8, 0.02)
     inner_s = adv.island_comm_s - outer_s / adv.sync.outer_every
     h = adv.sync.outer_every
     assert inner_s + outer_s / h <= 0.1 * COMPUTE_S < inner_s + outer_s / (h - 1)
@@ -65,9 +66,9 @@ def test_h_is_capped():
 
 def test_island_layout_from_plan():
     plan = data_parallel_plan(SPEC_PRESETS["tiny"], {"x": 4, "y": 4, "z": 2}, seq_len=32, micro_batch_size=4)
-    assert island_layout(plan) == (((0, 1, 2),), [10])
+    assert island_layout(plan) == ((("x", "y", "z"),), [10])
     two = plan.__class__(**{**plan.__dict__, "sync": SyncPlan(islands=(("z",), ("x", "y")), outer_every=8)})
-    assert island_layout(two) == (((2,), (0, 1)), [2, 8])
+    assert island_layout(two) == ((("z",), ("x", "y")), [2, 8])
     bad = plan.__class__(**{**plan.__dict__, "sync": SyncPlan(islands=(("x",), ("y",)))})
     with pytest.raises(PlanError, match="every device"):
         island_layout(bad)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _islands_spawn import run_ranks
 
-from chipfuse.plan.islands import ring_allreduce_s, ring_allreduce_wire_bytes
+from chipfuse.plan.hardware import ring_allreduce_s
+from chipfuse.plan.islands import ring_allreduce_wire_bytes
 from chipfuse.runtime.links import EmulatedLink
+from tests.distributed import run_ranks
 
 MBIT_S = 1e6 / 8  # bytes/s per Mbit/s
 BANDWIDTH = 100 * MBIT_S
@@ -19,8 +20,8 @@ def test_ring_model():
     assert ring_allreduce_wire_bytes(1000, 1) == 0
     assert ring_allreduce_wire_bytes(1000, 2) == 1000
     assert ring_allreduce_wire_bytes(900, 3) == 1200
-    assert ring_allreduce_s(1e6, 2, bandwidth_bytes_s=1e6, latency_s=0.01) == pytest.approx(1.02)
-    assert ring_allreduce_s(1e6, 1, bandwidth_bytes_s=1e6, latency_s=0.01) == 0
+    assert ring_allreduce_s(1e6, 2, 1e6, 0.01) == pytest.approx(1.02)
+    assert ring_allreduce_s(1e6, 1, 1e6, 0.01) == 0
 
 
 def _worker(rank: int, world: int) -> dict:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 from rich.console import Console
 
 from chipfuse.cluster.catalog import GiB
 from chipfuse.cluster.pool import Pool, load_pool
 from chipfuse.model.spec import resolve_model
+from chipfuse.plan.islands import advise_sync
 from chipfuse.plan.plan import DTYPES, OPTIMIZER_DTYPES, SCHEDULES, Plan
 from chipfuse.plan.profile import Profile
 from chipfuse.plan.search import SearchResult, search
@@ -40,10 +42,18 @@ def cmd_plan(args: argparse.Namespace) -> int:
     profile = Profile.load(args.profile) if args.profile else None
     res = search(pool, model, global_batch=args.global_batch, seq_len=args.seq_len, time_budget_s=args.time_budget,
                  profile=profile, dtype=args.dtype, optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
+    # Slow links (docs/slow_links.md): DiLoCo islands and H when a link is too slow for sync training.
+    advice = advise_sync(res.plan, pool, compute_s=res.prediction.breakdown["pipeline_s"])
+    if advice.sync.islands:
+        res = replace(res, plan=replace(res.plan, sync=advice.sync))
     wide.print(plan_table(res.plan, pool, res))
     wide.print(strategy_table(res))
     out = res.to_dict()
     out["emulated"] = pool.emulated
+    out["sync_advice"] = advice.to_dict()
+    if advice.sync.islands:
+        console.print(f"slow link: {advice.reason}; predicted {advice.predicted_speedup:.2f}x over synchronous "
+                      "(the step predictions above are for synchronous training)")
     out["predicted_from"] = "profile " + args.profile if args.profile else "catalog peak x default efficiency"
     if args.timeline:
         from chipfuse.report.timeline import save_timeline

@@ -6,8 +6,8 @@ in, a SyncPlan and the predictions behind it out. No torch.distributed.
 The rule:
 1. Synchronous data parallel reduces hierarchically: inside each node over its own link, then
    among nodes in a ring bounded by the slowest link between them (2(k-1)/k x bytes and 2(k-1)
-   latencies, runtime.links' model). If that costs at most `max_comm_fraction` of compute, keep
-   synchronous training (islands=()).
+   latencies: plan.hardware.ring_allreduce_s, shared with the cost model and runtime.links).
+   If that costs at most `max_comm_fraction` of compute, keep synchronous training (islands=()).
 2. Otherwise islands are the connected components of nodes joined by links fast enough for
    synchronous training on their own (a 2-member all-reduce within the budget).
 3. H is the smallest number of inner steps for which the islands' own per-step sync plus the
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from chipfuse.cluster.pool import Link, Pool
 from chipfuse.errors import PlanError
+from chipfuse.plan.hardware import ring_allreduce_s
 from chipfuse.plan.plan import Plan, SyncPlan
 
 
@@ -34,12 +35,6 @@ def ring_allreduce_wire_bytes(payload_bytes: float, members: int) -> float:
 def ring_allreduce_rounds(members: int) -> int:
     """Dependent message steps of a ring all-reduce: each pays the link latency once."""
     return 2 * (members - 1) if members > 1 else 0
-
-
-def ring_allreduce_s(payload_bytes: float, members: int, *, bandwidth_bytes_s: float, latency_s: float) -> float:
-    """Predicted seconds of a ring all-reduce among `members` over a link (one direction's bandwidth)."""
-    return (ring_allreduce_rounds(members) * latency_s
-            + ring_allreduce_wire_bytes(payload_bytes, members) / bandwidth_bytes_s)
 
 
 COMPRESSED_BYTES_FACTOR = {"none": 1.0, "bf16": 0.5, "fp16": 0.5}
@@ -93,12 +88,11 @@ def _hierarchical_s(pool: Pool, nodes: Sequence[str], devices: Sequence[str], pa
     for n in nodes:
         k = sum(1 for d in devices if pool.device(d).node == n)
         ln = pool.link(n, n)
-        intra = max(intra, ring_allreduce_s(payload_bytes, k, bandwidth_bytes_s=ln.bandwidth, latency_s=ln.latency_s))
+        intra = max(intra, ring_allreduce_s(payload_bytes, k, ln.bandwidth, ln.latency_s))
     if len(nodes) < 2:
         return intra
     ln = slowest_link(pool, nodes, nodes)
-    return intra + ring_allreduce_s(payload_bytes, len(nodes), bandwidth_bytes_s=ln.bandwidth,
-                                    latency_s=ln.latency_s)
+    return intra + ring_allreduce_s(payload_bytes, len(nodes), ln.bandwidth, ln.latency_s)
 
 
 def sync_comm_s(pool: Pool, devices: Sequence[str], grad_bytes: float) -> float:
@@ -128,7 +122,7 @@ def propose_sync(pool: Pool, devices: Sequence[str], *, grad_bytes: float, compu
     for i, a in enumerate(nodes):
         for b in nodes[i + 1:]:
             ln = pool.link(a, b)
-            if ring_allreduce_s(grad_bytes, 2, bandwidth_bytes_s=ln.bandwidth, latency_s=ln.latency_s) <= budget_s:
+            if ring_allreduce_s(grad_bytes, 2, ln.bandwidth, ln.latency_s) <= budget_s:
                 parent[root(b)] = root(a)
     comps: dict[str, list[str]] = {}
     for n in nodes:
@@ -142,8 +136,8 @@ def propose_sync(pool: Pool, devices: Sequence[str], *, grad_bytes: float, compu
     inner_s = max(_hierarchical_s(pool, g, isl, grad_bytes) for g, isl in zip(node_groups, islands, strict=True))
     cross = min((slowest_link(pool, a, b) for i, a in enumerate(node_groups) for b in node_groups[i + 1:]),
                 key=lambda ln: (ln.bandwidth, -ln.latency_s))
-    outer_s = ring_allreduce_s(grad_bytes * COMPRESSED_BYTES_FACTOR[compression], len(islands),
-                               bandwidth_bytes_s=cross.bandwidth, latency_s=cross.latency_s)
+    outer_s = ring_allreduce_s(grad_bytes * COMPRESSED_BYTES_FACTOR[compression], len(islands), cross.bandwidth,
+                               cross.latency_s)
     room_s = budget_s - inner_s
     h = max_outer_every if room_s <= 0 else min(max_outer_every, max(1, math.ceil(outer_s / room_s)))
     sync = SyncPlan(islands=islands, outer_every=h, outer_lr=outer_lr, outer_momentum=outer_momentum,
@@ -154,18 +148,36 @@ def propose_sync(pool: Pool, devices: Sequence[str], *, grad_bytes: float, compu
                       f"H={h} spreads a {outer_s * 1e3:.0f} ms cross-island all-reduce")
 
 
-def island_layout(plan: Plan) -> tuple[tuple[tuple[int, ...], ...], list[int]]:
-    """Ranks of each island (rank = position in plan.devices) and each island's samples per step.
-
-    A plan with no islands is one island of every rank. Pure data-parallel plans only: a replica's
-    share is counted on its first device."""
+def island_layout(plan: Plan) -> tuple[tuple[tuple[str, ...], ...], list[int]]:
+    """The plan's islands (device names; no islands = one island of every device) and each
+    island's samples per step. Pure data-parallel plans: a replica's share counts on its first device."""
     devices = list(plan.devices)
     islands = plan.sync.islands or (tuple(devices),)
-    share = {r.devices[0]: r.batch_share for r in plan.replicas}
     named = [d for isl in islands for d in isl]
     if sorted(named) != sorted(devices):
         raise PlanError(f"sync.islands name {sorted(named)}, the plan's devices are {sorted(devices)}. "
                         "Fix: put every device of the plan in exactly one island")
-    ranks = tuple(tuple(devices.index(d) for d in isl) for isl in islands)
-    samples = [sum(share.get(d, 0) for d in isl) for isl in islands]
-    return ranks, samples
+    share = {r.devices[0]: r.batch_share for r in plan.replicas}
+    return tuple(tuple(i) for i in islands), [sum(share.get(d, 0) for d in isl) for isl in islands]
+
+
+def advise_sync(plan: Plan, pool: Pool, *, compute_s: float, max_comm_fraction: float = 0.1) -> SyncAdvice:
+    """propose_sync for a searched plan: its devices, its model's gradient bytes, its compute time.
+
+    Islands must hold whole replicas (a pipeline cannot be cut by DiLoCo): when a replica spans
+    two proposed islands, the plan stays synchronous and the reason says so."""
+    from chipfuse.model.costs import DTYPE_BYTES, model_costs
+
+    # Gradients travel in the compute dtype, as the cost model assumes for synchronous plans.
+    grad_bytes = model_costs(plan.model, plan.seq_len).total_params * DTYPE_BYTES[plan.dtype]
+    adv = propose_sync(pool, plan.devices, grad_bytes=grad_bytes, compute_s=compute_s,
+                       max_comm_fraction=max_comm_fraction)
+    if adv.sync.islands:
+        where = {d: i for i, isl in enumerate(adv.sync.islands) for d in isl}
+        for r in plan.replicas:
+            if len({where[d] for d in r.devices}) > 1:
+                return SyncAdvice(sync=SyncPlan(), compute_s=compute_s, sync_comm_s=adv.sync_comm_s,
+                                  island_comm_s=adv.sync_comm_s, cross_link=None,
+                                  reason=f"synchronous: replica {r.devices} spans a slow link, islands need "
+                                  "whole replicas")
+    return adv

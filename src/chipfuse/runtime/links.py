@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from chipfuse.plan.islands import ring_allreduce_rounds, ring_allreduce_s, ring_allreduce_wire_bytes
+from chipfuse.plan.hardware import ring_allreduce_s
+from chipfuse.plan.islands import ring_allreduce_rounds, ring_allreduce_wire_bytes
 
 
 @dataclass(kw_only=True)
@@ -78,8 +79,7 @@ class EmulatedLink:
         return dist.get_world_size(self.group)
 
     def predict_s(self, payload_bytes: float) -> float:
-        return ring_allreduce_s(payload_bytes, self.members, bandwidth_bytes_s=self.bandwidth_bytes_s,
-                                latency_s=self.latency_s)
+        return ring_allreduce_s(payload_bytes, self.members, self.bandwidth_bytes_s, self.latency_s)
 
     def all_reduce(self, tensor: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> None:
         """All-reduce in place across the link, taking (at least) the emulated link's time."""

@@ -16,8 +16,9 @@ from chipfuse.model.gpt import build_model
 from chipfuse.plan.plan import Plan, Replica
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.runtime import dist as cfdist
-from chipfuse.runtime.data_parallel import DataParallelWorker, all_reduce_gradients
+from chipfuse.runtime.data_parallel import DataParallelWorker
 from chipfuse.runtime.emulate import MemoryMeter, Pacer, model_state_tensors, solo_time
+from chipfuse.runtime.grad_sync import build_gradient_sync
 from chipfuse.runtime.metrics import StepLog, gather_row
 from chipfuse.runtime.optim import build_optimizer
 
@@ -162,6 +163,8 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             start += shares[d]
 
     optimizer = build_optimizer(params, plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # plan.sync: one all-reduce per step, or islands with DiLoCo between them (docs/slow_links.md)
+    grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank)
     log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     progress = _Progress(enabled=info.is_main and cfg.progress, steps=cfg.steps, devices=list(plan.devices))
@@ -171,15 +174,19 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         optimizer.zero_grad(set_to_none=True)
         res = worker.compute(step)
         t_comm = time.perf_counter()
-        all_reduce_gradients(params)
+        grad_sync.reduce()
         comm_s = time.perf_counter() - t_comm
         optimizer.step()
+        t_outer = time.perf_counter()
+        grad_sync.after_step()
+        comm_s += time.perf_counter() - t_outer
         if meter is not None:
             meter.set_static(model_state_tensors(model, optimizer), what="parameters, gradients and optimizer state")
         row = gather_row({"loss_sum": res.loss_sum, "samples": res.samples, "compute_s": res.compute_s,
                           "padded_s": res.padded_s, "comm_s": comm_s, "step_s": time.perf_counter() - t_step})
         if info.is_main:
             progress.update(log.add(step, row))
+    grad_sync.finish()
     progress.close()
 
     if not info.is_main:
@@ -213,6 +220,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             for d in plan.devices
         },
         "metrics_path": cfg.metrics_path,
+        "sync": grad_sync.describe(),
     }
 
 
