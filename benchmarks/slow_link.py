@@ -3,11 +3,12 @@
     PYTHONPATH=src python benchmarks/slow_link.py [--json PATH] [--steps N] [--outer-every H]
 
 Emulated: three CPU worker processes (one thread each) on gloo over 127.0.0.1. Island A is two
-devices of relative speed 0.4 on one site, island B one device of speed 0.2 on another; every
+devices of relative speed 0.6 on one site, island B one device of speed 0.3 on another; every
 step is padded to 1.1 x solo time / speed (runtime.emulate.Pacer). The sites are joined by an
 emulated 100 Mbit/s, 20 ms link (runtime.links): only traffic between the island leaders crosses
-it and is padded to the link's time. The batch is split by speed (4, 4, 2 samples of 32 tokens), the island
-rule, so every mode consumes the same tokens in the same order.
+it and is padded to the link's time. The batch is split by speed (4, 4, 2 samples of 64 tokens),
+the island rule, so every mode consumes the same tokens in the same order. The speeds sum to 1.5
+workers, under the ~1.6 cores at which pacing stays faithful on 2 cores (torch-on-cpu.md).
 
 Three runs, one after another in the same processes:
 - sync_fast: synchronous data parallel, unpadded link (the loss reference);
@@ -43,13 +44,13 @@ from chipfuse.runtime.diloco import DiLoCo, make_island_groups, sync_gradients
 from chipfuse.runtime.emulate import Pacer, solo_time
 from chipfuse.runtime.links import EmulatedLink
 
-SPEEDS = (0.4, 0.4, 0.2)
+SPEEDS = (0.6, 0.6, 0.3)
 SHARES = (4, 4, 2)  # samples per step, proportional to speed
 POOL = {
     "name": "two-sites",
     "node": [
-        {"name": "siteA", "device": [{"name": "a", "chip": "cpu", "count": 2, "emulate": {"speed": 0.4}}]},
-        {"name": "siteB", "device": [{"name": "b", "chip": "cpu", "emulate": {"speed": 0.2}}]},
+        {"name": "siteA", "device": [{"name": "a", "chip": "cpu", "count": 2, "emulate": {"speed": 0.6}}]},
+        {"name": "siteB", "device": [{"name": "b", "chip": "cpu", "emulate": {"speed": 0.3}}]},
     ],
     "link": [{"nodes": ["siteA", "siteB"], "bandwidth_gbit_s": 0.1, "latency_ms": 20}],
 }
@@ -92,10 +93,10 @@ def _run_mode(rank: int, mode: str, cfg: BenchConfig) -> dict:
     model = build_model(cfg.spec, seed=0)
     params = list(model.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
-    island_samples = [sum(SHARES[r] for r in isl) for isl in cfg.islands]
     diloco = None
     if mode == "islands":
-        diloco = DiLoCo(params, groups=groups, island_samples=island_samples, inner_steps=cfg.outer_every,
+        diloco = DiLoCo(params, groups=groups, global_samples=sum(SHARES), share_fn=lambda: SHARES[rank],
+                        inner_steps=cfg.outer_every,
                         outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum, compression=cfg.compression,
                         link=link)
     pacer = Pacer(speed=SPEEDS[rank], unit_s=cfg.unit_s[rank])
@@ -112,7 +113,7 @@ def _run_mode(rank: int, mode: str, cfg: BenchConfig) -> dict:
         if diloco is not None:
             diloco.sync_inner_grads()
         else:
-            sync_gradients(params, groups, link, across_islands=True)
+            sync_gradients(params, groups, link)
         opt.step()
         opt.zero_grad(set_to_none=True)
         if diloco is not None:
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--model", default="small", choices=sorted(SPEC_PRESETS))
-    ap.add_argument("--seq-len", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--outer-every", type=int, default=0, help="H; 0: the planner's proposal")
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outer-momentum", type=float, default=0.5,
                     help="0.9 (the DiLoCo paper's, for hundreds of outer steps) overshoots in a 16-round run")
     ap.add_argument("--compression", default="bf16", choices=("none", "bf16", "fp16"))
-    ap.add_argument("--max-comm-fraction", type=float, default=0.2,
+    ap.add_argument("--max-comm-fraction", type=float, default=0.1,
                     help="the planner picks the smallest H that keeps communication under this share of compute")
     args = ap.parse_args(argv)
 

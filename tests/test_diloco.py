@@ -13,15 +13,17 @@ from chipfuse.errors import PlanError
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.plan import SyncPlan, data_parallel_plan
-from chipfuse.runtime.diloco import DiLoCo, island_weights, make_island_groups, sync_gradients
+from chipfuse.runtime.diloco import DiLoCo, make_island_groups, sync_gradients
 from chipfuse.runtime.grad_sync import build_gradient_sync
 from tests.distributed import run_ranks
 
 SPEC = ModelSpec(name="t", num_layers=2, dim=64, num_heads=4, vocab_size=256, seq_len=32)
 ISLANDS = ((0, 1), (2,))
-SHARES = (3, 2, 1)  # samples per step of ranks 0, 1, 2: islands of 5 and 1 samples
+# Samples of ranks 0, 1, 2 at each step: islands of 5+1, then 2+4 (a rebalance), then 3+3. The
+# global batch stays 6, as the trainer's rebalancer keeps it.
+SHARES = ((3, 2, 1), (1, 1, 4), (2, 1, 3))
 SEQ, STEPS, LR = 32, 3, 0.1
-GLOBAL = sum(SHARES)
+GLOBAL = sum(SHARES[0])
 
 
 def _reference() -> list[torch.Tensor]:
@@ -40,20 +42,20 @@ def _train(rank: int, mode: str) -> list[torch.Tensor]:
     groups = make_island_groups(ISLANDS, rank=rank, world_size=3)
     model = build_model(SPEC, seed=1)
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    island_samples = [sum(SHARES[r] for r in isl) for isl in ISLANDS]
     # Outer lr 1 and no momentum: the outer step then sets the global parameters to the
     # token-weighted mean of the islands' parameters, which after one SGD step is the sync step.
-    diloco = DiLoCo(model.parameters(), groups=groups, island_samples=island_samples, inner_steps=1,
-                    outer_lr=1.0, outer_momentum=0.0)
-    start = sum(SHARES[:rank])
+    step = 0
+    diloco = DiLoCo(model.parameters(), groups=groups, global_samples=GLOBAL,
+                    share_fn=lambda: SHARES[step][rank], inner_steps=1, outer_lr=1.0, outer_momentum=0.0)
     for step in range(STEPS):
-        x, y = get_batch(step, GLOBAL, SEQ, start=start, count=SHARES[rank])
+        start = sum(SHARES[step][:rank])
+        x, y = get_batch(step, GLOBAL, SEQ, start=start, count=SHARES[step][rank])
         # chipfuse's convention in every mode: summed token loss over the GLOBAL token count.
         (loss_sum(model(x), y) / (GLOBAL * SEQ)).backward()
         if mode == "diloco":
             diloco.sync_inner_grads()
         else:
-            sync_gradients(list(model.parameters()), groups, across_islands=True)
+            sync_gradients(list(model.parameters()), groups)
         opt.step()
         opt.zero_grad()
         if mode == "diloco":
@@ -65,15 +67,16 @@ def _outer_by_hand(rank: int, compression: str) -> list[list[float]]:
     """Two outer rounds on a 2-element parameter with chosen island parameters."""
     groups = make_island_groups(ISLANDS, rank=rank, world_size=3)
     p = torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    # Islands of 3 and 1 samples per step: weights 0.75 and 0.25.
-    diloco = DiLoCo([p], groups=groups, island_samples=(3, 1), inner_steps=2, outer_lr=0.7,
-                    outer_momentum=0.9, compression=compression)
+    # Islands of 2+1 and 1 samples per step: weights 0.75 and 0.25.
+    diloco = DiLoCo([p], groups=groups, global_samples=4, share_fn=lambda: (2, 1, 1)[rank], inner_steps=2,
+                    outer_lr=0.7, outer_momentum=0.9, compression=compression)
     out = []
     for rnd in range(2):
         with torch.no_grad():  # stand-in for the inner steps: move the island to a chosen point
             p.add_(torch.tensor(((-0.5, 0.5), (1.0, -1.0))[groups.index]) * (rnd + 1))
-        assert not diloco.after_inner_step()
-        assert diloco.after_inner_step()
+        for last in (False, True):
+            diloco.sync_inner_grads()  # zero gradients here; it counts the island's samples
+            assert diloco.after_inner_step() == last
         out.append(p.detach().tolist())
     return out
 
@@ -91,9 +94,9 @@ def _chosen_sync(rank: int) -> dict:
     plan = data_parallel_plan(SPEC, {"a0": 3, "a1": 2, "b": 1}, seq_len=SEQ, micro_batch_size=4)
     params = list(build_model(SPEC).parameters())
     names = ["a0", "a1", "b"]
-    sync = build_gradient_sync(plan, pool, params, rank=rank, rank_devices=names)
+    sync = build_gradient_sync(plan, pool, params, rank=rank, rank_devices=names, share_fn=lambda: 1)
     islands = build_gradient_sync(replace(plan, sync=SyncPlan(islands=(("a0", "a1"), ("b",)), outer_every=4)),
-                                  pool, params, rank=rank, rank_devices=names)
+                                  pool, params, rank=rank, rank_devices=names, share_fn=lambda: 1)
     return {"sync": (type(sync).__name__, sync.link is not None), "islands": islands.describe()}
 
 
@@ -153,14 +156,9 @@ def test_trainer_hook_follows_plan_and_pool(results):
             assert d["link"]["bandwidth_bytes_s"] == 0.1e9 / 8 and d["link"]["latency_s"] == 0.02
 
 
-def test_island_weights_follow_tokens():
-    assert island_weights([5, 1]) == [5 / 6, 1 / 6]
-    assert island_weights([4, 1], inner_steps=[1, 4]) == [0.5, 0.5]
-
-
 def test_bad_settings_are_refused():
     with pytest.raises(PlanError, match="compression"):
-        DiLoCo([torch.nn.Parameter(torch.zeros(1))], groups=None, island_samples=[1],  # type: ignore[arg-type]
-               inner_steps=1, compression="int3")
+        DiLoCo([torch.nn.Parameter(torch.zeros(1))], groups=None, global_samples=1,  # type: ignore[arg-type]
+               share_fn=lambda: 1, inner_steps=1, compression="int3")
     with pytest.raises(PlanError, match="islands"):
         make_island_groups([[0], [0]], rank=0, world_size=2)

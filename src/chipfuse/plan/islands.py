@@ -151,17 +151,15 @@ def propose_sync(pool: Pool, devices: Sequence[str], *, grad_bytes: float, compu
                       f"H={h} spreads a {outer_s * 1e3:.0f} ms cross-island all-reduce")
 
 
-def island_layout(plan: Plan) -> tuple[tuple[tuple[str, ...], ...], list[int]]:
-    """The plan's islands (device names; no islands = one island of every device) and each
-    island's samples per step. Pure data-parallel plans: a replica's share counts on its first device."""
+def island_layout(plan: Plan) -> tuple[tuple[str, ...], ...]:
+    """The plan's islands as device names (no islands: one island of every device), checked."""
     devices = list(plan.devices)
     islands = plan.sync.islands or (tuple(devices),)
     named = [d for isl in islands for d in isl]
     if sorted(named) != sorted(devices):
         raise PlanError(f"sync.islands name {sorted(named)}, the plan's devices are {sorted(devices)}. "
                         "Fix: put every device of the plan in exactly one island")
-    share = {r.devices[0]: r.batch_share for r in plan.replicas}
-    return tuple(tuple(i) for i in islands), [sum(share.get(d, 0) for d in isl) for isl in islands]
+    return tuple(tuple(i) for i in islands)
 
 
 def advise_sync(plan: Plan, pool: Pool, *, compute_s: float, max_comm_fraction: float = 0.1) -> SyncAdvice:

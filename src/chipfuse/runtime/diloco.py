@@ -1,7 +1,7 @@
 """Islands: synchronous training inside groups of well-connected devices, DiLoCo between them.
 
-Inside an island every inner step all-reduces gradients (SUM: each rank's summed token loss is
-divided by the island's token count, so the sum is the island's mean gradient). Across islands,
+Inside an island every inner step all-reduces gradients (SUM, rescaled to the island's mean
+gradient: see DiLoCo.sync_inner_grads). Across islands,
 over a slow link, only every H inner steps: each island's pseudo-gradient (parameters at the last
 outer step minus its parameters now) is averaged, weighted by the island's share of the round's
 tokens, and an outer SGD step with Nesterov momentum (torch.optim.SGD, nesterov=True, on a copy of
@@ -9,10 +9,10 @@ the global parameters) gives the new global parameters every island starts from 
 Douillard et al. 2023). The cross-island payload may travel as bf16 or fp16.
 
 Unequal islands (the island rule): an island's batch share is proportional to its speed (the sum
-of its devices' shares in the plan), with one H for all, so every island ends a round at about the
-same wall time and every inner step consumes exactly the global batch that synchronous training
-would. An island may also be given its own inner step count (`inner_steps`), e.g. when memory caps
-its share; the weights then follow tokens processed, share x inner steps.
+of its devices' shares in the plan, which the planner sets by speed and the trainer's rebalancer
+keeps by measured speed), with one H for all. Every island then ends a round at about the same
+wall time, and every inner step consumes exactly the global batch that synchronous training
+would. The outer weights follow the samples each island really processed in the round.
 
 Written by hand: torchft's DiLoCo needs its fault-tolerance Manager (a lighthouse server and a
 quorum) and is not a dependency; DDP comm hooks act on gradients each step, not on parameters
@@ -21,7 +21,7 @@ every H steps (see docs/slow_links.md).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -75,14 +75,6 @@ def make_island_groups(islands: Sequence[Sequence[int]], *, rank: int, world_siz
                         leaders=leaders if rank == isl[index][0] else None)
 
 
-def island_weights(shares: Sequence[float], inner_steps: Sequence[int] | None = None) -> list[float]:
-    """Each island's weight in the outer average: its fraction of the tokens of one outer round."""
-    steps = inner_steps or [1] * len(shares)
-    tokens = [s * h for s, h in zip(shares, steps, strict=True)]
-    total = sum(tokens)
-    return [t / total for t in tokens]
-
-
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
@@ -121,20 +113,21 @@ def reduce_across_islands(flat: torch.Tensor, groups: IslandGroups, link: Emulat
         dist.broadcast(flat, src=groups.leader, group=groups.group)
 
 
-def sync_gradients(params: Sequence[torch.Tensor], groups: IslandGroups, link: EmulatedLink | None = None,
-                   *, across_islands: bool, scale: float = 1.0) -> None:
-    """All-reduce (SUM) the gradients of `params`: in the island, and over the link when
-    `across_islands` (that is synchronous data parallel over the slow link, done hierarchically)."""
+def grads_or_zeros(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Every parameter's gradient; a rank with no share this step takes part with zeros."""
     for p in params:
-        if p.grad is None:  # a rank with no share this step still takes part in the reduction
+        if p.grad is None:
             p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+    return [p.grad for p in params if p.grad is not None]
+
+
+def sync_gradients(params: Sequence[torch.Tensor], groups: IslandGroups, link: EmulatedLink | None = None) -> None:
+    """Synchronous data parallel over islands: SUM of the gradients in each island, then over the
+    link among the leaders, then back inside each island (hierarchical all-reduce)."""
+    grads = grads_or_zeros(params)
     flat = flatten(grads)
     reduce_in_island(flat, groups)
-    if across_islands:
-        reduce_across_islands(flat, groups, link)
-    if scale != 1.0:
-        flat.mul_(scale)
+    reduce_across_islands(flat, groups, link)
     unflatten_into(flat, grads)
 
 
@@ -142,23 +135,21 @@ class DiLoCo:
     """The outer loop: call `sync_inner_grads()` after each backward and `after_inner_step()` after
     each inner optimizer step; every `inner_steps` calls it runs the outer step."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], *, groups: IslandGroups,
-                 island_samples: Sequence[int], inner_steps: int | Sequence[int], outer_lr: float = 0.7,
-                 outer_momentum: float = 0.9, compression: str = "none", link: EmulatedLink | None = None):
-        """island_samples: samples per inner step of each island (the sum of its ranks' shares);
-        inner_steps: H, for every island or per island."""
-        steps = [inner_steps] * len(island_samples) if isinstance(inner_steps, int) else list(inner_steps)
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, groups: IslandGroups, global_samples: int,
+                 share_fn: Callable[[], int], inner_steps: int, outer_lr: float = 0.7,
+                 outer_momentum: float = 0.5, compression: str = "none", link: EmulatedLink | None = None):
+        """global_samples: samples per step over all islands (the plan's global batch);
+        share_fn: this rank's samples this step (read every step: shares may be rebalanced);
+        inner_steps: H, the same for every island."""
         if compression not in COMPRESSION_DTYPES:
             raise PlanError(f"sync.compression is {compression!r}. Fix: use one of {sorted(COMPRESSION_DTYPES)}")
-        if min(steps) < 1:
+        if inner_steps < 1:
             raise PlanError(f"sync.outer_every is {inner_steps}. Fix: use 1 or more inner steps per outer step")
         self.params = [p for p in params]
         self.groups = groups
-        self.inner_steps = steps[groups.index]
-        self.weight = island_weights(island_samples, steps)[groups.index]
-        # chipfuse divides each rank's summed loss by the GLOBAL token count; the SUM inside an
-        # island then gives (island share) x (island mean gradient): undo the share.
-        self.grad_scale = sum(island_samples) / island_samples[groups.index]
+        self.global_samples = global_samples
+        self.share_fn = share_fn
+        self.inner_steps = inner_steps
         self.compression = compression
         self.link = link
         # The global parameters live apart from the model: inner steps move the model, the outer
@@ -167,11 +158,23 @@ class DiLoCo:
         self.outer_opt = torch.optim.SGD(self.global_params, lr=outer_lr, momentum=outer_momentum,
                                          nesterov=outer_momentum > 0)
         self.steps_done = 0
+        self.round_samples = 0.0
         self.outer_steps = 0
 
     def sync_inner_grads(self) -> None:
-        """Island mean gradient on every rank of the island (no traffic on the slow link)."""
-        sync_gradients(self.params, self.groups, across_islands=False, scale=self.grad_scale)
+        """Island mean gradient on every rank of the island (no traffic on the slow link).
+
+        chipfuse divides each rank's summed loss by the GLOBAL token count, so the island SUM is
+        (island samples / global samples) x the island's mean gradient: that factor is undone here.
+        The island's sample count rides in the same all-reduce, so rebalanced shares are followed."""
+        grads = grads_or_zeros(self.params)
+        flat = torch.cat([flatten(grads), torch.tensor([float(self.share_fn())], dtype=grads[0].dtype)])
+        reduce_in_island(flat, self.groups)
+        island_samples = float(flat[-1])
+        if island_samples > 0:
+            flat.mul_(self.global_samples / island_samples)
+        unflatten_into(flat[:-1], grads)
+        self.round_samples += island_samples
 
     def after_inner_step(self) -> bool:
         """Count an inner step; run the outer step when the round is over. True if it ran."""
@@ -189,8 +192,10 @@ class DiLoCo:
 
     @torch.no_grad()
     def outer_step(self) -> None:
-        # Pseudo-gradient, pre-weighted so that the SUM across islands is the token-weighted mean.
-        delta = (flatten(self.global_params) - flatten(self.params)).mul_(self.weight)
+        # Pseudo-gradient weighted by the island's share of the round's tokens, so that the SUM
+        # across islands is the token-weighted mean (every island took steps_done inner steps).
+        weight = self.round_samples / (self.global_samples * self.steps_done) if self.steps_done else 0.0
+        delta = (flatten(self.global_params) - flatten(self.params)).mul_(weight)
         reduce_across_islands(delta, self.groups, self.link, self.compression)
         offset = 0
         for g in self.global_params:
@@ -201,4 +206,5 @@ class DiLoCo:
             p.copy_(g)
             g.grad = None
         self.steps_done = 0
+        self.round_samples = 0.0
         self.outer_steps += 1

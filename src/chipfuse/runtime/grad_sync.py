@@ -14,7 +14,7 @@ finish() after the last step.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -60,7 +60,7 @@ class HierarchicalSync(GradientSync):
         self.link = link
 
     def reduce(self) -> None:
-        sync_gradients(self.params, self.groups, self.link, across_islands=True)
+        sync_gradients(self.params, self.groups, self.link)
 
     def describe(self) -> dict:
         return {**super().describe(), "groups": [list(i) for i in self.groups.islands]}
@@ -103,21 +103,22 @@ def _link_between(pool: Pool, islands: Sequence[Sequence[str]], groups: IslandGr
 
 
 def build_gradient_sync(plan: Plan, pool: Pool, params: Sequence[torch.nn.Parameter], *, rank: int,
-                        rank_devices: Sequence[str]) -> GradientSync:
-    """rank_devices: the device name of every rank, in rank order. Every rank must call this at the
-    same point: it creates process groups."""
+                        rank_devices: Sequence[str], share_fn: Callable[[], int]) -> GradientSync:
+    """rank_devices: the device name of every rank, in rank order; share_fn: this rank's samples
+    in the current step. Every rank must call this at the same point: it creates process groups."""
     world_size = len(rank_devices)
 
     def ranks(groups: Sequence[Sequence[str]]) -> list[list[int]]:
         return [[list(rank_devices).index(d) for d in g] for g in groups]
 
     if plan.sync.islands:
-        islands, samples = island_layout(plan)
+        islands = island_layout(plan)
         groups = make_island_groups(ranks(islands), rank=rank, world_size=world_size)
         link = _link_between(pool, islands, groups)
         s = plan.sync
-        diloco = DiLoCo(params, groups=groups, island_samples=samples, inner_steps=s.outer_every,
-                        outer_lr=s.outer_lr, outer_momentum=s.outer_momentum, compression=s.compression, link=link)
+        diloco = DiLoCo(params, groups=groups, global_samples=plan.global_batch, share_fn=share_fn,
+                        inner_steps=s.outer_every, outer_lr=s.outer_lr, outer_momentum=s.outer_momentum,
+                        compression=s.compression, link=link)
         return IslandSync(params, groups, link, diloco)
     nodes: dict[str, list[str]] = {}
     for d in rank_devices:

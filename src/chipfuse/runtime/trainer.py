@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from chipfuse.cluster.pool import Device, Pool
+from chipfuse.errors import ChipfuseError
 from chipfuse.model.gpt import build_model
 from chipfuse.plan.plan import Plan, Replica
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.runtime import dist as cfdist
 from chipfuse.runtime.data_parallel import DataParallelWorker
 from chipfuse.runtime.emulate import MemoryMeter, Pacer, model_state_tensors, solo_time
+from chipfuse.runtime.endure import Endurance, EndureConfig
 from chipfuse.runtime.grad_sync import build_gradient_sync
 from chipfuse.runtime.metrics import StepLog, gather_row
 from chipfuse.runtime.optim import build_optimizer
@@ -40,6 +42,8 @@ class TrainConfig:
     progress: bool = True
     device: str | None = None
     """This worker's device name; None = the plan's device at this rank (single host)."""
+    endure: EndureConfig = field(default_factory=EndureConfig)
+    """Checkpoints, resume, NaN policy, clean stop, online rebalancing (runtime/endure.py)."""
 
 
 def _replica_of(plan: Plan, device: str) -> tuple[int, Replica]:
@@ -102,6 +106,10 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         raise ValueError(f"the plan uses {len(plan.devices)} devices but {info.world_size} workers started. "
                          f"Fix: launch with --nproc-per-node {len(plan.devices)} (or use `chipfuse train`)")
     by_rank = _rank_names(name, info)
+    if not plan.is_pure_data_parallel or plan.model.family != "gpt":
+        from chipfuse.runtime.pipeline_train import run_pipeline  # stages over devices, HF models
+
+        return run_pipeline(plan, pool, cfg, info, by_rank)
     device: Device = pool.device(name)
     idx, replica = _replica_of(plan, name)
     offsets = _offsets(plan)
@@ -163,31 +171,42 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             start += shares[d]
 
     optimizer = build_optimizer(params, plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    endure = Endurance(cfg.endure, plan=plan, rank_names=by_rank, name=name, worker=worker, shares=shares)
+    first_step = endure.resume(model, optimizer)
+    if first_step >= cfg.steps:
+        raise ChipfuseError(f"the checkpoint is at step {first_step} and --steps is {cfg.steps}: nothing to "
+                            f"train. Fix: give --steps above {first_step}")
     # plan.sync: one all-reduce per step, or islands with DiLoCo between them (docs/slow_links.md)
-    grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank)
-    log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated,
+    grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank,
+                                    share_fn=lambda: worker.share)
+    log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     progress = _Progress(enabled=info.is_main and cfg.progress, steps=cfg.steps, devices=list(plan.devices))
 
-    for step in range(cfg.steps):
+    for step in range(first_step, cfg.steps):
         t_step = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         res = worker.compute(step)
         t_comm = time.perf_counter()
         grad_sync.reduce()
         comm_s = time.perf_counter() - t_comm
-        optimizer.step()
+        if endure.before_update(step, res.loss_sum):  # False: non-finite loss, update skipped
+            optimizer.step()
         t_outer = time.perf_counter()
-        grad_sync.after_step()
+        grad_sync.after_step()  # counted even when the update was skipped: islands stay in step
         comm_s += time.perf_counter() - t_outer
         if meter is not None:
             meter.set_static(model_state_tensors(model, optimizer), what="parameters, gradients and optimizer state")
         row = gather_row({"loss_sum": res.loss_sum, "samples": res.samples, "compute_s": res.compute_s,
                           "padded_s": res.padded_s, "comm_s": comm_s, "step_s": time.perf_counter() - t_step})
+        extra = endure.after_step(step, row)
         if info.is_main:
-            progress.update(log.add(step, row))
+            progress.update(log.add(step, row, **extra))
+        if endure.stopping:
+            break
     grad_sync.finish()
     progress.close()
+    endure.finish(step + 1)
 
     if not info.is_main:
         return None
@@ -202,7 +221,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         "steps": cfg.steps,
         "global_batch": plan.global_batch,
         "seq_len": plan.seq_len,
-        "shares": shares,
+        "shares": endure.shares,
         "micro_batch_size": {r.devices[0]: r.micro_batch_size for r in plan.replicas},
         "initial_loss": log.rows[0]["loss"],
         "final_loss": log.rows[-1]["loss"],
@@ -221,6 +240,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         },
         "metrics_path": cfg.metrics_path,
         "sync": grad_sync.describe(),
+        **endure.summary(),
     }
 
 
