@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from chipfuse.cluster.pool import pool_from_dict
 from chipfuse.errors import PlanError
 from chipfuse.model.spec import SPEC_PRESETS
-from chipfuse.plan.hardware import ring_allreduce_s
-from chipfuse.plan.islands import island_layout, propose_sync, sync_comm_s
+from chipfuse.plan.cost import predict
+from chipfuse.plan.hardware import PoolIndex, ring_allreduce_s
+from chipfuse.plan.islands import best_with_islands, island_layout, island_sync_s, propose_sync, sync_comm_s
 from chipfuse.plan.plan import SyncPlan, data_parallel_plan
+from chipfuse.plan.search import search
 
 GRAD_BYTES = 3.5e6
 COMPUTE_S = 0.12
@@ -72,3 +76,31 @@ def test_island_layout_from_plan():
     bad = plan.__class__(**{**plan.__dict__, "sync": SyncPlan(islands=(("x",), ("y",)))})
     with pytest.raises(PlanError, match="every device"):
         island_layout(bad)
+
+
+def test_cost_model_amortises_the_cross_island_sync():
+    pool = _pool([("a", "b", 0.1, 20)], {"a": 2, "b": 2})
+    plan = data_parallel_plan(SPEC_PRESETS["small"], {"a_0": 4, "a_1": 4, "b_0": 4, "b_1": 4}, seq_len=64,
+                              micro_batch_size=4)
+    isl = replace(plan, sync=SyncPlan(islands=(("a_0", "a_1"), ("b_0", "b_1")), outer_every=8, compression="bf16"))
+    nbytes = 1e6  # fp32 gradients (the plan's dtype) of 0.25M parameters
+    ix = PoolIndex(pool, None, plan.dtype)
+    cross = ring_allreduce_s(0.25e6 * 2, 2, 0.1e9 / 8, 0.02)  # their bf16 pseudo-gradient, 2 islands
+    # One node per island: nothing to reduce inside an island, the cross-island ring every 8 steps.
+    assert island_sync_s(isl, ix, ["a", "b"], nbytes) == pytest.approx(cross / 8)
+    assert island_sync_s(plan, ix, ["a", "b"], nbytes) is None
+    assert predict(isl, pool).step_s < predict(plan, pool).step_s / 5
+
+
+def test_plan_search_result_runs_as_islands_when_that_is_faster():
+    pool = _pool([("a", "b", 0.1, 20)], {"a": 2, "b": 2})
+    # Enough compute per step that the cross-island sync, spread over H, costs less than leaving
+    # a site out (at batch 16 the planner rightly keeps one site: tested below).
+    res = search(pool, SPEC_PRESETS["small"], global_batch=128, seq_len=64, time_budget_s=1.0)
+    best, adv = best_with_islands(res, pool)
+    assert adv.sync.islands == (("a_0", "a_1"), ("b_0", "b_1"))
+    assert best.plan.sync == adv.sync and len(best.plan.devices) == 4
+    assert best.prediction.tokens_per_s >= res.prediction.tokens_per_s
+    small = search(pool, SPEC_PRESETS["small"], global_batch=16, seq_len=64, time_budget_s=1.0)
+    best, adv = best_with_islands(small, pool)
+    assert best.plan == small.plan and len(best.plan.devices) == 2

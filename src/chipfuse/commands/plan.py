@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 from rich.console import Console
 
@@ -13,7 +12,7 @@ from chipfuse.cluster.pool import Device, Pool, load_pool
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.spec import resolve_model
 from chipfuse.plan.cost import predict
-from chipfuse.plan.islands import advise_sync
+from chipfuse.plan.islands import best_with_islands
 from chipfuse.plan.plan import DTYPES, OPTIMIZER_DTYPES, SCHEDULES, Plan
 from chipfuse.plan.profile import Profile
 from chipfuse.plan.search import SearchResult, search
@@ -61,9 +60,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                      time_budget_s=args.time_budget, profile=profile, dtype=args.dtype,
                      optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
         # Slow links (docs/slow_links.md): DiLoCo islands and H when a link is too slow for sync training.
-        advice = advise_sync(res.plan, pool, compute_s=res.prediction.breakdown["pipeline_s"])
-        if advice.sync.islands:
-            res = replace(res, plan=replace(res.plan, sync=advice.sync))
+        res, advice = best_with_islands(res, pool, profile)
         plan, pred = res.plan, res.prediction
         wide.print(plan_table(plan, pool, pred.memory_bytes))
         wide.print(strategy_table(res))
@@ -71,7 +68,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out["sync_advice"] = advice.to_dict()
         if advice.sync.islands:
             console.print(f"slow link: {advice.reason}; predicted {advice.predicted_speedup:.2f}x over synchronous "
-                          "(the step predictions here are for synchronous training)")
+                          "(the chipfuse row is the islands plan; the simple strategies' rows are synchronous)")
     b = pred.breakdown
     console.print(f"step: slowest replica's pipeline {b['pipeline_s']:.3g} s (bubble {b['bubble_fraction']:.0%}), "
                   f"then {b['sync_exposed_s']:.3g} s of gradient sync and optimizer not hidden behind it")

@@ -18,12 +18,14 @@ The rule:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 from chipfuse.cluster.pool import Link, Pool
 from chipfuse.errors import PlanError
-from chipfuse.plan.hardware import ring_allreduce_s
+from chipfuse.model.costs import DTYPE_BYTES, model_costs
+from chipfuse.plan.hardware import PoolIndex, ring_allreduce_s
 from chipfuse.plan.plan import Plan, SyncPlan
 
 
@@ -37,7 +39,9 @@ def ring_allreduce_rounds(members: int) -> int:
     return 2 * (members - 1) if members > 1 else 0
 
 
-COMPRESSED_BYTES_FACTOR = {"none": 1.0, "bf16": 0.5, "fp16": 0.5}
+# Bytes per parameter of the cross-island payload: the pseudo-gradient is a difference of fp32
+# master weights, whatever the compute dtype, unless it is compressed.
+OUTER_BYTES_PER_PARAM = {"none": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +105,7 @@ def sync_comm_s(pool: Pool, devices: Sequence[str], grad_bytes: float) -> float:
 
 
 def propose_sync(pool: Pool, devices: Sequence[str], *, grad_bytes: float, compute_s: float,
+                 num_params: float | None = None,
                  max_comm_fraction: float = 0.1, max_outer_every: int = 64, compression: str = "bf16",
                  outer_lr: float = 0.7, outer_momentum: float = 0.5) -> SyncAdvice:
     """Keep synchronous training when the links allow it, else propose islands and H (see module doc).
@@ -139,7 +144,8 @@ def propose_sync(pool: Pool, devices: Sequence[str], *, grad_bytes: float, compu
     inner_s = max(_hierarchical_s(pool, g, isl, grad_bytes) for g, isl in zip(node_groups, islands, strict=True))
     cross = min((slowest_link(pool, a, b) for i, a in enumerate(node_groups) for b in node_groups[i + 1:]),
                 key=lambda ln: (ln.bandwidth, -ln.latency_s))
-    outer_s = ring_allreduce_s(grad_bytes * COMPRESSED_BYTES_FACTOR[compression], len(islands), cross.bandwidth,
+    params = num_params if num_params is not None else grad_bytes / 4  # fp32 gradients by default
+    outer_s = ring_allreduce_s(params * OUTER_BYTES_PER_PARAM[compression], len(islands), cross.bandwidth,
                                cross.latency_s)
     room_s = budget_s - inner_s
     h = max_outer_every if room_s <= 0 else min(max_outer_every, max(1, math.ceil(outer_s / room_s)))
@@ -149,6 +155,25 @@ def propose_sync(pool: Pool, devices: Sequence[str], *, grad_bytes: float, compu
                       cross_link=cross,
                       reason=f"islands: sync would cost {sync_s * 1e3:.0f} ms per {compute_s * 1e3:.0f} ms step; "
                       f"H={h} spreads a {outer_s * 1e3:.0f} ms cross-island all-reduce")
+
+
+def island_sync_s(plan: Plan, index: PoolIndex, nodes: Iterable[str], nbytes: float) -> float | None:
+    """Per-step seconds to reduce `nbytes` across `nodes` under plan.sync's islands: a ring among
+    each island's nodes every step, and the cross-island ring of the compressed pseudo-gradient
+    once every H steps. None when the plan has no islands (the cost model's own ring applies)."""
+    if not plan.sync.islands:
+        return None
+    island_of = {index.pool.device(d).node: k for k, isl in enumerate(plan.sync.islands) for d in isl}
+    groups: dict[int, list[str]] = {}
+    for n in nodes:
+        groups.setdefault(island_of.get(n, -1), []).append(n)
+    inner = max(ring_allreduce_s(nbytes, len(g), *index.slowest(frozenset(g))) for g in groups.values())
+    if len(groups) < 2:
+        return inner
+    bw, lat = index.slowest(frozenset(n for g in groups.values() for n in g))
+    params = nbytes / DTYPE_BYTES[plan.dtype]
+    cross = ring_allreduce_s(params * OUTER_BYTES_PER_PARAM[plan.sync.compression], len(groups), bw, lat)
+    return inner + cross / plan.sync.outer_every
 
 
 def island_layout(plan: Plan) -> tuple[tuple[str, ...], ...]:
@@ -167,12 +192,11 @@ def advise_sync(plan: Plan, pool: Pool, *, compute_s: float, max_comm_fraction: 
 
     Islands must hold whole replicas (a pipeline cannot be cut by DiLoCo): when a replica spans
     two proposed islands, the plan stays synchronous and the reason says so."""
-    from chipfuse.model.costs import DTYPE_BYTES, model_costs
 
     # Gradients travel in the compute dtype, as the cost model assumes for synchronous plans.
-    grad_bytes = model_costs(plan.model, plan.seq_len).total_params * DTYPE_BYTES[plan.dtype]
-    adv = propose_sync(pool, plan.devices, grad_bytes=grad_bytes, compute_s=compute_s,
-                       max_comm_fraction=max_comm_fraction)
+    num_params = model_costs(plan.model, plan.seq_len).total_params
+    adv = propose_sync(pool, plan.devices, grad_bytes=num_params * DTYPE_BYTES[plan.dtype], compute_s=compute_s,
+                       num_params=num_params, max_comm_fraction=max_comm_fraction)
     if adv.sync.islands:
         where = {d: i for i, isl in enumerate(adv.sync.islands) for d in isl}
         for r in plan.replicas:
@@ -182,3 +206,30 @@ def advise_sync(plan: Plan, pool: Pool, *, compute_s: float, max_comm_fraction: 
                                   reason=f"synchronous: replica {r.devices} spans a slow link, islands need "
                                   "whole replicas")
     return adv
+
+
+def best_with_islands(res: Any, pool: Pool, profile: Any = None) -> tuple[Any, SyncAdvice]:
+    """The searched plan, or a plan that spans a slow link run as DiLoCo islands when that predicts
+    more tokens/s. Candidates: the searched plan and each simple strategy's plan (the search itself
+    scores plans as synchronous, so a plan leaving a slow site out can beat them there).
+    res: plan.search.SearchResult; returns it (or a copy with the islands plan) and the advice."""
+    from chipfuse.plan.cost import predict
+
+    def advised(plan: Plan, pred: Any) -> tuple[Plan, Any, SyncAdvice]:
+        adv = advise_sync(plan, pool, compute_s=pred.breakdown["pipeline_s"])
+        if not adv.sync.islands:
+            return plan, pred, adv
+        isl = replace(plan, sync=adv.sync, strategy="chipfuse")
+        return isl, predict(isl, pool, profile), adv
+
+    plan, pred, adv = advised(res.plan, res.prediction)
+    best = replace(res, plan=plan, prediction=pred)
+    for name, sc in res.baselines.items():
+        if sc is None or not sc.prediction.fits:
+            continue
+        plan, pred, cand = advised(sc.plan, sc.prediction)
+        if cand.sync.islands and pred.fits and pred.tokens_per_s > best.prediction.tokens_per_s:
+            best = replace(res, plan=plan, prediction=pred,
+                           notes=[*res.notes, f"the {name!r} plan run as DiLoCo islands ({cand.reason})"])
+            adv = cand
+    return best, adv
