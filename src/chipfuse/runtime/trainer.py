@@ -39,6 +39,8 @@ class TrainConfig:
     slack: float = 1.1
     """Emulated devices pad each micro-batch to slack x solo time / speed (torch-on-cpu.md)."""
     progress: bool = True
+    profile_path: str | None = None
+    """A `chipfuse profile` JSON: pipeline workers pace emulated devices to its per-block times."""
     device: str | None = None
     """This worker's device name; None = the plan's device at this rank (single host)."""
     endure: EndureConfig = field(default_factory=EndureConfig)
