@@ -50,12 +50,14 @@ def check_properties(plan: Plan, pool, pred) -> None:
         assert b <= usable(devs[d].memory_bytes)
 
 
-@pytest.mark.parametrize("seed", range(8))
-def test_random_pools_give_valid_plans_within_memory(seed):
+@pytest.mark.parametrize("seed,schedule", [(s, "1f1b") for s in range(8)] + [(s, "gpipe") for s in range(8, 11)])
+def test_random_pools_give_valid_plans_within_memory(seed, schedule):
     rng = random.Random(seed)
     pool, model = random_pool(rng), random_model(rng)
     batch = rng.choice([8, 32, 96])
-    res = search(pool, model, global_batch=batch, seq_len=rng.choice([256, 1024]), time_budget_s=2.0)
+    res = search(pool, model, global_batch=batch, seq_len=rng.choice([256, 1024]), time_budget_s=2.0,
+                 schedule=schedule, dtype=rng.choice(["bf16", "fp32"]))
+    assert res.plan.schedule == schedule
     check_properties(res.plan, pool, res.prediction)
     assert res.plan.strategy == "chipfuse" and res.plan.pool == pool.name
     # The search's own figures are predict()'s.
@@ -122,6 +124,15 @@ def test_fastest_only_and_leaving_out_slow_devices():
     assert res.baselines["fastest-only"].plan.devices == ("h",)
     assert res.baselines["proportional-dp"].plan.strategy == "proportional-dp"
     assert len(res.baselines["proportional-dp"].plan.replicas) == 2
+
+
+def test_a_node_behind_a_slow_link_is_left_out():
+    nodes = [{"name": f"n{i}", "device": [{"name": f"a{i}-", "chip": "A100", "count": 4}]} for i in range(3)]
+    pool = pool_from_dict({"name": "far", "node": nodes, "default_link": {"bandwidth_gbit_s": 0.1, "latency_ms": 5},
+                           "link": [{"nodes": ["n0", "n1"], "bandwidth_gbit_s": 400, "latency_ms": 0.01}]})
+    res = search(pool, SPEC_PRESETS["llama-1b"], global_batch=64, seq_len=2048, time_budget_s=3.0)
+    assert set(res.plan.excluded) == {f"a2-{i}" for i in range(4)}
+    check_properties(res.plan, pool, res.prediction)
 
 
 def test_unequal_shares_follow_speed():

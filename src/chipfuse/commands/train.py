@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", default=None, help="per-step JSON lines (default: RUN_DIR/metrics.jsonl)")
     p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--profile", help="measured profile (from `chipfuse profile`) for the predicted step time")
+    p.add_argument("--timeline", metavar="PNG", help="draw the measured step beside the simulator's prediction")
     p.add_argument("--pool-node", help="under torchrun on several hosts: this host's node in the pool; its "
                    "workers take that node's plan devices by local rank")
     p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/plan.json and stop (for multi-host launches)")
@@ -61,6 +63,10 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
     if args.plan:
         plan = Plan.from_json(args.plan)
         plan.check_against_pool(pool, source=args.plan)
+        if not plan.is_pure_data_parallel or plan.model.family != "gpt":
+            from chipfuse.runtime.layout import check_runnable
+
+            check_runnable(plan, pool, source=args.plan)
         return plan
     from chipfuse.plan.data_parallel import unequal_data_parallel
     from chipfuse.runtime.probe import measure_memory
@@ -122,7 +128,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         console.print(f"[red]training failed (exit {rc})[/]; the plan is in {plan_path}")
         return rc
     summary = json.loads(summary_path.read_text())
+    from chipfuse.report.measured import finish_run, prediction_line
+
+    summary = finish_run(plan, pool, summary, summary_path=summary_path, profile_path=args.profile,
+                         timeline_path=args.timeline, metrics_path=metrics)
     print_summary(summary)
+    console.print(prediction_line(summary))
+    if args.timeline:
+        console.print(f"timeline (measured beside predicted): {args.timeline}")
     return 0
 
 

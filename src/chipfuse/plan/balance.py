@@ -37,7 +37,7 @@ def balance_shares(rates: list[ReplicaRate], global_batch: int) -> list[list[int
     """Shares per replica (one list per entry, `count` long), summing to global_batch."""
     if not rates:
         raise ValueError("no replicas")
-    hi = min(r.time_for(global_batch) for r in rates)
+    hi = max(r.time_for(global_batch) for r in rates)  # any uncapped replica alone finishes by then
     lo = 0.0
     for _ in range(100):
         mid = (lo + hi) / 2

@@ -10,9 +10,12 @@ Each takes the micro-batch size that predicts best; full checkpointing where the
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from chipfuse.plan.balance import largest_remainder
+from chipfuse.plan.cost import in_flight
 from chipfuse.plan.memory import StageShape, stage_memory, usable
 from chipfuse.plan.plan import Plan, Replica, Stage
 
@@ -38,13 +41,14 @@ def _uniform_layers(L: int, p: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(p)]
 
 
-def _checkpoint_that_fits(ctx: Context, layers: list[int], mbs: int, memory: int) -> str | None:
+def _checkpoint_that_fits(ctx: Context, layers: list[int], mbs: int, memory: int, share: int) -> str | None:
     p = len(layers)
+    m = math.ceil(share / mbs)
     for ck in ("none", "full"):
         ok = True
         for i in {0, p - 1}:
             sh = StageShape(num_layers=layers[i], is_first=i == 0, is_last=i == p - 1, group_size=1,
-                            checkpoint=ck, micro_batch_size=mbs, in_flight=p - i)
+                            checkpoint=ck, micro_batch_size=mbs, in_flight=in_flight(ctx.schedule, p, i, m))
             if stage_memory(ctx.costs, sh, dtype=ctx.dtype, optimizer_dtype=ctx.optimizer_dtype).total > usable(memory):
                 ok = False
         if ok:
@@ -58,12 +62,13 @@ def even(ctx: Context) -> Scored | None:
     L = ctx.costs.num_layers
     for p in range(1, min(L, len(devices)) + 1):
         layers = _uniform_layers(L, p)
-        if _checkpoint_that_fits(ctx, layers, 1, smallest) is None:
-            continue
         R = len(devices) // p
+        share = math.ceil(ctx.global_batch / R)
+        if _checkpoint_that_fits(ctx, layers, 1, smallest, share) is None:
+            continue
         plans = []
         for mbs in ctx.micro_batch_sizes():
-            ck = _checkpoint_that_fits(ctx, layers, mbs, smallest)
+            ck = _checkpoint_that_fits(ctx, layers, mbs, smallest, share)
             if ck is None:
                 continue
             base, extra = divmod(ctx.global_batch, R)
@@ -86,7 +91,7 @@ def proportional_dp(ctx: Context) -> Scored | None:
     L = ctx.costs.num_layers
     plans = []
     for mbs in ctx.micro_batch_sizes():
-        ck = _checkpoint_that_fits(ctx, [L], mbs, min(d.memory_bytes for d in devs)) or "full"
+        ck = _checkpoint_that_fits(ctx, [L], mbs, min(d.memory_bytes for d in devs), max(shares)) or "full"
         replicas = [Replica(stages=(Stage(devices=(d.name,), first_layer=0, num_layers=L, checkpoint=ck),),
                             batch_share=n, micro_batch_size=max(1, min(mbs, n) if n else mbs))
                     for d, n in zip(devs, shares, strict=True)]
@@ -98,7 +103,12 @@ def fastest_only(ctx: Context) -> Scored | None:
     fastest = max(range(len(ctx.kinds)), key=lambda k: ctx.kinds[k].rate)
     tpls = ctx.homogeneous(fastest, deadline=float("inf"))
     tpls.sort(key=ctx.estimate, reverse=True)
-    return _best(ctx, [ctx.build([t], "fastest-only") for t in tpls[:3]])
+    alone = []
+    for t in tpls[:3]:  # solved for a share of the batch; alone, they take all of it
+        t = replace(t, m_est=math.ceil(ctx.global_batch / t.replicas / t.mbs))
+        if ctx.solver.solve(t).layers:
+            alone.append(t)
+    return _best(ctx, [ctx.build([t], "fastest-only") for t in alone])
 
 
 def _plan(ctx: Context, replicas: list[Replica], used: list[str], strategy: str) -> Plan:

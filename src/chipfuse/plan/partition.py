@@ -1,7 +1,8 @@
 """Split L identical blocks over an ordered pipeline of unequal stages: a pure solver over cost arrays.
 
 cost[i][k] is stage i's forward + backward seconds per micro-batch with k blocks (inf where k blocks
-do not fit its memory). The objective is the pipeline closed form of chipfuse.plan.cost:
+do not fit its memory). The objective is the pipeline closed form of chipfuse.plan.cost without its
+neighbour-pair term (which couples adjacent stages; predict() adds it when it ranks the plans):
     sum_i cost[i][k_i] + 2 sum c + (m - 1) x max(max_i cost[i][k_i], max c)
 For a bound T on the slowest stage, the least sum under T is found either greedily (each stage
 starts with one block; every further block goes where it adds least, never past T: fast, and exact
@@ -19,7 +20,7 @@ import math
 import numpy as np
 
 
-def _greedy(cost: list[np.ndarray], L: int, bound: float) -> list[int] | None:
+def _greedy(cost: list[np.ndarray], L: int, bound: float, _mats: dict | None = None) -> list[int] | None:
     """Each stage one block, then the L - p cheapest further blocks by marginal cost, none past the bound.
 
     Vectorised: a stage's admissible blocks are a prefix (cost grows with blocks), so the cheapest
@@ -28,15 +29,24 @@ def _greedy(cost: list[np.ndarray], L: int, bound: float) -> list[int] | None:
     p = len(cost)
     if p > L:
         return None
-    caps = np.array([int(np.searchsorted(c[1:], bound, side="right")) for c in cost])
+    if _mats is None or "C" not in _mats:
+        C = np.vstack(cost)[:, 1:]  # (p, L): cost of 1..L blocks
+        with np.errstate(invalid="ignore"):  # inf - inf past a stage's memory limit: masked out below
+            D = np.diff(C, axis=1)
+        mats = {"C": C, "D": D, "cols": np.arange(max(L - 1, 0))}
+        if _mats is not None:
+            _mats.update(mats)
+    else:
+        mats = _mats
+    caps = (mats["C"] <= bound).sum(axis=1)
     if caps.min() < 1 or caps.sum() < L:
         return None
     rest = L - p
     if rest == 0:
         return [1] * p
-    margs = [np.diff(c[1:caps[i] + 1]) for i, c in enumerate(cost)]
-    allm = np.concatenate(margs)
-    owner = np.repeat(np.arange(p), [m.size for m in margs])
+    mask = mats["cols"][None, :] < (caps - 1)[:, None]
+    allm = mats["D"][mask]
+    owner = np.nonzero(mask)[0]
     pick = np.argpartition(allm, rest - 1)[:rest]
     return (1 + np.bincount(owner[pick], minlength=p)).tolist()
 
@@ -77,7 +87,10 @@ def objective(cost: list[np.ndarray], k: list[int], m: int, p2p: list[float]) ->
 def partition(cost: list[np.ndarray], L: int, m: int, p2p: list[float] | None = None,
               scan: int | None = 12, exact: bool = False) -> tuple[list[int], float] | None:
     """The best split (blocks per stage) and its objective, or None when no split fits."""
-    solve = _exact if exact else _greedy
+    mats: dict = {}
+
+    def solve(c: list[np.ndarray], n: int, bound: float) -> list[int] | None:
+        return _exact(c, n, bound) if exact else _greedy(c, n, bound, mats)
     p2p = p2p or [0.0] * (len(cost) - 1)
     if len(cost) > L:
         return None

@@ -65,16 +65,14 @@ class SearchResult:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        def pred(s: Scored | None) -> dict | None:
-            if s is None:
-                return None
-            p = s.prediction
+        """The `chipfuse plan --json` document (Plan.from_json reads its `plan` key)."""
+        def pred(plan: Plan, p: Prediction) -> dict:
             return {"step_s": p.step_s, "tokens_per_s": p.tokens_per_s, "mfu": p.mfu, "fits": p.fits,
-                    "memory_bytes": p.memory_bytes, "devices": len(s.plan.devices)}
-        return {"plan": self.plan.to_dict(), "predicted": {**pred(Scored(plan=self.plan, prediction=self.prediction)),
-                                                          "breakdown": self.prediction.breakdown},
-                "baselines": {k: pred(v) for k, v in self.baselines.items()}, "search_s": self.search_s,
-                "candidates": self.candidates, "notes": self.notes}
+                    "memory_bytes": p.memory_bytes, "devices": len(plan.devices)}
+        return {"plan": self.plan.to_dict(),
+                "predicted": {**pred(self.plan, self.prediction), "breakdown": self.prediction.breakdown},
+                "baselines": {k: pred(v.plan, v.prediction) if v else None for k, v in self.baselines.items()},
+                "search_s": self.search_s, "candidates": self.candidates, "notes": self.notes}
 
 
 @dataclass(kw_only=True)
@@ -132,12 +130,17 @@ class Context:
 
     def build(self, tpls: list[Template], strategy: str) -> Plan:
         """Replicas of each template on their units, shares balanced on the templates' pipeline times."""
-        rates = [ReplicaRate(fill_s=t.fill_s, steady_s=t.steady_s, micro_batch_size=t.mbs, count=t.replicas)
-                 for t in tpls]
+        # GPipe holds every micro-batch's activations: a replica may not take more than it was solved for.
+        gpipe = self.schedule == "gpipe"
+        rates = [ReplicaRate(fill_s=t.fill_s, steady_s=t.steady_s, micro_batch_size=t.mbs, count=t.replicas,
+                             max_share=t.m_est * t.mbs if gpipe else None) for t in tpls]
         shares = balance_shares(rates, self.global_batch)
-        replicas, used = [], set()
+        replicas: list[Replica] = []
+        used: set[str] = set()
         for tpl, sh in zip(tpls, shares, strict=True):
             for r in range(tpl.replicas):
+                if sh[r] == 0:
+                    continue  # a replica with no samples would only join the gradient sync: leave it out
                 units = self.solver.placement(tpl, r)
                 first, stages = 0, []
                 for (_k, _g, t), units_i, n, (ck, sd, of) in zip(tpl.stages, units, tpl.layers, tpl.options, strict=True):
@@ -145,9 +148,7 @@ class Context:
                                         checkpoint=ck, shard=sd, offload=of))
                     first += n
                     used.update(units_i)
-                n_r = sh[r]
-                replicas.append(Replica(stages=tuple(stages), batch_share=n_r,
-                                        micro_batch_size=max(1, min(tpl.mbs, n_r) if n_r else tpl.mbs)))
+                replicas.append(Replica(stages=tuple(stages), batch_share=sh[r], micro_batch_size=min(tpl.mbs, sh[r])))
         excluded = tuple(d.name for d in self.pool.devices if d.name not in used)
         return Plan(model=self.model, global_batch=self.global_batch, seq_len=self.seq_len, replicas=tuple(replicas),
                     schedule=self.schedule, dtype=self.dtype, optimizer_dtype=self.optimizer_dtype, excluded=excluded,
@@ -160,18 +161,23 @@ class Context:
         return [b for b in MICRO_BATCHES if b <= cap and (b == 1 or (b // 2) * self.seq_len < 8192)] or [1]
 
     def homogeneous(self, kind: int, deadline: float) -> list[Template]:
-        """Every solved single-kind template (cached once complete: the baselines reuse them)."""
+        """Every solved single-kind template found by the deadline (cached: the baselines reuse them)."""
         if kind in self._homogeneous:
             return list(self._homogeneous[kind])
         out = self._homogeneous_uncached(kind, deadline)
-        if time.perf_counter() <= deadline:
-            self._homogeneous[kind] = list(out)
+        self._homogeneous[kind] = list(out)  # even when cut short: the time budget rules the baselines too
         return out
 
     def _homogeneous_uncached(self, kind: int, deadline: float) -> list[Template]:
-        out = []
+        out: list[Template] = []
         L = self.costs.num_layers
-        for g, t in unit_configs(self.kinds[kind], self.costs):
+        # Most promising group sizes first (in case the deadline cuts the loop): about as many devices
+        # as it takes to hold the model's state once, the largest tensor degree first.
+        sb = state_bytes(self.dtype, self.optimizer_dtype)
+        need = self.costs.total_params * sb.total / usable(self.kinds[kind].memory_bytes)
+        cfgs = sorted(unit_configs(self.kinds[kind], self.costs),
+                      key=lambda gt: (abs(math.log2(gt[0]) - math.log2(max(1.0, min(need, 8.0)))), -gt[1]))
+        for g, t in cfgs:
             n_units = len(self.solver.units(kind, g))
             depths = sorted({p for p in DEPTHS if p <= min(L, n_units)} | ({n_units} if n_units <= L else set()))
             for mbs in self.micro_batch_sizes():
@@ -198,7 +204,7 @@ class Context:
         n_units = {k: len(self.solver.units(k, best_cfg[k][0])) for k in subset}
         lo = min(n_units.values())
         rs = sorted({max(1, lo // j) for j in (1, 2, 3, 4, 6, 8, 16)} | {1})
-        out = []
+        out: list[Template] = []
         for order in orders:
             for R in rs:
                 counts = {k: n_units[k] // R for k in subset}
@@ -236,24 +242,30 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
     per_kind: dict[int, list[Template]] = {}
     order = sorted(range(len(ctx.kinds)), key=lambda k: -ctx.kinds[k].rate)
     for j, k in enumerate(order):
-        share = (time_budget_s * 0.4 - (time.perf_counter() - t0)) / (len(order) - j)
+        share = (time_budget_s * 0.5 - (time.perf_counter() - t0)) / (len(order) - j)
         tpls = ctx.homogeneous(k, time.perf_counter() + share)
         tpls.sort(key=ctx.estimate, reverse=True)
         if tpls:
             per_kind[k] = tpls[:2]
     base = baselines(ctx)
     scored: list[Scored] = [s for s in base.values() if s is not None]
-    deadline = t0 + time_budget_s * 0.6
+    deadline = t0 + time_budget_s * 0.75
     # 2. mixed pipelines over subsets of kinds
     mixed: list[Template] = []
     if len(ctx.kinds) > 1:
-        best_cfg = {}
+        # Unit configs per kind: its best alone, single devices, whole nodes at the largest tensor degree.
+        cfg_maps: list[dict[int, tuple[int, int]]] = [{}, {}, {}]
         for k in range(len(ctx.kinds)):
             cands = per_kind.get(k)
-            best_cfg[k] = (cands[0].blocks[0].g, cands[0].blocks[0].t) if cands else (1, 1)
-        for size in range(len(ctx.kinds), 1, -1):
-            for subset in itertools.combinations(range(len(ctx.kinds)), size):
-                mixed += ctx.mixed(subset, best_cfg, deadline)
+            cfgs = unit_configs(ctx.kinds[k], ctx.costs)
+            cfg_maps[0][k] = (cands[0].blocks[0].g, cands[0].blocks[0].t) if cands else (1, 1)
+            cfg_maps[1][k] = (1, 1)
+            cfg_maps[2][k] = max(cfgs)
+        unique = [m for i, m in enumerate(cfg_maps) if m not in cfg_maps[:i]]
+        for cfg in unique:
+            for size in range(len(ctx.kinds), 1, -1):
+                for subset in itertools.combinations(range(len(ctx.kinds)), size):
+                    mixed += ctx.mixed(subset, cfg, deadline)
         mixed.sort(key=ctx.estimate, reverse=True)
     # 3. combinations, quickest estimate first
     combos: list[list[Template]] = []
@@ -264,7 +276,12 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
     for k in kinds_ok:
         if len(per_kind[k]) > 1:
             combos.append([per_kind[j][1 if j == k else 0] for j in kinds_ok])
-    combos += [[t] for t in mixed[:8]]
+    for t in mixed[:16]:
+        combos.append([t])
+        # Kinds a mixed pipeline leaves out may still help as replicas of their own.
+        rest = [per_kind[k][0] for k in kinds_ok if k not in {b.kind for b in t.blocks}]
+        if rest:
+            combos.append([t, *rest])
     combos.sort(key=lambda c: -sum(ctx.estimate(t) for t in c))
     stop = t0 + time_budget_s * 0.9
     evaluated = 0
@@ -318,16 +335,16 @@ def refusal(ctx: Context, tried: list[Scored], budget_s: float) -> NoPlanFits:
         missing = int(sum(closest.prediction.breakdown["over_capacity"].values())) if closest else int(need - have)
         why = "over the devices of the closest plan tried"
     suggestions = []
-    for label, kw in (("bf16 compute with fp32 masters (--dtype bf16)", {"dtype": "bf16"}),
-                      ("8-bit optimizer state (--optimizer-dtype int8)", {"optimizer_dtype": "int8"}),
-                      ("4-bit optimizer state (--optimizer-dtype int4)", {"optimizer_dtype": "int4"}),
-                      ("a sequence length of half", {"seq_len": max(1, ctx.seq_len // 2)})):
-        args = {"dtype": ctx.dtype, "optimizer_dtype": ctx.optimizer_dtype, "seq_len": ctx.seq_len, **kw}
-        if args == {"dtype": ctx.dtype, "optimizer_dtype": ctx.optimizer_dtype, "seq_len": ctx.seq_len}:
+    for label, dtype, opt, seq in (
+            ("bf16 compute with fp32 masters (--dtype bf16)", "bf16", ctx.optimizer_dtype, ctx.seq_len),
+            ("8-bit optimizer state (--optimizer-dtype int8)", ctx.dtype, "int8", ctx.seq_len),
+            ("4-bit optimizer state (--optimizer-dtype int4)", ctx.dtype, "int4", ctx.seq_len),
+            ("a sequence length of half", ctx.dtype, ctx.optimizer_dtype, max(1, ctx.seq_len // 2))):
+        if (dtype, opt, seq) == (ctx.dtype, ctx.optimizer_dtype, ctx.seq_len):
             continue
         try:
-            search(ctx.pool, ctx.model, global_batch=ctx.global_batch, time_budget_s=min(2.0, budget_s / 4),
-                   profile=ctx.profile, schedule=ctx.schedule, _refuse=False, **args)
+            search(ctx.pool, ctx.model, global_batch=ctx.global_batch, seq_len=seq, time_budget_s=min(2.0, budget_s / 4),
+                   profile=ctx.profile, dtype=dtype, optimizer_dtype=opt, schedule=ctx.schedule, _refuse=False)
             suggestions.append(label)
         except NoPlanFits:
             pass

@@ -23,12 +23,13 @@ def save_timeline(sim: SimResult, path: str | Path, *, title: str = "", max_rows
     rows = rows[:max_rows]
     index = {r: k for k, r in enumerate(rows)}
     fig, ax = plt.subplots(figsize=(12, 0.35 * len(rows) + 1.5))
-    for kind, color in COLORS.items():
-        for k in range(len(rows)):
-            spans = [(e.start_s, e.end_s - e.start_s) for e in sim.events
-                     if e.kind == kind and index.get(e.devices) == k and e.end_s > e.start_s]
-            if spans:
-                ax.broken_barh(spans, (k - 0.4, 0.8), facecolors=color, edgecolor="white", linewidth=0.3)
+    spans: dict[tuple[int, str], list[tuple[float, float]]] = {}
+    for e in sim.events:
+        k = index.get(e.devices)
+        if k is not None and e.kind in COLORS and e.end_s > e.start_s:
+            spans.setdefault((k, e.kind), []).append((e.start_s, e.end_s - e.start_s))
+    for (k, kind), xs in spans.items():
+        ax.broken_barh(xs, (k - 0.4, 0.8), facecolors=COLORS[kind], edgecolor="white", linewidth=0.3)
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([r[0] if len(r) == 1 else f"{r[0]} +{len(r) - 1}" for r in rows], fontsize=7)
     ax.invert_yaxis()

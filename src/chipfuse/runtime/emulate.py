@@ -63,13 +63,17 @@ def _nbytes(t: torch.Tensor) -> int:
 class MemoryMeter:
     """Counts the bytes an emulated device holds and refuses to pass `cap_bytes`."""
 
-    def __init__(self, *, device_name: str, cap_bytes: int | None):
+    def __init__(self, *, device_name: str, cap_bytes: int | None,
+                 transient: Callable[[], Iterable[torch.Tensor]] | None = None):
         self.device_name = device_name
         self.cap_bytes = cap_bytes
+        self.transient = transient
+        """Tensors alive now that are neither static nor saved for backward (parameters FSDP2 gathered
+        for compute): counted at their current size at every check, each storage once."""
         self.static_bytes = 0
         self.live_act_bytes = 0
         self.peak_bytes = 0
-        self._act: dict[int, list[int]] = {}  # storage ptr -> [bytes, refs]
+        self._act: dict[int, list] = {}  # storage id -> [storage, refs]
         self._skip: set[int] = set()
 
     def set_static(self, tensors: Iterable[torch.Tensor | None], *, what: str = "model state") -> int:
@@ -78,14 +82,29 @@ class MemoryMeter:
         for t in tensors:
             if t is None or not isinstance(t, torch.Tensor) or t.device.type == "meta":
                 continue
-            local = t.to_local() if hasattr(t, "to_local") else t  # DTensor shards: only the local part
-            seen[local.untyped_storage().data_ptr()] = _nbytes(local)
+            for local in plain_parts(t):
+                seen[local.untyped_storage().data_ptr()] = _nbytes(local)
         self.static_bytes = sum(seen.values())
-        self._skip = set(seen)
+        self._skip = {ptr for ptr in seen if ptr}  # 0: empty storages, never an activation's
         self._check(what)
         return self.static_bytes
 
+    def _live_bytes(self) -> int:
+        # Sizes now, not when saved: a storage freed since (FSDP2 reshard) no longer counts.
+        storages = {key: entry[0] for key, entry in self._act.items()}
+        if self.transient is not None:
+            for t in self.transient():
+                st = t.untyped_storage()
+                if st.data_ptr() not in self._skip:
+                    storages.setdefault(st._cdata, st)
+        return sum(st.nbytes() for st in storages.values())
+
+    def check(self, what: str = "gathered parameters") -> None:
+        """Count and check now (hooks call this where no tensor is saved, e.g. before a block runs)."""
+        self._check(what)
+
     def _check(self, what: str) -> None:
+        self.live_act_bytes = self._live_bytes()
         total = self.static_bytes + self.live_act_bytes
         self.peak_bytes = max(self.peak_bytes, total)
         if self.cap_bytes is not None and total > self.cap_bytes:
@@ -97,28 +116,32 @@ class MemoryMeter:
             )
 
     def _pack(self, t: torch.Tensor) -> object:
-        ptr = t.untyped_storage().data_ptr()
-        if ptr in self._skip or t.device.type == "meta":
+        if t.device.type == "meta" or type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return t  # tensor subclasses (DTensor...) hold plain tensors that are counted where they live
+        storage = t.untyped_storage()
+        if storage.data_ptr() in self._skip:
             return t
-        entry = self._act.get(ptr)
+        # Keyed by the storage itself, not its address: FSDP2 frees gathered parameters by resizing
+        # their storage to 0 bytes (address 0) while autograd still holds views of them.
+        key = storage._cdata
+        entry = self._act.get(key)
         if entry is None:
-            self._act[ptr] = [_nbytes(t), 1]
-            self.live_act_bytes += _nbytes(t)
+            self._act[key] = [storage, 1]
             self._check("activations")
         else:
             entry[1] += 1
         holder = _Saved(t)
-        weakref.finalize(holder, self._release, ptr)
+        weakref.finalize(holder, self._release, key)
         return holder
 
-    def _release(self, ptr: int) -> None:
-        entry = self._act.get(ptr)
+    def _release(self, key: int) -> None:
+        entry = self._act.get(key)
         if entry is None:
             return
         entry[1] -= 1
         if entry[1] == 0:
-            self.live_act_bytes -= entry[0]
-            del self._act[ptr]
+            del self._act[key]
+            self.live_act_bytes = self._live_bytes()
 
     @staticmethod
     def _unpack(x: object) -> torch.Tensor:
@@ -129,6 +152,16 @@ class MemoryMeter:
         """Count activations saved for backward inside this block (forward and backward)."""
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             yield
+
+
+def plain_parts(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors that hold `t`'s bytes: a DTensor's local shard, a quantised subclass's parts."""
+    if hasattr(t, "to_local"):
+        t = t.to_local()  # DTensor shards: only the local part
+    if type(t) not in (torch.Tensor, torch.nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [x for n in names for x in plain_parts(getattr(t, n))]
+    return [t]
 
 
 class _Saved:

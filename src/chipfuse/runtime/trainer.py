@@ -105,6 +105,10 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         raise ValueError(f"the plan uses {len(plan.devices)} devices but {info.world_size} workers started. "
                          f"Fix: launch with --nproc-per-node {len(plan.devices)} (or use `chipfuse train`)")
     by_rank = _rank_names(name, info)
+    if not plan.is_pure_data_parallel or plan.model.family != "gpt":
+        from chipfuse.runtime.pipeline_train import run_pipeline  # stages over devices, HF models
+
+        return run_pipeline(plan, pool, cfg, info, by_rank)
     device: Device = pool.device(name)
     idx, replica = _replica_of(plan, name)
     offsets = _offsets(plan)

@@ -1,0 +1,190 @@
+"""Apply a stage's memory strategy to a model, in one order (as torchtitan's parallelize does):
+
+    1. apply_checkpointing   activation checkpointing of GPT blocks (full | selective)
+    2. apply_sharding        FSDP2 fully_shard of every block, then the root; mixed precision and
+                             parameter offload are FSDP2 policies given here
+    3. build_state_optimizer (runtime.optim_state) AdamW with fp32 | bf16 | int8 | int4 state, optimizer offload
+
+Every piece is a library's: torch.utils.checkpoint through checkpoint_wrapper, FSDP2's
+fully_shard / MixedPrecisionPolicy / CPUOffloadPolicy, torchao's optimizers. Written by hand here
+is only the mapping from the plan's words to those calls, and what each leaves on the device
+(`device_state_tensors`), which the emulated MemoryMeter counts.
+
+The plan's words and what they become:
+
+- checkpoint "full": every block re-runs its forward in backward; only block inputs are kept.
+  "selective": every other block (blocks 0, 2, 4, ...), torchtitan's layer-selective mode with
+  frequency 2: about half the activations for about half the recompute. (Op-level selective
+  checkpointing would keep matmul outputs inside torch's checkpoint frame, where the emulated
+  meter cannot see them; the layer mode is what the meter can count honestly.)
+- shard "full" (ZeRO-3): fully_shard(reshard_after_forward=True): parameters, gradients and optimizer
+  state are split over the group; a block's parameters are gathered for its forward and again for
+  its backward.
+  shard "grads" and "optimizer" (ZeRO-2 / ZeRO-1): FSDP2 has no mode that keeps parameters
+  replicated, so both map to fully_shard(reshard_after_forward=False): gathered parameters stay
+  from forward to the end of backward (one gather per step, not two), so the peak is ZeRO-2's
+  (whole parameters + sharded gradients + sharded optimizer state). "optimizer" therefore saves
+  as much as "grads" here, and the planner predicts them alike.
+- offload "params": FSDP2 CPUOffloadPolicy: sharded parameters, gradients and the optimizer step live
+  in host memory; the device holds only the gathered parameters of the blocks in use. Implies FSDP2
+  even on a group of one device. "optimizer": torchao CPUOffloadOptimizer (state and update on the
+  host, ZeRO-Offload), on devices with their own memory.
+  On a CPU device host memory *is* device memory: offload saves nothing and is refused (PlanError,
+  in the planner's pre-flight and here). On an *emulated* accelerator, which runs as a CPU worker,
+  offload is emulated: the policies are applied (they move nothing on CPU) and the meter leaves the
+  offloaded state out of the device's count, as a real chip would.
+- dtype "bf16": bf16 compute with fp32 master weights: FSDP2 MixedPrecisionPolicy(param_dtype=bf16,
+  reduce_dtype=fp32) when sharded, else torch.autocast around forward (see `compute_context`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from chipfuse.errors import ChipfuseError
+from chipfuse.runtime.optim_state import build_state_optimizer, leaf_tensors, state_tensors
+
+__all__ = ["MemoryConfig", "apply_checkpointing", "apply_sharding", "apply_memory", "build_state_optimizer",
+           "compute_context", "device_state_tensors", "refuse_host_offload", "watch_gathered"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MemoryConfig:
+    """The memory strategy of one stage on one device (the plan's words, checked by Plan.check)."""
+
+    checkpoint: str = "none"
+    """none | selective | full."""
+    shard: str = "none"
+    """none | optimizer | grads | full: FSDP2 sharding inside the stage's group."""
+    offload: str = "none"
+    """none | optimizer | params: state kept in host memory."""
+    dtype: str = "fp32"
+    """Compute dtype; bf16 keeps fp32 master weights."""
+    optimizer_dtype: str = "fp32"
+    """fp32 | bf16 | int8 | int4 optimizer state (torchao)."""
+    host_is_device: bool = False
+    """True on a CPU device (not an emulated accelerator): offload is refused there."""
+
+    @classmethod
+    def from_plan(cls, plan, stage, *, host_is_device: bool = False) -> MemoryConfig:
+        return cls(checkpoint=stage.checkpoint, shard=stage.shard, offload=stage.offload, dtype=plan.dtype,
+                   optimizer_dtype=plan.optimizer_dtype, host_is_device=host_is_device)
+
+    @property
+    def uses_fsdp(self) -> bool:
+        return self.shard != "none" or self.offload == "params"
+
+
+def refuse_host_offload(device_name: str, offload: str) -> None:
+    """Offload on a CPU device would move memory to itself: refuse with the fix."""
+    if offload != "none":
+        raise ChipfuseError(
+            f"device {device_name!r} is a CPU: its memory is host memory, so offload={offload!r} saves nothing. "
+            "Fix: set offload = \"none\" for its stage and use sharding or checkpointing to save memory")
+
+
+def _blocks(model: nn.Module) -> nn.ModuleList:
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no `blocks` ModuleList to checkpoint or shard")
+    return blocks
+
+
+def apply_checkpointing(model: nn.Module, mode: str) -> list[int]:
+    """Wrap blocks with torch's checkpoint_wrapper (non-reentrant). Returns the wrapped indices."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    if mode == "none":
+        return []
+    if mode not in ("selective", "full"):
+        raise ValueError(f"checkpoint mode {mode!r}: use none, selective or full")
+    blocks = _blocks(model)
+    every = 1 if mode == "full" else 2
+    chosen = [i for i in range(len(blocks)) if i % every == 0]
+    for i in chosen:
+        # preserve_rng_state: recompute sees the same random stream, so the maths is unchanged.
+        blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=True)
+    return chosen
+
+
+def apply_sharding(model: nn.Module, *, shard: str, mesh=None, offload: str = "none", dtype: str = "fp32") -> bool:
+    """FSDP2 fully_shard every block, then the root. Returns False when nothing was sharded.
+
+    `mesh`: the stage group's 1-D DeviceMesh (None = the whole world). Parameter offload and
+    mixed precision are FSDP2 policies, so they are applied here too.
+    """
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    if shard == "none" and offload != "params":
+        return False
+    kw: dict = {"mesh": mesh}
+    if dtype == "bf16":
+        # Gradients are reduced in fp32: summing many bf16 shards loses the small ones.
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # pin_memory only helps copies to an accelerator, and needs one to exist.
+    kw["offload_policy"] = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload == "params"
+                            else OffloadPolicy())
+    reshard = shard in ("full", "none")  # "none" here means: offload only, ZeRO-3 layout on one device
+    for blk in _blocks(model):
+        fully_shard(blk, reshard_after_forward=reshard, **kw)
+    # The root's parameters (embeddings, head) are used first in backward: keep them gathered.
+    fully_shard(model, reshard_after_forward=False, **kw)
+    return True
+
+
+def apply_memory(model: nn.Module, cfg: MemoryConfig, *, mesh=None, lr: float = 1e-3, weight_decay: float = 0.0,
+                 device_name: str = "device") -> torch.optim.Optimizer:
+    """Apply `cfg` to `model` in the documented order and return its optimizer."""
+    if cfg.host_is_device:
+        refuse_host_offload(device_name, cfg.offload)
+    apply_checkpointing(model, cfg.checkpoint)
+    apply_sharding(model, shard=cfg.shard, mesh=mesh, offload=cfg.offload, dtype=cfg.dtype)
+    dev = next(model.parameters()).device
+    return build_state_optimizer(model.parameters(), optimizer_dtype=cfg.optimizer_dtype, lr=lr,
+                           weight_decay=weight_decay, offload=cfg.offload == "optimizer", device=dev)
+
+
+@contextlib.contextmanager
+def compute_context(cfg: MemoryConfig, device_type: str = "cpu") -> Iterator[None]:
+    """bf16 compute for an unsharded model (FSDP2 casts sharded ones itself); fp32 master weights stay."""
+    if cfg.dtype == "bf16" and not cfg.uses_fsdp:
+        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+            yield
+    else:
+        yield
+
+
+def watch_gathered(model: nn.Module, meter) -> None:
+    """Make `meter` (runtime.emulate.MemoryMeter) count parameters FSDP2 has gathered for compute.
+
+    FSDP2 registers a module's gathered (unsharded) parameters in place of its shards while it
+    computes and frees them after, so the plain tensors among model.parameters() are exactly the
+    gathered ones. The meter checks before every block's forward, and before its recompute under
+    checkpointing (the hook sits on the wrapped block, which the recompute calls again).
+    """
+    from torch.distributed.tensor import DTensor
+
+    meter.transient = lambda: [p for p in model.parameters() if not isinstance(p, DTensor)]
+    for blk in _blocks(model):
+        inner = getattr(blk, "_checkpoint_wrapped_module", blk)
+        inner.register_forward_pre_hook(lambda *_: meter.check("gathered parameters"))
+
+
+def device_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, *,
+                         offload: str = "none") -> list[torch.Tensor]:
+    """Parameters, gradients and optimizer state as the device holds them: local shards under FSDP2,
+    quantised state as its codes and scales, and nothing of what `offload` keeps in host memory."""
+    out: list[torch.Tensor] = []
+    if offload != "params":
+        for p in model.parameters():
+            out.extend(leaf_tensors(p.data if not hasattr(p, "to_local") else p))
+            if p.grad is not None:
+                out.extend(leaf_tensors(p.grad))
+    if optimizer is not None and offload == "none":
+        out.extend(state_tensors(optimizer))
+    return out

@@ -1,0 +1,182 @@
+"""Train a GPT for a few steps under one memory strategy and an emulated memory cap.
+
+Used by the memory tests and benchmarks/memory.py to *measure* whether a strategy fits and what
+it costs; the trainer applies the same functions (runtime.memory) from a plan. The group of ranks
+is one stage's group: under sharding they hold one model between them and split every batch
+evenly; without it they are plain data-parallel replicas whose gradients are summed with one
+all_reduce per parameter (no DDP buckets, so the plain baseline holds no second copy of the
+gradients and is not made to look worse than it is).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from chipfuse.data import get_batch
+from chipfuse.errors import ChipfuseError, DeviceMemoryError
+from chipfuse.model.gpt import build_model, loss_sum
+from chipfuse.model.spec import ModelSpec
+from chipfuse.runtime.emulate import MemoryMeter
+from chipfuse.runtime.memory import (
+    MemoryConfig,
+    apply_memory,
+    compute_context,
+    device_state_tensors,
+    watch_gathered,
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeResult:
+    rank: int
+    losses: list[float] = field(default_factory=list)
+    peak_bytes: int = 0
+    static_bytes: int = 0
+    step_s: float = 0.0
+    """Median wall time of the steps after the first."""
+    error: str | None = None
+    """'oom: ...' when the emulated cap was passed, 'refused: ...' for a refused plan."""
+    grads: dict[str, torch.Tensor] | None = None
+    """Full gradients of the first step (only with want_grads)."""
+
+
+def _plain_name(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().clone()
+
+
+def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len: int, steps: int,
+              cap_bytes: int | None, device_name: str = "dev", lr: float = 1e-3, seed: int = 0,
+              want_grads: bool = False) -> ProbeResult:
+    """Run on every rank of the current group (or alone). Raises nothing: errors come back in the result."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    meter = MemoryMeter(device_name=device_name, cap_bytes=cap_bytes)
+    losses: list[float] = []
+    times: list[float] = []
+    grads = None
+    try:
+        model = build_model(spec, seed=seed)
+        opt = apply_memory(model, cfg, lr=lr, device_name=device_name)
+        if cfg.uses_fsdp:
+            watch_gathered(model, meter)
+        # FSDP2 averages gradients over the group; the loss is already divided by the global token
+        # count, so scale it back (set_gradient_divide_factor(1.0) needs PREMUL_SUM, which gloo lacks).
+        grad_scale = float(world) if cfg.uses_fsdp else 1.0
+        per_rank, extra = divmod(global_batch, world)
+        start = rank * per_rank + min(rank, extra)
+        count = per_rank + (rank < extra)
+        for step in range(steps):
+            t0 = time.perf_counter()
+            meter.set_static(device_state_tensors(model, opt, offload=cfg.offload), what="model state")
+            x, y = get_batch(step, global_batch, seq_len, start=start, count=count, seed=seed)
+            with meter.track():
+                with compute_context(cfg):
+                    logits = model(x)
+                loss = loss_sum(logits, y) / (global_batch * seq_len)
+                (loss * grad_scale).backward()
+            if world > 1 and not cfg.uses_fsdp:
+                for p in model.parameters():
+                    dist.all_reduce(p.grad)
+            if want_grads and step == 0:
+                grads = {_plain_name(n): _full(p.grad) for n, p in model.named_parameters()}
+            opt.step()
+            meter.set_static(device_state_tensors(model, opt, offload=cfg.offload), what="gradients and optimizer state")
+            opt.zero_grad(set_to_none=True)
+            total = loss.detach().clone()
+            if world > 1:
+                dist.all_reduce(total)
+            losses.append(float(total))
+            times.append(time.perf_counter() - t0)
+        error = None
+    except DeviceMemoryError as e:
+        error = f"oom: {e}"
+    except ChipfuseError as e:
+        error = f"refused: {e}"
+    later = sorted(times[1:]) or times or [0.0]
+    return ProbeResult(rank=rank, losses=losses, peak_bytes=meter.peak_bytes, static_bytes=meter.static_bytes,
+                       step_s=later[len(later) // 2], error=error, grads=grads)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _send(queue, obj: dict) -> None:
+    # Plain pickle: by value. The queue's own pickler would pass tensors as shared-memory handles,
+    # which die with this process before the parent reads them.
+    queue.put(pickle.dumps(obj))
+    queue.close()
+    queue.join_thread()  # flush before os._exit, which would drop what the feeder thread holds
+
+
+def _worker(rank: int, world: int, port: int, queue, cfgs: list[MemoryConfig], kwargs: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)  # one thread per emulated device (shared/notes/torch-on-cpu.md)
+    try:
+        if world > 1:
+            dist.init_process_group("gloo")
+        results = []
+        for cfg in cfgs:
+            results.append(asdict(run_probe(cfg=cfg, **kwargs)))
+            if results[-1]["error"] is not None:
+                break  # its peers may wait for it in a collective: the parent stops them
+        _send(queue, {"rank": rank, "results": results})
+        if results[-1]["error"] is not None:
+            os._exit(0)
+    except Exception:
+        _send(queue, {"rank": rank, "results": [{"rank": rank, "error": "crash: " + traceback.format_exc()}]})
+        os._exit(1)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+def spawn_probe(world: int, *, cfgs: list[MemoryConfig], timeout_s: float = 300.0, **kwargs) -> list[list[ProbeResult]]:
+    """run_probe for each of `cfgs` in turn, on `world` fresh gloo ranks (127.0.0.1); one process start
+    for them all (a start costs seconds here). Returns, per config, the results sorted by rank.
+
+    One rank running out of memory ends the run: its peers are stopped rather than left waiting in
+    a collective, and the configs not reached report that error."""
+    import multiprocessing as mp
+    import queue as queue_mod
+
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, q, cfgs, kwargs), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    got: dict[int, list[dict]] = {}
+    deadline = time.monotonic() + timeout_s
+    first_error = None
+    while len(got) < world and time.monotonic() < deadline:
+        try:
+            msg = pickle.loads(q.get(timeout=0.5 if first_error is None else 5.0))
+            got[msg["rank"]] = msg["results"]
+            first_error = first_error or msg["results"][-1].get("error")
+        except queue_mod.Empty:
+            if first_error is not None or not any(p.is_alive() for p in procs):
+                break
+    for p in procs:
+        p.join(timeout=1.0 if first_error else 10.0)
+        if p.is_alive():
+            p.kill()
+            p.join()
+    missing = first_error or "crash: no result (timeout)"
+    return [[ProbeResult(**(got.get(r, [])[i] if i < len(got.get(r, [])) else {"rank": r, "error": missing}))
+             for r in range(world)] for i in range(len(cfgs))]
