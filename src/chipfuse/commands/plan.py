@@ -32,12 +32,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help="measured profile JSON (from `chipfuse profile`) overriding catalog figures")
     p.add_argument("--json", metavar="PATH", help="write plan, prediction and baselines (read by `chipfuse train --plan`)")
     p.add_argument("--timeline", metavar="PNG", help="draw the simulated step of the chosen plan")
+    p.add_argument("--max-model", action="store_true",
+                   help="instead of a plan: the largest model of --model's family (same depth, wider) the pool "
+                        "can train under each memory strategy, and what limits it (--global-batch is ignored)")
+    p.add_argument("--micro-batch", type=int, default=1, help="with --max-model: samples per device (default 1)")
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     pool = default_pool() if args.pool == "builtin" else load_pool(args.pool)
     model = resolve_model(args.model)
+    if args.max_model:
+        from dataclasses import replace
+
+        from chipfuse.plan.max_model import report
+
+        write_json(args.json, report(pool, replace(model, seq_len=args.seq_len), micro_batch_size=args.micro_batch,
+                                     dtype=args.dtype))
+        return 0
     profile = Profile.load(args.profile) if args.profile else None
     res = search(pool, model, global_batch=args.global_batch, seq_len=args.seq_len, time_budget_s=args.time_budget,
                  profile=profile, dtype=args.dtype, optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
