@@ -50,3 +50,16 @@ def test_train_refuses_a_plan_over_the_memory_cap_before_it_starts(tmp_path, cap
     err = capsys.readouterr().err
     assert "device 'solo' needs" in err and "MiB missing" in err and "Fix:" in err
     assert not (tmp_path / "over").exists()  # nothing started, nothing written
+
+
+def test_trainer_refuses_sharded_groups_it_cannot_run_yet():
+    from chipfuse.errors import ChipfuseError
+    from chipfuse.model.gpt import build_model
+    from chipfuse.runtime.memory import MemoryConfig, prepare_replica
+
+    model = build_model(SPEC_PRESETS["tiny"])
+    with pytest.raises(ChipfuseError, match="needs FSDP2 over a stage group.*Fix:"):
+        prepare_replica(model, MemoryConfig(shard="full", group_size=2), device_name="a")
+    with pytest.raises(ChipfuseError, match="is a CPU.*Fix:"):
+        prepare_replica(model, MemoryConfig(offload="optimizer", host_is_device=True), device_name="a")
+    prepare_replica(model, MemoryConfig(shard="full", group_size=1), device_name="a")  # nothing to shard: no-op

@@ -67,11 +67,14 @@ class MemoryConfig:
     """fp32 | bf16 | int8 | int4 optimizer state (torchao)."""
     host_is_device: bool = False
     """True on a CPU device (not an emulated accelerator): offload is refused there."""
+    group_size: int = 1
+    """Devices in the stage's group (sharding divides state among them)."""
 
     @classmethod
     def from_plan(cls, plan, stage, *, host_is_device: bool = False) -> MemoryConfig:
         return cls(checkpoint=stage.checkpoint, shard=stage.shard, offload=stage.offload, dtype=plan.dtype,
-                   optimizer_dtype=plan.optimizer_dtype, host_is_device=host_is_device)
+                   optimizer_dtype=plan.optimizer_dtype, host_is_device=host_is_device,
+                   group_size=len(stage.devices) // stage.tp_degree)
 
     @property
     def uses_fsdp(self) -> bool:
@@ -212,15 +215,18 @@ def device_memory_config(plan, pool, device_name: str) -> MemoryConfig:
 def prepare_replica(model: nn.Module, cfg: MemoryConfig, *, device_name: str, device_type: str = "cpu") -> None:
     """Apply `cfg` to a whole-model data-parallel replica on one device (the trainer's replicas).
 
-    Sharding a one-device group divides nothing, so `shard` is a no-op here. Parameter offload
-    needs FSDP2 over the stage's group, whose gradients are DTensors the replicas' all-reduce does
-    not take: it is refused with the fix (sharded groups run through apply_memory)."""
+    Sharding a one-device group divides nothing, so `shard` is a no-op there. Sharded groups and
+    parameter offload need FSDP2 over the stage's group, whose gradients are DTensor shards the
+    replicas' all-reduce does not take, and whose collectives the trainer's one-rank-at-a-time
+    warm-up would deadlock: refused with the fix until the trainer runs stage groups."""
     if cfg.host_is_device:
         refuse_host_offload(device_name, cfg.offload)
-    if cfg.offload == "params":
-        raise ChipfuseError(f"device {device_name!r}: offload = \"params\" needs a sharded stage group (FSDP2); "
-                            "this plan gives the device a replica of its own. Fix: use offload = \"optimizer\", "
-                            "or shard the stage over several devices")
+    if cfg.offload == "params" or (cfg.shard != "none" and cfg.group_size > 1):
+        what = "offload = \"params\"" if cfg.offload == "params" else f"shard = {cfg.shard!r} over {cfg.group_size} devices"
+        raise ChipfuseError(f"device {device_name!r}: {what} needs FSDP2 over a stage group, and the trainer runs "
+                            "one-device data-parallel replicas. Fix: give each device its own replica (shard and "
+                            "offload = \"optimizer\" or \"none\"); sharded groups run through "
+                            "runtime.memory.apply_memory (see benchmarks/memory.py)")
     apply_checkpointing(model, cfg.checkpoint)
     apply_autocast(model, cfg.dtype, device_type)
 
