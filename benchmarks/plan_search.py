@@ -2,7 +2,8 @@
 
 Pools: 8 = 4 H100 + 4 A100-80GB (two nodes); 64 = 4 nodes of 8 H100 + 4 nodes of 8 A100-80GB;
 1024 = examples/big-1024.toml (four chip types over 128 nodes). Targets on a 2-core machine:
-at most 1 s at 64 devices and 10 s at 1024. The search is given the target as its budget; the
+at most 1 s at 64 devices and 10 s at 1024 (wall time; CPU time beside it, as other jobs may share the
+machine). The search is given the target as its budget; the
 figure beside it is the same search with a budget of 60 s (how long it takes when not cut short),
 and the ratio of their predicted throughputs says what the budget cost in plan quality.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 from chipfuse.cluster.pool import load_pool, pool_from_dict
@@ -37,12 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model = SPEC_PRESETS["llama-70b"]
     pools = {8: two_kind_pool(1, 4), 64: two_kind_pool(4, 8), 1024: load_pool(ROOT / "examples" / "big-1024.toml")}
-    out: dict = {"model": model.name, "global_batch": {}, "search_s": {}, "unbounded_search_s": {}, "tokens_per_s": {},
+    out: dict = {"model": model.name, "global_batch": {}, "search_s": {}, "search_cpu_s": {}, "unbounded_search_s": {}, "tokens_per_s": {},
                  "quality_vs_unbounded": {}, "target_s": TARGET_S, "emulated": False}
     rows = []
     for n, pool in pools.items():
         batch = max(64, n)
+        cpu0 = time.process_time()
         fast = search(pool, model, global_batch=batch, seq_len=4096, time_budget_s=TARGET_S[n])
+        out["search_cpu_s"][n] = time.process_time() - cpu0
         slow = search(pool, model, global_batch=batch, seq_len=4096, time_budget_s=60.0)
         q = fast.prediction.tokens_per_s / slow.prediction.tokens_per_s
         out["global_batch"][n] = batch
@@ -50,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         out["unbounded_search_s"][n] = slow.search_s
         out["tokens_per_s"][n] = fast.prediction.tokens_per_s
         out["quality_vs_unbounded"][n] = q
-        rows.append([n, f"{fast.search_s:.2f}", f"{TARGET_S[n]:g}", f"{fast.search_s / TARGET_S[n]:.2f}",
+        rows.append([n, f"{fast.search_s:.2f}", f"{out['search_cpu_s'][n]:.2f}", f"{TARGET_S[n]:g}", f"{fast.search_s / TARGET_S[n]:.2f}",
                      f"{slow.search_s:.2f}", f"{q:.3f}", fast.candidates])
     console.print(table(f"plan search time, {model.name}, seq 4096",
-                        ["devices", "search s", "target s", "search/target", "unbounded s", "quality vs unbounded",
+                        ["devices", "search s", "cpu s", "target s", "search/target", "unbounded s", "quality vs unbounded",
                          "plans predicted"], rows))
     write_json(args.json, out)
     return 0

@@ -29,6 +29,10 @@ def test_plan_command_writes_json_and_timeline(tmp_path, capsys):
     plan.check_against_pool(load_pool(EXAMPLES / "amp-v100-t4.toml"))
     assert plan.strategy == "chipfuse" and set(d["predicted"]["memory_bytes"]) == set(plan.devices)
     assert png.read_bytes()[:4] == b"\x89PNG" and d["simulated_step_s"] > 0
+    # The written plan can be evaluated again without a search, to the same prediction.
+    again = tmp_path / "again.json"
+    assert main(["plan", "--pool", str(EXAMPLES / "amp-v100-t4.toml"), "--evaluate", str(out), "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["predicted"]["step_s"] == pytest.approx(d["predicted"]["step_s"])
 
 
 def test_plan_reads_a_hugging_face_config(tmp_path):
@@ -47,6 +51,7 @@ def test_plan_reads_a_hugging_face_config(tmp_path):
     (["--model", "no-such-model"], "not a preset nor a config.json"),
     (["--seq-len", "999999"], "seq-len is 999999"),
     (["--pool", "missing.toml"], "no such pool file"),
+    (["--evaluate", "missing-plan.json"], "no such plan file"),
 ])
 def test_plan_command_refusals(args, match, capsys):
     base = {"--pool": str(EXAMPLES / "amp-v100-t4.toml"), "--model": "gpt2", "--global-batch": "8", "--seq-len": "128"}
@@ -84,3 +89,8 @@ def test_plan_for_the_builtin_emulated_pool_says_so(tmp_path, capsys):
     # The fast emulated device gets the largest share.
     plan = Plan.from_json(out)
     assert plan.global_batch == 56 and set(plan.devices) <= {"fast", "mid", "slow"}
+
+
+def test_search_flags_are_required_without_evaluate(capsys):
+    assert main(["plan", "--pool", str(EXAMPLES / "amp-v100-t4.toml"), "--model", "gpt2"]) == 2
+    assert "--global-batch is missing" in capsys.readouterr().err

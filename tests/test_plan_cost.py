@@ -101,6 +101,13 @@ def test_slow_links_slow_the_gradient_sync_between_nodes():
     assert predict(plan, two_nodes(1)).step_s > predict(plan, two_nodes(400)).step_s
 
 
+def test_memory_per_device_matches_the_prediction():
+    from chipfuse.plan.cost import memory_per_device
+
+    plan = data_parallel_plan(MODEL, {"d0": 12, "d1": 4}, seq_len=128, micro_batch_size=4)
+    assert memory_per_device(plan, pool()) == predict(plan, pool()).memory_bytes
+
+
 def test_memory_over_capacity_is_reported():
     tiny = pool_from_dict({"name": "t", "node": [{"name": "n", "device": [{"name": "d0", "chip": "T4", "memory_gib": 0.05}]}]})
     plan = Plan(model=MODEL, global_batch=8, seq_len=128, replicas=(Replica(
@@ -124,3 +131,15 @@ def test_profile_and_plan_refusals(tmp_path):
     plan = data_parallel_plan(MODEL, {"d0": 4, "elsewhere": 4}, seq_len=128, micro_batch_size=4)
     with pytest.raises(PlanError, match="'elsewhere' is not in pool.*Fix"):
         predict(plan, pool())
+
+
+def test_a_group_spread_over_nodes_pays_the_link_between_them():
+    nodes = [{"name": f"n{i}", "device": [{"name": f"d{i}{j}", "chip": "A100"} for j in range(2)]} for i in range(2)]
+    slow = pool_from_dict({"name": "p", "node": nodes, "default_link": {"bandwidth_gbit_s": 10, "latency_ms": 0.1}})
+
+    def fsdp(devs):
+        return Plan(model=MODEL, global_batch=8, seq_len=128, replicas=(Replica(stages=(
+            Stage(devices=devs, first_layer=0, num_layers=4, shard="full"),), batch_share=8, micro_batch_size=8),))
+
+    inside, across = predict(fsdp(("d00", "d01")), slow), predict(fsdp(("d00", "d10")), slow)
+    assert across.step_s > inside.step_s

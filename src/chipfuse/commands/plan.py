@@ -9,7 +9,9 @@ from rich.console import Console
 from chipfuse.cluster.builtin import default_pool
 from chipfuse.cluster.catalog import GiB
 from chipfuse.cluster.pool import Device, Pool, load_pool
+from chipfuse.errors import ChipfuseError
 from chipfuse.model.spec import resolve_model
+from chipfuse.plan.cost import predict
 from chipfuse.plan.plan import DTYPES, OPTIMIZER_DTYPES, SCHEDULES, Plan
 from chipfuse.plan.profile import Profile
 from chipfuse.plan.search import SearchResult, search
@@ -22,9 +24,11 @@ wide = Console(highlight=False, width=max(console.width, 130))
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="search the best plan for a pool and a model (no devices needed)")
     p.add_argument("--pool", required=True, help="pool TOML file (see examples/), or 'builtin' (the emulated 4:2:1 pool)")
-    p.add_argument("--model", required=True, help="model preset or Hugging Face config.json")
-    p.add_argument("--global-batch", type=int, required=True, help="samples per optimizer step")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample")
+    p.add_argument("--model", help="model preset or Hugging Face config.json")
+    p.add_argument("--global-batch", type=int, help="samples per optimizer step")
+    p.add_argument("--seq-len", type=int, help="tokens per sample")
+    p.add_argument("--evaluate", metavar="PLAN_JSON",
+                   help="no search: predict (and --timeline: simulate) this plan, e.g. a hand-written one")
     p.add_argument("--time-budget", type=float, default=5.0, help="seconds the search may take (default 5)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
     p.add_argument("--optimizer-dtype", choices=OPTIMIZER_DTYPES, default="fp32")
@@ -33,53 +37,63 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", metavar="PATH", help="write plan, prediction and baselines (read by `chipfuse train --plan`)")
     p.add_argument("--timeline", metavar="PNG", help="draw the simulated step of the chosen plan")
     p.add_argument("--max-model", action="store_true",
-                   help="instead of a plan: the largest model of --model's family (same depth, wider) the pool "
-                        "can train under each memory strategy, and what limits it (--global-batch is ignored)")
+                   help="no search: the largest model of --model's family (same depth, wider) the pool can train "
+                        "under each memory strategy, and what limits it")
     p.add_argument("--micro-batch", type=int, default=1, help="with --max-model: samples per device (default 1)")
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     pool = default_pool() if args.pool == "builtin" else load_pool(args.pool)
-    model = resolve_model(args.model)
     if args.max_model:
-        from dataclasses import replace
-
-        from chipfuse.plan.max_model import report
-
-        write_json(args.json, report(pool, replace(model, seq_len=args.seq_len), micro_batch_size=args.micro_batch,
-                                     dtype=args.dtype))
-        return 0
+        return _max_model(args, pool)
     profile = Profile.load(args.profile) if args.profile else None
-    res = search(pool, model, global_batch=args.global_batch, seq_len=args.seq_len, time_budget_s=args.time_budget,
-                 profile=profile, dtype=args.dtype, optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
-    wide.print(plan_table(res.plan, pool, res))
-    wide.print(strategy_table(res))
-    b = res.prediction.breakdown
-    console.print(f"chipfuse's step: slowest replica's pipeline {b['pipeline_s']:.3g} s (bubble {b['bubble_fraction']:.0%}), "
+    source = "profile " + args.profile if args.profile else "catalog peak x default efficiency"
+    if args.evaluate:
+        plan = Plan.from_json(args.evaluate)
+        plan.check_against_pool(pool, source=args.evaluate)
+        pred = predict(plan, pool, profile)
+        wide.print(plan_table(plan, pool, pred.memory_bytes))
+        out: dict = {"plan": plan.to_dict(), "predicted": pred.to_dict()}
+        console.print(f"predicted step {pred.step_s:.3g} s, {pred.tokens_per_s:,.0f} tokens/s, MFU {pred.mfu:.1%}"
+                      + ("" if pred.fits else f"; does NOT fit: over capacity on {sorted(pred.breakdown['over_capacity'])}"))
+    else:
+        for flag, val in (("--model", args.model), ("--global-batch", args.global_batch), ("--seq-len", args.seq_len)):
+            if val is None:
+                raise ChipfuseError(f"chipfuse plan: {flag} is missing. Fix: give {flag} (or --evaluate PLAN_JSON)")
+        res = search(pool, resolve_model(args.model), global_batch=args.global_batch, seq_len=args.seq_len,
+                     time_budget_s=args.time_budget, profile=profile, dtype=args.dtype,
+                     optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
+        plan, pred = res.plan, res.prediction
+        wide.print(plan_table(plan, pool, pred.memory_bytes))
+        wide.print(strategy_table(res))
+        out = res.to_dict()
+    b = pred.breakdown
+    console.print(f"step: slowest replica's pipeline {b['pipeline_s']:.3g} s (bubble {b['bubble_fraction']:.0%}), "
                   f"then {b['sync_exposed_s']:.3g} s of gradient sync and optimizer not hidden behind it")
-    out = res.to_dict()
     out["emulated"] = pool.emulated
-    out["predicted_from"] = "profile " + args.profile if args.profile else "catalog peak x default efficiency"
+    out["predicted_from"] = source
     if args.timeline:
         from chipfuse.report.timeline import save_timeline
         from chipfuse.sim.pipeline import simulate
 
-        sim = simulate(res.plan, pool, profile)
-        rows = save_timeline(sim, args.timeline, title=f"{model.name} on {pool.name}: simulated step {sim.step_s:.3g} s")
+        sim = simulate(plan, pool, profile)
+        rows = save_timeline(sim, args.timeline,
+                             title=f"{plan.model.name} on {pool.name}: simulated step {sim.step_s:.3g} s")
         out["simulated_step_s"] = sim.step_s
         console.print(f"timeline of the simulated step ({sim.step_s:.3g} s, {rows} rows) written to {args.timeline}")
-    console.print(f"searched {res.candidates} candidate plans in {res.search_s:.2f} s; predictions from "
-                  f"{out['predicted_from']}" + ("; the pool is EMULATED: figures describe the emulation" if pool.emulated else ""))
-    for n in res.notes:
-        console.print(f"note: {n}")
+    if not args.evaluate:
+        console.print(f"searched {res.candidates} candidate plans in {res.search_s:.2f} s")
+        for n in res.notes:
+            console.print(f"note: {n}")
+    console.print(f"predictions from {source}" + ("; the pool is EMULATED: figures describe the emulation"
+                                                 if pool.emulated else ""))
     write_json(args.json, out)
     return 0
 
 
-def _group_rows(plan: Plan, pool: Pool, res: SearchResult) -> list[list]:
+def _group_rows(plan: Plan, pool: Pool, mem: dict[str, int]) -> list[list]:
     """One row per stage; identical replicas (same chips, split and share) folded into one."""
-    mem = res.prediction.memory_bytes
     dev = {d.name: d for d in pool.devices}
     folds: dict[tuple, list[int]] = {}
     for i, r in enumerate(plan.replicas):
@@ -109,12 +123,12 @@ def _chip(d: Device) -> str:
     return f"{d.chip.name} (emulated x{d.emulation.speed:g})" if d.emulation else d.chip.name
 
 
-def plan_table(plan: Plan, pool: Pool, res: SearchResult):
+def plan_table(plan: Plan, pool: Pool, memory_bytes: dict[str, int]):
     used = len(plan.devices)
     title = (f"plan for {plan.model.name} on {pool.name}: {len(plan.replicas)} replicas over {used} devices"
              + (f", {len(plan.excluded)} left out" if plan.excluded else ""))
     return table(title, ["replica", "stage", "devices", "layers", "tp", "share", "mb x size", "memory strategy",
-                         "GiB used/has"], _group_rows(plan, pool, res))
+                         "GiB used/has"], _group_rows(plan, pool, memory_bytes))
 
 
 def strategy_table(res: SearchResult):
@@ -130,3 +144,16 @@ def strategy_table(res: SearchResult):
                      "yes" if p.fits else "NO", f"{ours.tokens_per_s / p.tokens_per_s:.2f}"])
     return table("predicted step, chipfuse's plan beside each simple strategy (x: chipfuse's tokens/s / its)",
                  ["strategy", "devices", "step s", "tokens/s", "MFU", "fits", "x"], rows)
+
+
+def _max_model(args: argparse.Namespace, pool: Pool) -> int:
+    from dataclasses import replace
+
+    from chipfuse.plan.max_model import report
+
+    if args.model is None:
+        raise ChipfuseError("chipfuse plan --max-model: --model is missing. Fix: give the family's base model")
+    base = resolve_model(args.model)
+    base = replace(base, seq_len=args.seq_len or base.seq_len)
+    write_json(args.json, report(pool, base, micro_batch_size=args.micro_batch, dtype=args.dtype))
+    return 0

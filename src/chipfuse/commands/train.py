@@ -14,6 +14,7 @@ from pathlib import Path
 
 from chipfuse.cluster.builtin import default_pool
 from chipfuse.cluster.pool import Pool, load_pool
+from chipfuse.commands import endure_flags
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.spec import resolve_model
 from chipfuse.plan.plan import Plan
@@ -43,9 +44,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metrics", default=None, help="per-step JSON lines (default: RUN_DIR/metrics.jsonl)")
     p.add_argument("--json", metavar="PATH", help="write the run's summary as JSON")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--profile", help="measured profile (from `chipfuse profile`) for the predicted step time")
+    p.add_argument("--timeline", metavar="PNG", help="draw the measured step beside the simulator's prediction")
     p.add_argument("--pool-node", help="under torchrun on several hosts: this host's node in the pool; its "
                    "workers take that node's plan devices by local rank")
     p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/plan.json and stop (for multi-host launches)")
+    endure_flags.add_arguments(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -62,11 +66,15 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
         plan = Plan.from_json(args.plan)
         plan.check_against_pool(pool, source=args.plan)
         check_plan_memory(plan, pool, source=args.plan)  # predicted peak per device, before any worker starts
+        if not plan.is_pure_data_parallel or plan.model.family != "gpt":
+            from chipfuse.runtime.layout import check_runnable
+
+            check_runnable(plan, pool, source=args.plan)
         return plan
     from chipfuse.plan.data_parallel import unequal_data_parallel
     from chipfuse.runtime.probe import measure_memory
 
-    spec = resolve_model(args.model)
+    spec = getattr(args, "model_spec", None) or resolve_model(args.model)  # a resumed run: the checkpoint's
     seq_len = args.seq_len or spec.seq_len
     if seq_len > spec.seq_len:
         raise ChipfuseError(f"--seq-len {seq_len} is longer than model {spec.name!r} allows ({spec.seq_len}). "
@@ -80,10 +88,10 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
 def cmd_train(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ChipfuseError(f"--steps is {args.steps}. Fix: train at least one step (use --dry-run to only plan)")
-    pool = _load_pool(args.pool)
+    pool = endure_flags.exclude(args, _load_pool(args.pool))
     if launched_by_torchrun():
         return _worker(args, pool)
-    plan = make_plan(args, pool)
+    plan = endure_flags.prepare(args, pool, make_plan)
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     plan_path = run_dir / "plan.json"
@@ -103,7 +111,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         worker_args += ["--shares", args.shares]
     if args.no_progress:
         worker_args.append("--no-progress")
+    worker_args += endure_flags.worker_args(args)
     if len(plan.devices) == 1:
+        worker_args += ["--resume", args.resume] if args.resume else []
         env_backup = dict(os.environ)
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         try:
@@ -113,13 +123,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         finally:
             os.environ.clear()
             os.environ.update(env_backup)
+    elif endure_flags.supervised(args):
+        rc = endure_flags.launch(args, plan, worker_args, summary_path)
     else:
         rc = launch_local(len(plan.devices), worker_args)
     if rc != 0:
         console.print(f"[red]training failed (exit {rc})[/]; the plan is in {plan_path}")
         return rc
     summary = json.loads(summary_path.read_text())
+    from chipfuse.report.measured import finish_run, prediction_line
+
+    summary = finish_run(plan, pool, summary, summary_path=summary_path, profile_path=args.profile,
+                         timeline_path=args.timeline, metrics_path=metrics)
     print_summary(summary)
+    console.print(prediction_line(summary))
+    if args.timeline:
+        console.print(f"timeline (measured beside predicted): {args.timeline}")
     return 0
 
 
@@ -136,11 +155,12 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
     from chipfuse.runtime import dist as cfdist
     from chipfuse.runtime.trainer import TrainConfig, run
 
-    plan = make_plan(args, pool)
+    plan = endure_flags.prepare(args, pool, make_plan)
     shares = args.shares or ("plan" if all(d.emulated for d in pool.devices) else "measured")
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
                       shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
-                      device=_node_device(args.pool_node, plan, pool) if args.pool_node else None)
+                      device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
+                      endure=endure_flags.config(args))
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)

@@ -280,6 +280,21 @@ def stage_finish_times(tables: list[ReplicaTable], segs: list[Segment], *, overl
     return out
 
 
+def memory_per_device(plan: Plan, pool: Pool) -> dict[str, int]:
+    """Bytes each device of the plan holds at its peak (chipfuse.plan.memory), without timing anything."""
+    costs = model_costs(plan.model, plan.seq_len)
+    out: dict[str, int] = {}
+    for r in plan.replicas:
+        p, m = len(r.stages), r.num_micro_batches
+        for i, st in enumerate(r.stages):
+            sh = StageShape(num_layers=st.num_layers, is_first=i == 0, is_last=i == p - 1, group_size=len(st.devices),
+                            tp=st.tp_degree, checkpoint=st.checkpoint, shard=st.shard, offload=st.offload,
+                            micro_batch_size=r.micro_batch_size, in_flight=in_flight(plan.schedule, p, i, m))
+            total = stage_memory(costs, sh, dtype=plan.dtype, optimizer_dtype=plan.optimizer_dtype).total
+            out.update({d: total for d in st.devices})
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- predict
 @dataclass(frozen=True, kw_only=True)
 class Prediction:

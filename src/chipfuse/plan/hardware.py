@@ -99,7 +99,9 @@ class PoolIndex:
         if got is None:
             devs = [self.dev[n] for n in names]
             slow = min(devs, key=lambda d: sustained_flops(d, self.dtype, self.profile))
-            bw, lat = self.link(slow.node, slow.node)
+            nodes = frozenset(d.node for d in devs)
+            # A group spread over nodes (hand-written plans) talks over the slowest link among them.
+            bw, lat = self.link(slow.node, slow.node) if len(nodes) == 1 else self.slowest(nodes)
             timings = self.profile.layer_times.get(slow.name, ()) if self.profile else ()
             got = GroupHW(flops=sustained_flops(slow, self.dtype, self.profile),
                           mem_bw=min(d.chip.mem_bw for d in devs), memory_bytes=min(d.memory_bytes for d in devs),

@@ -161,18 +161,23 @@ class Context:
         return [b for b in MICRO_BATCHES if b <= cap and (b == 1 or (b // 2) * self.seq_len < 8192)] or [1]
 
     def homogeneous(self, kind: int, deadline: float) -> list[Template]:
-        """Every solved single-kind template (cached once complete: the baselines reuse them)."""
+        """Every solved single-kind template found by the deadline (cached: the baselines reuse them)."""
         if kind in self._homogeneous:
             return list(self._homogeneous[kind])
         out = self._homogeneous_uncached(kind, deadline)
-        if time.perf_counter() <= deadline:
-            self._homogeneous[kind] = list(out)
+        self._homogeneous[kind] = list(out)  # even when cut short: the time budget rules the baselines too
         return out
 
     def _homogeneous_uncached(self, kind: int, deadline: float) -> list[Template]:
         out: list[Template] = []
         L = self.costs.num_layers
-        for g, t in unit_configs(self.kinds[kind], self.costs):
+        # Most promising group sizes first (in case the deadline cuts the loop): about as many devices
+        # as it takes to hold the model's state once, the largest tensor degree first.
+        sb = state_bytes(self.dtype, self.optimizer_dtype)
+        need = self.costs.total_params * sb.total / usable(self.kinds[kind].memory_bytes)
+        cfgs = sorted(unit_configs(self.kinds[kind], self.costs),
+                      key=lambda gt: (abs(math.log2(gt[0]) - math.log2(max(1.0, min(need, 8.0)))), -gt[1]))
+        for g, t in cfgs:
             n_units = len(self.solver.units(kind, g))
             depths = sorted({p for p in DEPTHS if p <= min(L, n_units)} | ({n_units} if n_units <= L else set()))
             for mbs in self.micro_batch_sizes():
@@ -237,14 +242,14 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
     per_kind: dict[int, list[Template]] = {}
     order = sorted(range(len(ctx.kinds)), key=lambda k: -ctx.kinds[k].rate)
     for j, k in enumerate(order):
-        share = (time_budget_s * 0.4 - (time.perf_counter() - t0)) / (len(order) - j)
+        share = (time_budget_s * 0.5 - (time.perf_counter() - t0)) / (len(order) - j)
         tpls = ctx.homogeneous(k, time.perf_counter() + share)
         tpls.sort(key=ctx.estimate, reverse=True)
         if tpls:
             per_kind[k] = tpls[:2]
     base = baselines(ctx)
     scored: list[Scored] = [s for s in base.values() if s is not None]
-    deadline = t0 + time_budget_s * 0.6
+    deadline = t0 + time_budget_s * 0.75
     # 2. mixed pipelines over subsets of kinds
     mixed: list[Template] = []
     if len(ctx.kinds) > 1:

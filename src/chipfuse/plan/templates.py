@@ -134,34 +134,48 @@ class OptionTable:
         return best, choice
 
 
-def option_table(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, is_first: bool, is_last: bool,
-                 dtype: str, optimizer_dtype: str) -> OptionTable:
+def option_tables(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, dtype: str,
+                  optimizer_dtype: str) -> dict[tuple[bool, bool], OptionTable]:
+    """The option tables of the four stage positions (first?, last?) of one unit config.
+
+    What grows per block is the same in every position; only the fixed part (embedding, head,
+    logits) differs, so the per-block figures are computed once.
+    """
     d = g // t
     opts = [(c, s, o) for c in CHECKPOINTS for s in (SHARDS if d > 1 else ("none",)) for o in OFFLOADS]
-    rows = []
+    positions = [(False, False), (True, False), (False, True), (True, True)]
+    per_block: list[tuple[float, ...]] = []
+    fixed: dict[tuple[bool, bool], list[tuple[float, float]]] = {pos: [] for pos in positions}
     for c, s, o in opts:
-        base = StageShape(num_layers=1, is_first=is_first, is_last=is_last, group_size=g, tp=t, checkpoint=c,
-                          shard=s, offload=o, micro_batch_size=mbs, in_flight=1)
-        bt = block_time(costs, hw, base, dtype=dtype)
+        def shape(n: int, f: int, first: bool = False, last: bool = False, c: str = c, s: str = s,
+                  o: str = o) -> StageShape:
+            return StageShape(num_layers=n, is_first=first, is_last=last, group_size=g, tp=t, checkpoint=c,
+                              shard=s, offload=o, micro_batch_size=mbs, in_flight=f)
 
-        def mem(n: int, f: int, base: StageShape = base) -> float:
-            return stage_memory(costs, replace(base, num_layers=n, in_flight=f), dtype=dtype,
-                                optimizer_dtype=optimizer_dtype).total
+        def mem(sh: StageShape) -> float:
+            return stage_memory(costs, sh, dtype=dtype, optimizer_dtype=optimizer_dtype).total
 
-        m01, m11, m12 = mem(0, 1), mem(1, 1), mem(1, 2)
-        act = m12 - m11
-
-        def once(n: int, base: StageShape = base) -> float:
-            sh = replace(base, num_layers=n)
+        def once(sh: StageShape) -> float:
             return (optimizer_s(costs, hw, sh, dtype=dtype, optimizer_dtype=optimizer_dtype)
                     + group_sync_s(costs, hw, sh, dtype=dtype))
 
-        rows.append((bt.fwd_per_block_s + bt.bwd_per_block_s, bt.fwd_extra_s + bt.bwd_extra_s, m01,
-                     m11 - m01 - act, act, once(1) - once(0)))
-    a = np.array(rows, dtype=float)
-    return OptionTable(options=tuple(opts), tau=a[:, 0], extra=a[:, 1], fixed_bytes=a[:, 2],
-                       state_bytes_per_block=a[:, 3], act_bytes_per_block=a[:, 4], step_s_per_block=a[:, 5],
-                       capacity=usable(hw.memory_bytes))
+        mid = shape(1, 1)
+        bt = block_time(costs, hw, mid, dtype=dtype)
+        m01, m11, m12 = mem(shape(0, 1)), mem(mid), mem(shape(1, 2))
+        act = m12 - m11
+        per_block.append((bt.fwd_per_block_s + bt.bwd_per_block_s, m11 - m01 - act, act,
+                          once(mid) - once(shape(0, 1))))
+        for first, last in positions:
+            extra = block_time(costs, hw, shape(1, 1, first, last), dtype=dtype) if last else bt
+            fixed[(first, last)].append((extra.fwd_extra_s + extra.bwd_extra_s, mem(shape(0, 1, first, last))))
+    a = np.array(per_block, dtype=float)
+    out = {}
+    for pos in positions:
+        f = np.array(fixed[pos], dtype=float)
+        out[pos] = OptionTable(options=tuple(opts), tau=a[:, 0], extra=f[:, 0], fixed_bytes=f[:, 1],
+                               state_bytes_per_block=a[:, 1], act_bytes_per_block=a[:, 2], step_s_per_block=a[:, 3],
+                               capacity=usable(hw.memory_bytes))
+    return out
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,7 +223,7 @@ class TemplateSolver:
                  schedule: str):
         self.ix, self.costs, self.kinds = ix, costs, kinds
         self.dtype, self.optimizer_dtype, self.schedule = dtype, optimizer_dtype, schedule
-        self._tables: dict[tuple, OptionTable] = {}
+        self._tables: dict[tuple, dict[tuple[bool, bool], OptionTable]] = {}
         self._units: dict[tuple[int, int], list[tuple[str, ...]]] = {}
         self._costs: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -220,13 +234,13 @@ class TemplateSolver:
         return self._units[key]
 
     def table(self, kind: int, g: int, t: int, mbs: int, first: bool, last: bool) -> OptionTable:
-        key = (kind, g, t, mbs, first, last)
-        tab = self._tables.get(key)
-        if tab is None:
+        key = (kind, g, t, mbs)
+        tabs = self._tables.get(key)
+        if tabs is None:
             hw = self.ix.hw(self.units(kind, g)[0])
-            tab = self._tables[key] = option_table(self.costs, hw, g=g, t=t, mbs=mbs, is_first=first, is_last=last,
-                                                   dtype=self.dtype, optimizer_dtype=self.optimizer_dtype)
-        return tab
+            tabs = self._tables[key] = option_tables(self.costs, hw, g=g, t=t, mbs=mbs, dtype=self.dtype,
+                                                     optimizer_dtype=self.optimizer_dtype)
+        return tabs[(first, last)]
 
     def placement(self, tpl: Template, r: int) -> list[tuple[str, ...]]:
         """The units replica r of a template runs on (each kind's units dealt out in node order)."""

@@ -31,10 +31,12 @@ class StepLog:
     seq_len: int
     path: Path | None = None
     emulated: bool = False
+    append: bool = False
+    """Keep the lines already there (a resumed run continues the same log)."""
     rows: list[dict] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.path is not None:
+        if self.path is not None and not self.append:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text("")
 

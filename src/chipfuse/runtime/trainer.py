@@ -5,19 +5,21 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from chipfuse.cluster.pool import Device, Pool
+from chipfuse.errors import ChipfuseError
 from chipfuse.model.gpt import build_model
 from chipfuse.plan.plan import Plan, Replica
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.runtime import dist as cfdist
 from chipfuse.runtime.data_parallel import DataParallelWorker, all_reduce_gradients
 from chipfuse.runtime.emulate import MemoryMeter, Pacer, solo_time
+from chipfuse.runtime.endure import Endurance, EndureConfig
 from chipfuse.runtime.memory import (
     build_plan_optimizer,
     device_memory_config,
@@ -44,6 +46,8 @@ class TrainConfig:
     progress: bool = True
     device: str | None = None
     """This worker's device name; None = the plan's device at this rank (single host)."""
+    endure: EndureConfig = field(default_factory=EndureConfig)
+    """Checkpoints, resume, NaN policy, clean stop, online rebalancing (runtime/endure.py)."""
 
 
 def _replica_of(plan: Plan, device: str) -> tuple[int, Replica]:
@@ -106,6 +110,10 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         raise ValueError(f"the plan uses {len(plan.devices)} devices but {info.world_size} workers started. "
                          f"Fix: launch with --nproc-per-node {len(plan.devices)} (or use `chipfuse train`)")
     by_rank = _rank_names(name, info)
+    if not plan.is_pure_data_parallel or plan.model.family != "gpt":
+        from chipfuse.runtime.pipeline_train import run_pipeline  # stages over devices, HF models
+
+        return run_pipeline(plan, pool, cfg, info, by_rank)
     device: Device = pool.device(name)
     idx, replica = _replica_of(plan, name)
     offsets = _offsets(plan)
@@ -169,26 +177,36 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             start += shares[d]
 
     optimizer = build_plan_optimizer(params, mem, plan=plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated,
+    endure = Endurance(cfg.endure, plan=plan, rank_names=by_rank, name=name, worker=worker, shares=shares)
+    first_step = endure.resume(model, optimizer)
+    if first_step >= cfg.steps:
+        raise ChipfuseError(f"the checkpoint is at step {first_step} and --steps is {cfg.steps}: nothing to "
+                            f"train. Fix: give --steps above {first_step}")
+    log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     progress = _Progress(enabled=info.is_main and cfg.progress, steps=cfg.steps, devices=list(plan.devices))
 
-    for step in range(cfg.steps):
+    for step in range(first_step, cfg.steps):
         t_step = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         res = worker.compute(step)
         t_comm = time.perf_counter()
         all_reduce_gradients(params)
         comm_s = time.perf_counter() - t_comm
-        optimizer.step()
+        if endure.before_update(step, res.loss_sum):  # False: non-finite loss, update skipped
+            optimizer.step()
         if meter is not None:
             meter.set_static(device_state_tensors(model, optimizer, offload=mem.offload),
                              what="parameters, gradients and optimizer state")
         row = gather_row({"loss_sum": res.loss_sum, "samples": res.samples, "compute_s": res.compute_s,
                           "padded_s": res.padded_s, "comm_s": comm_s, "step_s": time.perf_counter() - t_step})
+        extra = endure.after_step(step, row)
         if info.is_main:
-            progress.update(log.add(step, row))
+            progress.update(log.add(step, row, **extra))
+        if endure.stopping:
+            break
     progress.close()
+    endure.finish(step + 1)
 
     if not info.is_main:
         return None
@@ -203,7 +221,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         "steps": cfg.steps,
         "global_batch": plan.global_batch,
         "seq_len": plan.seq_len,
-        "shares": shares,
+        "shares": endure.shares,
         "micro_batch_size": {r.devices[0]: r.micro_batch_size for r in plan.replicas},
         "initial_loss": log.rows[0]["loss"],
         "final_loss": log.rows[-1]["loss"],
@@ -221,6 +239,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             for d in plan.devices
         },
         "metrics_path": cfg.metrics_path,
+        **endure.summary(),
     }
 
 

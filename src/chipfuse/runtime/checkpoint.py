@@ -1,0 +1,280 @@
+"""Checkpoints that survive a crash mid-write and a change of pool.
+
+Layout of one checkpoint (N = optimizer steps completed = the next step to train)::
+
+    DIR/step_000123/
+        .metadata, __0_0.distcp, ...   torch.distributed.checkpoint (model + optimizer, by FQN)
+        rng.pt                         every rank's torch / python / numpy RNG state
+        manifest.json                  step, plan, extra, sha256 + size of every file above
+
+Written into `DIR/step_000123.tmp/` and renamed to its final name only after the manifest is on
+disk, so a directory without `.tmp` is complete: a crash leaves a `.tmp` that loading ignores.
+Loading verifies every checksum and falls back to the newest checkpoint that passes, saying why
+it passed over the others.
+
+The model and optimizer go through DCP's `get_state_dict`, which keys every tensor by its
+fully-qualified name with wrapper prefixes (DDP's `module.`) removed. In a data-parallel plan
+every rank holds the whole model, so the saved layout does not depend on the plan: a checkpoint
+written by three ranks loads on two, or in one process. Only the atomic directory protocol, the
+manifest and the fallback are written by hand; the tensor I/O is DCP's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from chipfuse.errors import ChipfuseError
+
+_STEP_RE = re.compile(r"^step_(\d+)$")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ChipfuseError):
+    """A checkpoint directory that cannot be used (none there, or every one damaged)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Resumed:
+    """What a loaded checkpoint says about where training stands."""
+
+    path: Path
+    step: int
+    """Optimizer steps completed; the data position (the next step to train)."""
+    plan: dict[str, Any]
+    """The plan that wrote it (JSON dict), to compare with the plan that resumes."""
+    extra: dict[str, Any]
+    passed_over: tuple[str, ...] = field(default=())
+    """One line per newer checkpoint that failed verification and was not used."""
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def step_dir(directory: str | Path, step: int) -> Path:
+    return Path(directory) / f"step_{step:06d}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """DCP warns that it assumes one process when no group exists: that is what we mean."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save(directory: str | Path, *, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         plan: dict[str, Any], extra: dict[str, Any] | None = None, keep: int = 3) -> Path:
+    """Write checkpoint `step` atomically; every rank calls this. Returns the final directory.
+
+    `keep`: how many complete checkpoints to keep (older ones are deleted after this one lands).
+    """
+    root = Path(directory)
+    final = step_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():  # left by a crash during an earlier write of the same step
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _one_process_is_fine():
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+
+    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [None]
+    if dist.is_initialized():
+        dist.all_gather_object(rngs, _rng_state())
+    else:
+        rngs[0] = _rng_state()
+
+    if _rank() == 0:
+        torch.save(rngs, tmp / "rng.pt")
+        files = {}
+        for f in sorted(tmp.iterdir()):
+            files[f.name] = {"sha256": _sha256(f), "bytes": f.stat().st_size}
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+        manifest = {"format": FORMAT_VERSION, "step": step, "written_unix_s": time.time(),
+                    "world_size": len(rngs), "plan": plan, "extra": extra or {}, "files": files}
+        mpath = tmp / MANIFEST
+        with mpath.open("w") as fh:
+            json.dump(manifest, fh, indent=2, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (a resumed run): swap, never mix
+            old = final.with_name(final.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        for stale in complete_steps(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(step_dir(root, stale), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def complete_steps(directory: str | Path) -> list[int]:
+    """Steps of the directories that finished writing (renamed from .tmp), oldest first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _STEP_RE.match(p.name)))
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check a checkpoint against its manifest; return the manifest or raise CheckpointError."""
+    p = Path(path)
+    mpath = p / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text())
+        files = manifest["files"]
+        int(manifest["step"])
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: no {MANIFEST} (not a chipfuse checkpoint, or written by hand)") from None
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{mpath}: unreadable manifest ({e!r})") from None
+    for name, meta in files.items():
+        f = p / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: listed in the manifest but missing")
+        size = f.stat().st_size
+        if size != meta["bytes"]:
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {meta['bytes']} (truncated)")
+        if _sha256(f) != meta["sha256"]:
+            raise CheckpointError(f"{f}: sha256 does not match the manifest (corrupted)")
+    for f in p.iterdir():
+        if f.name != MANIFEST and f.name not in files:
+            raise CheckpointError(f"{f}: not listed in the manifest (written after it, or added by hand)")
+    return manifest
+
+
+def find_latest(directory: str | Path) -> tuple[Path, dict[str, Any], list[str]]:
+    """The newest checkpoint that verifies, its manifest, and a line per newer one passed over.
+
+    `directory` may be a checkpoint root (DIR) or one checkpoint (DIR/step_000123).
+    """
+    root = Path(directory)
+    if (root / MANIFEST).exists() or _STEP_RE.match(root.name):
+        return root, verify(root), []  # the user named one checkpoint: no silent fallback
+    steps = complete_steps(root)
+    if not steps:
+        what = "does not exist" if not root.exists() else "holds no complete checkpoint (step_NNNNNN/)"
+        raise CheckpointError(f"{root}: {what}. Fix: give the --checkpoint-dir of a run that saved one, "
+                              "or start without --resume")
+    passed: list[str] = []
+    for s in reversed(steps):
+        path = step_dir(root, s)
+        try:
+            return path, verify(path), passed
+        except CheckpointError as e:
+            passed.append(f"checkpoint {path.name} is unusable: {e}")
+    raise CheckpointError(f"{root}: every checkpoint failed verification:\n  " + "\n  ".join(passed)
+                          + "\nFix: restore the directory from a backup, or start without --resume")
+
+
+def load(directory: str | Path, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         log: Any = print) -> Resumed:
+    """Load the newest good checkpoint into `model` and `optimizer` (every rank calls this).
+
+    Rank 0 verifies and tells the others which one to use, so all ranks load the same step even
+    if a file changes under them. Each rank gets back the RNG state its rank saved (rank 0's when
+    the new job has more ranks than the old one).
+    """
+    choice: list[Any] = [None]
+    if _rank() == 0:
+        try:
+            choice[0] = find_latest(directory)
+        except CheckpointError as e:
+            choice[0] = e
+    if dist.is_initialized():
+        dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], CheckpointError):
+        raise choice[0]
+    path, manifest, passed = choice[0]
+    if _rank() == 0:
+        for line in passed:
+            log(f"chipfuse: {line}; using the previous one, {path.name}")
+
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    with _one_process_is_fine():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+    rngs = torch.load(path / "rng.pt", weights_only=False)
+    _set_rng_state(rngs[_rank()] if _rank() < len(rngs) else rngs[0])
+    return Resumed(path=path, step=int(manifest["step"]), plan=manifest.get("plan", {}),
+                   extra=manifest.get("extra", {}), passed_over=tuple(passed))
+
+
+def check_resumable(saved_plan: dict[str, Any], plan: Any, source: str) -> None:
+    """A checkpoint continues the same training only with the same model, batch and sequence.
+
+    The plan's devices and shares may differ (that is the point of re-planning); what fixes the
+    samples of each step (global_batch, seq_len) and the tensors' shapes (model) may not.
+    """
+    if not saved_plan:
+        return
+    new = json.loads(json.dumps(plan.to_dict() if hasattr(plan, "to_dict") else plan))  # tuples -> lists
+    for key in ("model", "global_batch", "seq_len"):
+        if key in saved_plan and saved_plan[key] != new.get(key):
+            raise CheckpointError(
+                f"{source}: written with {key}={saved_plan[key]!r}, the new plan has {new.get(key)!r}; "
+                f"resuming would not continue the same training. Fix: plan again with the same {key} "
+                "(`chipfuse plan`), or start a new run without --resume")

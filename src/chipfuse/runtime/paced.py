@@ -1,0 +1,90 @@
+"""A stage module that runs at an emulated device's speed, micro-batch by micro-batch.
+
+Pipelines are paced per micro-batch (shared/notes/torch-on-cpu.md): the forward of one
+micro-batch is padded to `slack x solo_fwd / speed`, its backward to `slack x solo_bwd / speed`,
+where solo times are measured once with the worker alone on the machine. Backward is bracketed
+by two identity autograd functions: one on the stage output (its backward runs first) and one
+on the stage input side (its backward runs last). Every padded span is also recorded, so the
+measured timeline can be drawn (compute spans; the gaps between them are sends and waits).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from chipfuse.runtime.emulate import Pacer
+from chipfuse.runtime.stages import StageModule
+
+
+@dataclass(kw_only=True)
+class Clock:
+    fwd: Pacer | None
+    bwd: Pacer | None
+    events: list[tuple[str, float, float]] = field(default_factory=list)
+    """(kind, start_s, end_s) in time.perf_counter() seconds."""
+    _bwd_t0: list[float] = field(default_factory=list)
+
+    def bwd_started(self) -> None:
+        self._bwd_t0.append(time.perf_counter())
+
+    def bwd_done(self) -> None:
+        t0 = self._bwd_t0.pop(0) if self._bwd_t0 else time.perf_counter()
+        if self.bwd is not None:
+            self.bwd.pad(t0, 1)
+        self.events.append(("bwd", t0, time.perf_counter()))
+
+
+class _OnBackward(torch.autograd.Function):
+    """Identity whose backward calls `hook()`: marks when backward reaches this point."""
+
+    @staticmethod
+    def forward(ctx, x, hook):  # type: ignore[override]
+        ctx.hook = hook
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        ctx.hook()
+        return g, None
+
+
+class PacedStage(nn.Module):
+    """Wraps a StageModule; forward and backward of each call take the emulated device's time."""
+
+    def __init__(self, inner: StageModule, clock: Clock):
+        super().__init__()
+        self.inner = inner
+        self.clock = clock
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        h = self.inner.pre(x)
+        if h.requires_grad:
+            h = _OnBackward.apply(h, self.clock.bwd_done)
+        y = self.inner.body(h)
+        if y.requires_grad:
+            y = _OnBackward.apply(y, self.clock.bwd_started)
+        if self.clock.fwd is not None:
+            self.clock.fwd.pad(t0, 1)
+        self.clock.events.append(("fwd", t0, time.perf_counter()))
+        return y
+
+
+def measure_solo(module: StageModule, x: torch.Tensor, backward_fn, *, repeats: int = 5) -> tuple[float, float]:
+    """Best-of-`repeats` forward and backward seconds of one micro-batch (after one warm-up)."""
+    best_f = best_b = float("inf")
+    for k in range(repeats + 1):
+        xin = x.detach().requires_grad_(x.is_floating_point())
+        t0 = time.perf_counter()
+        y = module(xin)
+        t1 = time.perf_counter()
+        backward_fn(y)
+        t2 = time.perf_counter()
+        if k:
+            best_f, best_b = min(best_f, t1 - t0), min(best_b, t2 - t1)
+    module.zero_grad(set_to_none=True)
+    return best_f, best_b
