@@ -37,11 +37,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help="measured profile JSON (from `chipfuse profile`) overriding catalog figures")
     p.add_argument("--json", metavar="PATH", help="write plan, prediction and baselines (read by `chipfuse train --plan`)")
     p.add_argument("--timeline", metavar="PNG", help="draw the simulated step of the chosen plan")
+    p.add_argument("--max-model", action="store_true",
+                   help="no search: the largest model of --model's family (same depth, wider) the pool can train "
+                        "under each memory strategy, and what limits it")
+    p.add_argument("--micro-batch", type=int, default=1, help="with --max-model: samples per device (default 1)")
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     pool = default_pool() if args.pool == "builtin" else load_pool(args.pool)
+    if args.max_model:
+        return _max_model(args, pool)
     profile = Profile.load(args.profile) if args.profile else None
     source = "profile " + args.profile if args.profile else "catalog peak x default efficiency"
     if args.evaluate:
@@ -145,3 +151,16 @@ def strategy_table(res: SearchResult):
                      "yes" if p.fits else "NO", f"{ours.tokens_per_s / p.tokens_per_s:.2f}"])
     return table("predicted step, chipfuse's plan beside each simple strategy (x: chipfuse's tokens/s / its)",
                  ["strategy", "devices", "step s", "tokens/s", "MFU", "fits", "x"], rows)
+
+
+def _max_model(args: argparse.Namespace, pool: Pool) -> int:
+    from dataclasses import replace
+
+    from chipfuse.plan.max_model import report
+
+    if args.model is None:
+        raise ChipfuseError("chipfuse plan --max-model: --model is missing. Fix: give the family's base model")
+    base = resolve_model(args.model)
+    base = replace(base, seq_len=args.seq_len or base.seq_len)
+    write_json(args.json, report(pool, base, micro_batch_size=args.micro_batch, dtype=args.dtype))
+    return 0

@@ -18,11 +18,16 @@ from chipfuse.plan.plan import Plan, Replica
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.runtime import dist as cfdist
 from chipfuse.runtime.data_parallel import DataParallelWorker
-from chipfuse.runtime.emulate import MemoryMeter, Pacer, model_state_tensors, solo_time
+from chipfuse.runtime.emulate import MemoryMeter, Pacer, solo_time
 from chipfuse.runtime.endure import Endurance, EndureConfig
 from chipfuse.runtime.grad_sync import build_gradient_sync
+from chipfuse.runtime.memory import (
+    build_plan_optimizer,
+    device_memory_config,
+    device_state_tensors,
+    prepare_replica,
+)
 from chipfuse.runtime.metrics import StepLog, gather_row
-from chipfuse.runtime.optim import build_optimizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -40,6 +45,8 @@ class TrainConfig:
     slack: float = 1.1
     """Emulated devices pad each micro-batch to slack x solo time / speed (torch-on-cpu.md)."""
     progress: bool = True
+    profile_path: str | None = None
+    """A `chipfuse profile` JSON: pipeline workers pace emulated devices to its per-block times."""
     device: str | None = None
     """This worker's device name; None = the plan's device at this rank (single host)."""
     endure: EndureConfig = field(default_factory=EndureConfig)
@@ -115,11 +122,13 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     offsets = _offsets(plan)
 
     model = build_model(plan.model, seed=cfg.seed).to(info.device)
+    mem = device_memory_config(plan, pool, name)  # this device's memory strategy (runtime.memory)
+    prepare_replica(model, mem, device_name=name, device_type=info.device.type)
     params = list(model.parameters())
     meter = None
     if device.emulation and device.emulation.memory_bytes:
         meter = MemoryMeter(device_name=name, cap_bytes=device.emulation.memory_bytes)
-        meter.set_static(model_state_tensors(model, None), what="parameters")
+        meter.set_static(device_state_tensors(model, None, offload=mem.offload), what="parameters")
     worker = DataParallelWorker(model=model, global_batch=plan.global_batch, seq_len=plan.seq_len,
                                 offset=offsets[idx], share=replica.batch_share,
                                 micro_batch_size=replica.micro_batch_size, device=info.device,
@@ -170,7 +179,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
                 worker.set_share(offset=start, share=shares[d])
             start += shares[d]
 
-    optimizer = build_optimizer(params, plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_plan_optimizer(params, mem, plan=plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
     endure = Endurance(cfg.endure, plan=plan, rank_names=by_rank, name=name, worker=worker, shares=shares)
     first_step = endure.resume(model, optimizer)
     if first_step >= cfg.steps:
@@ -196,7 +205,8 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         grad_sync.after_step()  # counted even when the update was skipped: islands stay in step
         comm_s += time.perf_counter() - t_outer
         if meter is not None:
-            meter.set_static(model_state_tensors(model, optimizer), what="parameters, gradients and optimizer state")
+            meter.set_static(device_state_tensors(model, optimizer, offload=mem.offload),
+                             what="parameters, gradients and optimizer state")
         row = gather_row({"loss_sum": res.loss_sum, "samples": res.samples, "compute_s": res.compute_s,
                           "padded_s": res.padded_s, "comm_s": comm_s, "step_s": time.perf_counter() - t_step})
         extra = endure.after_step(step, row)
