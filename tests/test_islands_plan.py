@@ -11,8 +11,15 @@ from chipfuse.errors import PlanError
 from chipfuse.model.spec import SPEC_PRESETS
 from chipfuse.plan.cost import predict
 from chipfuse.plan.hardware import PoolIndex, ring_allreduce_s
-from chipfuse.plan.islands import best_with_islands, island_layout, island_sync_s, propose_sync, sync_comm_s
-from chipfuse.plan.plan import SyncPlan, data_parallel_plan
+from chipfuse.plan.islands import (
+    advise_sync,
+    best_with_islands,
+    island_layout,
+    island_sync_s,
+    propose_sync,
+    sync_comm_s,
+)
+from chipfuse.plan.plan import Plan, Replica, Stage, SyncPlan, data_parallel_plan
 from chipfuse.plan.search import search
 
 GRAD_BYTES = 3.5e6
@@ -104,3 +111,15 @@ def test_plan_search_result_runs_as_islands_when_that_is_faster():
     small = search(pool, SPEC_PRESETS["small"], global_batch=16, seq_len=64, time_budget_s=1.0)
     best, adv = best_with_islands(small, pool)
     assert best.plan == small.plan and len(best.plan.devices) == 2
+
+
+def test_no_islands_for_pipeline_plans():
+    pool = _pool([("a", "b", 0.1, 20)], {"a": 2, "b": 2})
+    spec = SPEC_PRESETS["small"]
+    stages = lambda a, b: (Stage(devices=(a,), first_layer=0, num_layers=2),  # noqa: E731
+                           Stage(devices=(b,), first_layer=2, num_layers=2))
+    plan = Plan(model=spec, global_batch=8, seq_len=64,
+                replicas=(Replica(stages=stages("a_0", "a_1"), batch_share=4, micro_batch_size=2),
+                          Replica(stages=stages("b_0", "b_1"), batch_share=4, micro_batch_size=2)))
+    adv = advise_sync(plan, pool, compute_s=0.01)
+    assert adv.sync == SyncPlan() and "data-parallel" in adv.reason

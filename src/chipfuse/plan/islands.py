@@ -190,21 +190,16 @@ def island_layout(plan: Plan) -> tuple[tuple[str, ...], ...]:
 def advise_sync(plan: Plan, pool: Pool, *, compute_s: float, max_comm_fraction: float = 0.1) -> SyncAdvice:
     """propose_sync for a searched plan: its devices, its model's gradient bytes, its compute time.
 
-    Islands must hold whole replicas (a pipeline cannot be cut by DiLoCo): when a replica spans
-    two proposed islands, the plan stays synchronous and the reason says so."""
-
+    Islands are for data-parallel replicas of one device each (what the trainer runs with islands):
+    other plans stay synchronous and the reason says so."""
     # Gradients travel in the compute dtype, as the cost model assumes for synchronous plans.
     num_params = model_costs(plan.model, plan.seq_len).total_params
     adv = propose_sync(pool, plan.devices, grad_bytes=num_params * DTYPE_BYTES[plan.dtype], compute_s=compute_s,
                        num_params=num_params, max_comm_fraction=max_comm_fraction)
-    if adv.sync.islands:
-        where = {d: i for i, isl in enumerate(adv.sync.islands) for d in isl}
-        for r in plan.replicas:
-            if len({where[d] for d in r.devices}) > 1:
-                return SyncAdvice(sync=SyncPlan(), compute_s=compute_s, sync_comm_s=adv.sync_comm_s,
-                                  island_comm_s=adv.sync_comm_s, cross_link=None,
-                                  reason=f"synchronous: replica {r.devices} spans a slow link, islands need "
-                                  "whole replicas")
+    if adv.sync.islands and not plan.is_pure_data_parallel:
+        return SyncAdvice(sync=SyncPlan(), compute_s=compute_s, sync_comm_s=adv.sync_comm_s,
+                          island_comm_s=adv.sync_comm_s, cross_link=None,
+                          reason="synchronous: the runtime runs islands on data-parallel replicas only")
     return adv
 
 

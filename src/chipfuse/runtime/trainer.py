@@ -113,6 +113,10 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         raise ValueError(f"the plan uses {len(plan.devices)} devices but {info.world_size} workers started. "
                          f"Fix: launch with --nproc-per-node {len(plan.devices)} (or use `chipfuse train`)")
     by_rank = _rank_names(name, info)
+    if plan.sync.islands and not plan.is_pure_data_parallel:
+        raise ChipfuseError("the plan has DiLoCo islands (sync.islands) and pipeline or tensor-parallel stages: "
+                            "islands run on data-parallel replicas only so far. Fix: drop sync.islands or use "
+                            "one device per replica (docs/slow_links.md)")
     if not plan.is_pure_data_parallel or plan.model.family != "gpt":
         from chipfuse.runtime.pipeline_train import run_pipeline  # stages over devices, HF models
 
