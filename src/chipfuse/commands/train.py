@@ -61,8 +61,11 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
     """The plan from --plan, or unequal data parallelism over the pool. Refused here, before any
     worker starts, if it does not match the pool or the model."""
     if args.plan:
+        from chipfuse.plan.memory_model import check_plan_memory
+
         plan = Plan.from_json(args.plan)
         plan.check_against_pool(pool, source=args.plan)
+        check_plan_memory(plan, pool, source=args.plan)  # predicted peak per device, before any worker starts
         if not plan.is_pure_data_parallel or plan.model.family != "gpt":
             from chipfuse.runtime.layout import check_runnable
 
