@@ -184,10 +184,14 @@ def _node_device(node: str, plan: Plan, pool: Pool) -> str:
     return names[local]
 
 
+def _opt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}"
+
+
 def print_summary(s: dict) -> None:
     label = " (EMULATED devices)" if s["emulated"] else ""
     rows = [[d, v["chip"], f"x{v['speed']:g}" if v["speed"] else "real", s["shares"].get(d, "-"),
-             s["micro_batch_size"].get(d, "-"), f"{s['solo_tokens_per_s'][d]:.0f}", f"{v['tokens_per_s']:.0f}",
+             s["micro_batch_size"].get(d, "-"), _opt(s['solo_tokens_per_s'][d]), f"{v['tokens_per_s']:.0f}",
              f"{v['wait_s_mean'] * 1e3:.0f}"] for d, v in s["devices"].items()]
     console.print(table(f"devices{label}", ["device", "chip", "speed", "share", "micro-batch", "alone tok/s",
                                             "in job tok/s", "wait ms/step"], rows))

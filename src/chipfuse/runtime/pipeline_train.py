@@ -7,7 +7,6 @@ from every rank; the loss of a step lives on the last stage of each replica.
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -122,7 +121,7 @@ def _summary(plan: Plan, pool: Pool, cfg: Any, log: StepLog, ranks: list[dict], 
         "measured_step_s": step_s,
         "step_s": [row["step_s"] for row in log.rows],
         # A pipeline device may not hold the whole model, so it has no standalone throughput.
-        "solo_tokens_per_s": {d: math.nan for d in plan.devices},
+        "solo_tokens_per_s": {d: None for d in plan.devices},
         "fusion_efficiency": None,
         "devices": devices,
         "timeline": {r.device: ranks[r.rank]["events"][-3:] for r in roles},
