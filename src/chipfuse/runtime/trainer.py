@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 from chipfuse.cluster.pool import Device, Pool
-from chipfuse.errors import ChipfuseError
 from chipfuse.model.gpt import build_model
 from chipfuse.plan.plan import Plan, Replica
 from chipfuse.plan.shares import proportional_shares
@@ -171,10 +170,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
 
     optimizer = build_optimizer(params, plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
     endure = Endurance(cfg.endure, plan=plan, rank_names=by_rank, name=name, worker=worker, shares=shares)
-    first_step = endure.resume(model, optimizer)
-    if first_step >= cfg.steps:
-        raise ChipfuseError(f"the checkpoint is at step {first_step} and --steps is {cfg.steps}: nothing to "
-                            f"train. Fix: give --steps above {first_step}")
+    first_step = endure.resume(model, optimizer, cfg.steps)
     log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     progress = _Progress(enabled=info.is_main and cfg.progress, steps=cfg.steps, devices=list(plan.devices))
