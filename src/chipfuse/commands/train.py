@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             os.environ.clear()
             os.environ.update(env_backup)
     elif endure_flags.supervised(args):
-        rc = endure_flags.launch(args, plan, worker_args, summary_path)
+        rc = endure_flags.launch(args, plan, worker_args, summary_path, pool=pool, make_plan=make_plan)
     else:
         rc = launch_local(len(plan.devices), worker_args)
     if rc != 0:

@@ -137,7 +137,7 @@ def save(directory: str | Path, *, step: int, model: torch.nn.Module, optimizer:
     with _one_process_is_fine():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
 
-    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [None]
+    rngs: list[Any] = [None] * dist.get_world_size() if dist.is_initialized() else [None]
     if dist.is_initialized():
         dist.all_gather_object(rngs, _rng_state())
     else:
@@ -256,11 +256,9 @@ def load(directory: str | Path, *, model: torch.nn.Module, optimizer: torch.opti
             log(f"chipfuse: {line}; using the previous one, {path.name}")
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
-    state = {"model": model_sd, "optim": optim_sd}
-    with _one_process_is_fine():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_OPTIONS)
+    with _one_process_is_fine():  # DCP loads in place, into these very dicts
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTIONS)
 
     rngs = torch.load(path / "rng.pt", weights_only=False)
     _set_rng_state(rngs[_rank()] if _rank() < len(rngs) else rngs[0])

@@ -186,6 +186,7 @@ class Endurance:
 
     # ------------------------------------------------------------------ helpers
     def save(self, step: int) -> str:
+        assert self.cfg.checkpoint_dir is not None
         plan = with_shares(self.plan, [self.shares[d] for d in self.order])
         path = checkpoint.save(self.cfg.checkpoint_dir, step=step, model=self._model, optimizer=self._optimizer,
                                plan=plan.to_dict(), extra={"shares": self.shares}, keep=self.cfg.checkpoint_keep)
