@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "to resume (needs --checkpoint-dir)")
     g.add_argument("--slowdown", default="", metavar="DEV@STEP:FACTOR",
                    help="emulation: multiply DEV's speed by FACTOR from step STEP (a straggler)")
+    g.add_argument("--unit-s", type=float, default=None, metavar="SECONDS",
+                   help="emulation: seconds per sample of an unslowed worker (default: measured at start-up); "
+                   "the same value makes runs comparable on a busy machine")
 
 
 def exclude(args: argparse.Namespace, pool: Pool) -> Pool:
@@ -103,6 +106,8 @@ def worker_args(args: argparse.Namespace) -> list[str]:
         out.append("--no-rebalance")
     if args.slowdown:
         out += ["--slowdown", args.slowdown]
+    if args.unit_s:
+        out += ["--unit-s", str(args.unit_s)]
     return out
 
 

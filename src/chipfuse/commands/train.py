@@ -157,7 +157,7 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
                       shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
                       device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
-                      endure=endure_flags.config(args))
+                      unit_s=args.unit_s, endure=endure_flags.config(args))
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)
