@@ -78,21 +78,18 @@ def launch(argv: list[str], devices: tuple[str, ...] | list[str], *,
     return procs, store
 
 
-def _end(procs: list[subprocess.Popen], grace_s: float) -> None:
+def _end(procs: list[subprocess.Popen]) -> None:
+    # SIGKILL, not SIGTERM: with a peer gone the group is broken, so a survivor can neither finish
+    # its step nor save; a clean-stop handler would only make it wait for gloo's error.
     for p in procs:
         if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+    for p in procs:
+        p.wait()
 
 
-def watch(procs: list[subprocess.Popen], devices: tuple[str, ...] | list[str], *, poll_s: float = 0.05,
-          grace_s: float = 5.0) -> Death | None:
+def watch(procs: list[subprocess.Popen], devices: tuple[str, ...] | list[str], *,
+          poll_s: float = 0.05) -> Death | None:
     """Wait for the workers. None when all exit 0; else the first death, after ending the others."""
     while True:
         codes = [p.poll() for p in procs]
@@ -100,7 +97,7 @@ def watch(procs: list[subprocess.Popen], devices: tuple[str, ...] | list[str], *
             if rc is not None and rc != 0:
                 death = Death(rank=rank, device=devices[rank], pid=procs[rank].pid, returncode=rc,
                               detected_unix_s=time.time())
-                _end(procs, grace_s)
+                _end(procs)
                 return death
         if all(rc == 0 for rc in codes):
             return None
