@@ -124,3 +124,17 @@ def test_pipeline_checkpoint_resumes_as_data_parallel_on_one_device(tmp_path):
     ref = continue_from(ckpt / "step_000002", 5, 4, spec=TINY_GPT, betas=(0.9, 0.95))
     # One device now, the same samples: float32 rounding of another split only.
     torch.testing.assert_close([r["loss"] for r in rows[3:]], [ref[s] for s in (2, 3, 4)], rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_and_sigterm_become_a_stop_request():
+    import os
+
+    from chipfuse.runtime.guard import CleanStop
+
+    with CleanStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT"
+        os.kill(os.getpid(), signal.SIGTERM)  # a launcher's SIGTERM after Ctrl-C: still a clean stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C twice: the user means it
+    assert stop.signal_name == "SIGINT" and signal.getsignal(signal.SIGTERM) != stop._handle  # restored
