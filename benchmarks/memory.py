@@ -7,7 +7,7 @@ predicted largest width, then train 5 real steps per candidate in 3 gloo workers
 one runs out of (emulated) memory, or down until one trains. Then the throughput cost of each
 strategy against none, on one model that all of them hold.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/memory.py [--cap-mib 32] [--json PATH]
+    PYTHONPATH=src .venv/bin/python benchmarks/memory.py [--cap-mib 16] [--json PATH]
 
 Keys: max_params_plain, max_params_chipfuse, ratio (target >= 4), max_params_chipfuse_no_offload,
 slowdown (per strategy, step time / plain step time), predicted (per strategy), emulated: true.
@@ -91,13 +91,14 @@ def largest(base: ModelSpec, start: int, cfg: MemoryConfig, args, log: list) -> 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cap-mib", type=int, default=32, help="emulated memory of each device")
+    ap.add_argument("--cap-mib", type=int, default=16, help="emulated memory of each device")
     ap.add_argument("--devices", type=int, default=3)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=2, help="samples per device per step")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--max-up", type=int, default=3, help="widths to try above the predicted one")
+    ap.add_argument("--slow-steps", type=int, default=8, help="steps per strategy for the slowdown (median)")
+    ap.add_argument("--max-up", type=int, default=2, help="widths to try above the predicted one")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     t_start = time.perf_counter()
@@ -109,7 +110,7 @@ def main() -> None:
                      seq_len=args.seq)
     console.print(f"[bold]memory benchmark[/bold] (emulated: {args.devices} x {CHIP} capped at {args.cap_mib} MiB, "
                   f"GPT {args.layers} layers, seq {args.seq}, {args.micro_batch} samples per device)")
-    predicted = max_model(pool, base, micro_batch_size=args.micro_batch, head_dim=HEAD_DIM)
+    predicted = max_model(pool, base, micro_batch_size=args.micro_batch, head_dim=HEAD_DIM, dtype="fp32")
     console.print(table("predicted largest model per strategy (chipfuse plan --max-model)",
                         ["strategy", "dim", "params", "devices", "limit"],
                         [[m.strategy, m.dim, f"{m.num_params / 1e6:.2f}M", len(m.devices), m.limit] for m in predicted]))
@@ -131,17 +132,18 @@ def main() -> None:
 
     max_plain, max_cf = params_at(found["plain"]), params_at(found["chipfuse"])
 
-    # Throughput cost of each strategy on one model every strategy holds: the plain maximum.
-    dim = found["plain"] or HEAD_DIM * 4
+    # Throughput cost of each strategy on one model every strategy holds (no cap here): at least
+    # dim 128, so that compute, not process overhead, makes the step.
+    dim = max(found["plain"], 4 * HEAD_DIM)
     spec = family_member(base, dim, HEAD_DIM)
     cfgs = list(SLOWDOWN.values()) + [cfg_of(strategies[best.strategy])]
     names = list(SLOWDOWN) + [f"chipfuse ({best.label})"]
     res = spawn_probe(args.devices, cfgs=cfgs, spec=spec, global_batch=args.devices * args.micro_batch,
-                      seq_len=args.seq, steps=args.steps + 1, cap_bytes=None, timeout_s=500)
+                      seq_len=args.seq, steps=args.slow_steps, cap_bytes=None, timeout_s=500)
     step_s = {n: max(r.step_s for r in rs) for n, rs in zip(names, res, strict=True)}
     slowdown = {n: step_s[n] / step_s["none"] for n in names}
     link = pool.devices[0].chip.link_bw
-    shard_params = num_params(spec) / args.devices
+    shard_params = max_cf / args.devices  # the chipfuse maximum, as a real chip would train it
     # ZeRO-3 with parameter offload: the local shard goes to the device for forward and again for
     # backward, and its gradient comes back: 3 x 4 bytes per local parameter per step.
     offload_s = 3 * 4 * shard_params / link
@@ -173,7 +175,8 @@ def main() -> None:
     console.print(f"max_params_plain {max_plain / 1e6:.2f}M  max_params_chipfuse {max_cf / 1e6:.2f}M ({best.label})  "
                   f"ratio {ratio:.1f}x (target >= 4); without offload {out['ratio_no_offload']:.1f}x")
     console.print(f"emulated: memory caps are counted by the MemoryMeter on CPU workers; offload moves nothing here "
-                  f"(a real {CHIP} would add ~{offload_s * 1e3:.0f} ms per step of PCIe copies)")
+                  f"(a real {CHIP} would add ~{offload_s * 1e3:.1f} ms per step of PCIe copies "
+                  f"at the chipfuse maximum); step times share 2 cores with whatever else runs")
 
 
 if __name__ == "__main__":

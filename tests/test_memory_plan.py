@@ -90,7 +90,7 @@ def test_max_model_ladder() -> None:
     base = ModelSpec(name="g", num_layers=4, dim=64, num_heads=2, vocab_size=256, seq_len=64)
     rows = {m.strategy: m for m in max_model(_pool(32, 32, 32), base, micro_batch_size=2, head_dim=32)}
     plain = rows["plain"]
-    assert plain.num_params > 0 and "MiB at dim" in plain.limit
+    assert plain.num_params > 0 and "MiB at dim" in plain.limit and plain.limit.startswith("d")
     for name in ("shard", "8-bit optimizer", "offload", "combined"):
         assert rows[name].num_params > plain.num_params, name
     assert rows["combined"].num_params >= max(m.num_params for m in rows.values())
@@ -99,3 +99,18 @@ def test_max_model_ladder() -> None:
         p.numel() for p in __import__("chipfuse.model.gpt", fromlist=["GPT"]).GPT(SPEC).parameters())
     cpu = {m.strategy: m for m in max_model(_pool(32, 32, chip="cpu"), base, micro_batch_size=2, head_dim=32)}
     assert cpu["offload"].limit.startswith("refused") and cpu["offload"].num_params == 0
+
+
+def test_plan_max_model_cli(tmp_path, capsys):
+    from chipfuse.cli import main
+
+    out = tmp_path / "mm.json"
+    assert main(["plan", "--pool", "builtin", "--model", "small", "--global-batch", "8", "--seq-len", "128",
+                 "--max-model", "--json", str(out)]) == 0
+    rows = {r["strategy"]: r for r in __import__("json").loads(out.read_text())["max_model"]}
+    # builtin: two uncapped CPU devices and "slow" capped at 1 GiB. An even shard over all three
+    # would have to fit 1 GiB, so the group is formed without it.
+    assert rows["shard"]["devices"] == ["fast", "mid"]
+    assert rows["shard"]["num_params"] > rows["plain"]["num_params"]
+    assert rows["offload"]["limit"].startswith("refused")  # CPU devices: host memory is their memory
+    assert "EMULATED" in capsys.readouterr().out

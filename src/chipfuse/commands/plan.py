@@ -12,6 +12,7 @@ from chipfuse.cluster.pool import Device, Pool, load_pool
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.spec import resolve_model
 from chipfuse.plan.cost import predict
+from chipfuse.plan.islands import best_with_islands
 from chipfuse.plan.plan import DTYPES, OPTIMIZER_DTYPES, SCHEDULES, Plan
 from chipfuse.plan.profile import Profile
 from chipfuse.plan.search import SearchResult, search
@@ -36,11 +37,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help="measured profile JSON (from `chipfuse profile`) overriding catalog figures")
     p.add_argument("--json", metavar="PATH", help="write plan, prediction and baselines (read by `chipfuse train --plan`)")
     p.add_argument("--timeline", metavar="PNG", help="draw the simulated step of the chosen plan")
+    p.add_argument("--max-model", action="store_true",
+                   help="no search: the largest model of --model's family (same depth, wider) the pool can train "
+                        "under each memory strategy, and what limits it")
+    p.add_argument("--micro-batch", type=int, default=1, help="with --max-model: samples per device (default 1)")
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     pool = default_pool() if args.pool == "builtin" else load_pool(args.pool)
+    if args.max_model:
+        return _max_model(args, pool)
     profile = Profile.load(args.profile) if args.profile else None
     source = "profile " + args.profile if args.profile else "catalog peak x default efficiency"
     if args.evaluate:
@@ -58,10 +65,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         res = search(pool, resolve_model(args.model), global_batch=args.global_batch, seq_len=args.seq_len,
                      time_budget_s=args.time_budget, profile=profile, dtype=args.dtype,
                      optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
+        # Slow links (docs/slow_links.md): DiLoCo islands and H when a link is too slow for sync training.
+        res, advice = best_with_islands(res, pool, profile)
         plan, pred = res.plan, res.prediction
         wide.print(plan_table(plan, pool, pred.memory_bytes))
         wide.print(strategy_table(res))
         out = res.to_dict()
+        out["sync_advice"] = advice.to_dict()
+        if advice.sync.islands:
+            console.print(f"slow link: {advice.reason}; predicted {advice.predicted_speedup:.2f}x over synchronous "
+                          "(the chipfuse row is the islands plan; the simple strategies' rows are synchronous)")
     b = pred.breakdown
     console.print(f"step: slowest replica's pipeline {b['pipeline_s']:.3g} s (bubble {b['bubble_fraction']:.0%}), "
                   f"then {b['sync_exposed_s']:.3g} s of gradient sync and optimizer not hidden behind it")
@@ -138,3 +151,16 @@ def strategy_table(res: SearchResult):
                      "yes" if p.fits else "NO", f"{ours.tokens_per_s / p.tokens_per_s:.2f}"])
     return table("predicted step, chipfuse's plan beside each simple strategy (x: chipfuse's tokens/s / its)",
                  ["strategy", "devices", "step s", "tokens/s", "MFU", "fits", "x"], rows)
+
+
+def _max_model(args: argparse.Namespace, pool: Pool) -> int:
+    from dataclasses import replace
+
+    from chipfuse.plan.max_model import report
+
+    if args.model is None:
+        raise ChipfuseError("chipfuse plan --max-model: --model is missing. Fix: give the family's base model")
+    base = resolve_model(args.model)
+    base = replace(base, seq_len=args.seq_len or base.seq_len)
+    write_json(args.json, report(pool, base, micro_batch_size=args.micro_batch, dtype=args.dtype))
+    return 0

@@ -61,8 +61,11 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
     """The plan from --plan, or unequal data parallelism over the pool. Refused here, before any
     worker starts, if it does not match the pool or the model."""
     if args.plan:
+        from chipfuse.plan.memory_model import check_plan_memory
+
         plan = Plan.from_json(args.plan)
         plan.check_against_pool(pool, source=args.plan)
+        check_plan_memory(plan, pool, source=args.plan)  # predicted peak per device, before any worker starts
         if not plan.is_pure_data_parallel or plan.model.family != "gpt":
             from chipfuse.runtime.layout import check_runnable
 
@@ -109,6 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         worker_args.append("--no-progress")
     worker_args += endure_flags.worker_args(args)
+    if args.profile:
+        worker_args += ["--profile", args.profile]
     if len(plan.devices) == 1:
         worker_args += ["--resume", args.resume] if args.resume else []
         env_backup = dict(os.environ)
@@ -157,7 +162,7 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
                       shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
                       device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
-                      unit_s=args.unit_s, endure=endure_flags.config(args))
+                      unit_s=args.unit_s, endure=endure_flags.config(args), profile_path=args.profile)
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)

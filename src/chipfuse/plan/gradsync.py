@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from chipfuse.model.costs import DTYPE_BYTES, ModelCosts
 from chipfuse.plan.hardware import PoolIndex, ring_allreduce_s
+from chipfuse.plan.islands import island_sync_s
 from chipfuse.plan.plan import Plan
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ def sync_segments(plan: Plan, tables: list[ReplicaTable], index: PoolIndex, cost
             intra = max(intra, ring_allreduce_s(nbytes / min_tp, c, bw, lat))
         bw, lat = index.slowest(frozenset(per_node))
         inter = ring_allreduce_s(nbytes, len(per_node), bw, lat) if len(per_node) > 1 else 0.0
+        islands_s = island_sync_s(plan, index, per_node, nbytes)  # DiLoCo islands: plan/islands.py
+        if islands_s is not None:
+            inter = islands_s
         segs.append(Segment(first=a, last=b, holders=tuple(hs), sync_s=intra + inter))
     return segs
 

@@ -20,6 +20,7 @@ from chipfuse.model.costs import model_costs
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.memory import StageShape, stage_memory, usable
 from chipfuse.plan.memory_model import Strategy, best_shard_group
+from chipfuse.report.output import human_bytes
 
 LADDER: tuple[tuple[str, Strategy], ...] = (
     ("plain", Strategy()),
@@ -132,8 +133,8 @@ def max_model(pool, base: ModelSpec, *, micro_batch_size: int = 1, head_dim: int
         nxt = family_member(base, (lo + 1) * head_dim, head_dim)
         _, near, worst = _fit(nxt, st, caps, micro_batch_size)
         group = f" in a group of {len(near)}" if st.shard != "none" else ""
-        limit = (f"{worst.device}{group}: {worst.limit} ({worst.peak_bytes / 2**20:.1f} of "
-                 f"{worst.capacity_bytes / 2**20:.1f} MiB at dim {(lo + 1) * head_dim})")
+        limit = (f"{worst.device}{group}: {worst.limit} ({human_bytes(worst.peak_bytes)} of "
+                 f"{human_bytes(worst.capacity_bytes)} at dim {(lo + 1) * head_dim})")
         if lo == 0:
             out.append(MaxModel(strategy=name, label=st.label, dim=0, num_params=0, devices=(), limit=limit,
                                 peak_bytes=0.0))
@@ -143,3 +144,32 @@ def max_model(pool, base: ModelSpec, *, micro_batch_size: int = 1, head_dim: int
         out.append(MaxModel(strategy=name, label=st.label, dim=lo * head_dim, num_params=num_params(spec),
                             devices=devices, limit=limit, peak_bytes=fit_worst.peak_bytes))
     return out
+
+
+def report(pool, base: ModelSpec, *, micro_batch_size: int, dtype: str, head_dim: int = 64) -> dict:
+    """`chipfuse plan --max-model`: print the table, return the JSON-able result."""
+    from chipfuse.report.output import console, table
+
+    notes = []
+    if dtype == "bf16" and not all(d.chip.has_bf16 for d in pool.devices):
+        notes.append("some chips have no bf16: sized in fp32")
+        dtype = "fp32"
+    if base.family != "gpt":
+        notes.append(f"{base.family} shapes are sized with the GPT tensor list of plan.memory's model")
+    rows = max_model(pool, base, micro_batch_size=micro_batch_size, head_dim=head_dim, dtype=dtype)
+    console.print(table(f"largest {base.name}-family model per memory strategy on {pool.name} (predicted; "
+                        f"{base.num_layers} layers, seq {base.seq_len}, {micro_batch_size} sample(s) per device, {dtype})",
+                        ["strategy", "dim", "params", "devices", "what limits it"],
+                        [[m.strategy, m.dim, _count(m.num_params), len(m.devices), m.limit] for m in rows]))
+    for n in notes:
+        console.print(f"note: {n}")
+    if pool.emulated:
+        console.print("the pool is EMULATED: sizes are for its emulated memory caps")
+    return {"emulated": pool.emulated, "pool": pool.name, "family": base.to_dict(), "dtype": dtype,
+            "micro_batch_size": micro_batch_size, "notes": notes,
+            "max_model": [{"strategy": m.strategy, "label": m.label, "dim": m.dim, "num_params": m.num_params,
+                           "devices": list(m.devices), "limit": m.limit, "peak_bytes": m.peak_bytes} for m in rows]}
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"

@@ -34,13 +34,11 @@ The plan's words and what they become:
   offload is emulated: the policies are applied (they move nothing on CPU) and the meter leaves the
   offloaded state out of the device's count, as a real chip would.
 - dtype "bf16": bf16 compute with fp32 master weights: FSDP2 MixedPrecisionPolicy(param_dtype=bf16,
-  reduce_dtype=fp32) when sharded, else torch.autocast around forward (see `compute_context`).
+  reduce_dtype=fp32) when sharded, else torch.autocast around forward (`apply_autocast`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +48,7 @@ from chipfuse.errors import ChipfuseError
 from chipfuse.runtime.optim_state import build_state_optimizer, leaf_tensors, state_tensors
 
 __all__ = ["MemoryConfig", "apply_checkpointing", "apply_sharding", "apply_memory", "build_state_optimizer",
-           "compute_context", "device_state_tensors", "refuse_host_offload", "watch_gathered"]
+           "apply_autocast", "build_plan_optimizer", "device_memory_config", "prepare_replica", "device_state_tensors", "refuse_host_offload", "watch_gathered"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,11 +67,14 @@ class MemoryConfig:
     """fp32 | bf16 | int8 | int4 optimizer state (torchao)."""
     host_is_device: bool = False
     """True on a CPU device (not an emulated accelerator): offload is refused there."""
+    group_size: int = 1
+    """Devices in the stage's group (sharding divides state among them)."""
 
     @classmethod
     def from_plan(cls, plan, stage, *, host_is_device: bool = False) -> MemoryConfig:
         return cls(checkpoint=stage.checkpoint, shard=stage.shard, offload=stage.offload, dtype=plan.dtype,
-                   optimizer_dtype=plan.optimizer_dtype, host_is_device=host_is_device)
+                   optimizer_dtype=plan.optimizer_dtype, host_is_device=host_is_device,
+                   group_size=len(stage.devices) // stage.tp_degree)
 
     @property
     def uses_fsdp(self) -> bool:
@@ -118,7 +119,13 @@ def apply_sharding(model: nn.Module, *, shard: str, mesh=None, offload: str = "n
     `mesh`: the stage group's 1-D DeviceMesh (None = the whole world). Parameter offload and
     mixed precision are FSDP2 policies, so they are applied here too.
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        FSDPModule,
+        MixedPrecisionPolicy,
+        OffloadPolicy,
+        fully_shard,
+    )
 
     if shard == "none" and offload != "params":
         return False
@@ -134,6 +141,13 @@ def apply_sharding(model: nn.Module, *, shard: str, mesh=None, offload: str = "n
         fully_shard(blk, reshard_after_forward=reshard, **kw)
     # The root's parameters (embeddings, head) are used first in backward: keep them gathered.
     fully_shard(model, reshard_after_forward=False, **kw)
+    # chipfuse divides each rank's loss by the GLOBAL token count (runtime.data_parallel), so gradients
+    # are to be summed, not averaged. A divide factor of 1 alone asks for PREMUL_SUM, which gloo lacks;
+    # with force-sum FSDP2 reduces with plain SUM and divides by 1 (a no-op).
+    for m in model.modules():
+        if isinstance(m, FSDPModule):  # each FSDP unit reduces its own gradients
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
     return True
 
 
@@ -143,20 +157,18 @@ def apply_memory(model: nn.Module, cfg: MemoryConfig, *, mesh=None, lr: float = 
     if cfg.host_is_device:
         refuse_host_offload(device_name, cfg.offload)
     apply_checkpointing(model, cfg.checkpoint)
-    apply_sharding(model, shard=cfg.shard, mesh=mesh, offload=cfg.offload, dtype=cfg.dtype)
+    if not apply_sharding(model, shard=cfg.shard, mesh=mesh, offload=cfg.offload, dtype=cfg.dtype):
+        apply_autocast(model, cfg.dtype, next(model.parameters()).device.type)
     dev = next(model.parameters()).device
     return build_state_optimizer(model.parameters(), optimizer_dtype=cfg.optimizer_dtype, lr=lr,
                            weight_decay=weight_decay, offload=cfg.offload == "optimizer", device=dev)
 
 
-@contextlib.contextmanager
-def compute_context(cfg: MemoryConfig, device_type: str = "cpu") -> Iterator[None]:
-    """bf16 compute for an unsharded model (FSDP2 casts sharded ones itself); fp32 master weights stay."""
-    if cfg.dtype == "bf16" and not cfg.uses_fsdp:
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-            yield
-    else:
-        yield
+def apply_autocast(model: nn.Module, dtype: str, device_type: str = "cpu") -> None:
+    """bf16 compute with fp32 master weights for an unsharded model (FSDP2 casts sharded ones itself):
+    autocast around forward; the loss upcasts the logits (model.gpt.loss_sum)."""
+    if dtype == "bf16":
+        model.forward = torch.autocast(device_type=device_type, dtype=torch.bfloat16)(model.forward)  # type: ignore[method-assign]
 
 
 def watch_gathered(model: nn.Module, meter) -> None:
@@ -188,3 +200,43 @@ def device_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | No
     if optimizer is not None and offload == "none":
         out.extend(state_tensors(optimizer))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Trainer hooks: the training loop calls these three and knows nothing else of memory strategies.
+
+
+def device_memory_config(plan, pool, device_name: str) -> MemoryConfig:
+    """The memory strategy of the stage holding `device_name` (plan.plan.Plan, cluster.pool.Pool)."""
+    stage = next(s for r in plan.replicas for s in r.stages if device_name in s.devices)
+    return MemoryConfig.from_plan(plan, stage, host_is_device=pool.device(device_name).chip.vendor == "cpu")
+
+
+def prepare_replica(model: nn.Module, cfg: MemoryConfig, *, device_name: str, device_type: str = "cpu") -> None:
+    """Apply `cfg` to a whole-model data-parallel replica on one device (the trainer's replicas).
+
+    Sharding a one-device group divides nothing, so `shard` is a no-op there. Sharded groups and
+    parameter offload need FSDP2 over the stage's group, whose gradients are DTensor shards the
+    replicas' all-reduce does not take, and whose collectives the trainer's one-rank-at-a-time
+    warm-up would deadlock: refused with the fix until the trainer runs stage groups."""
+    if cfg.host_is_device:
+        refuse_host_offload(device_name, cfg.offload)
+    if cfg.offload == "params" or (cfg.shard != "none" and cfg.group_size > 1):
+        what = "offload = \"params\"" if cfg.offload == "params" else f"shard = {cfg.shard!r} over {cfg.group_size} devices"
+        raise ChipfuseError(f"device {device_name!r}: {what} needs FSDP2 over a stage group, and the trainer runs "
+                            "one-device data-parallel replicas. Fix: give each device its own replica (shard and "
+                            "offload = \"optimizer\" or \"none\"); sharded groups run through "
+                            "runtime.memory.apply_memory (see benchmarks/memory.py)")
+    apply_checkpointing(model, cfg.checkpoint)
+    apply_autocast(model, cfg.dtype, device_type)
+
+
+def build_plan_optimizer(params, cfg: MemoryConfig, *, plan, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """The trainer's optimizer (runtime.optim) unless the plan asks for low-bit state or offload."""
+    if cfg.optimizer_dtype == "fp32" and cfg.offload != "optimizer":
+        from chipfuse.runtime.optim import build_optimizer
+
+        return build_optimizer(params, plan, lr=lr, weight_decay=weight_decay)
+    params = list(params)
+    return build_state_optimizer(params, optimizer_dtype=cfg.optimizer_dtype, lr=lr, weight_decay=weight_decay,
+                                 offload=cfg.offload == "optimizer", device=params[0].device)

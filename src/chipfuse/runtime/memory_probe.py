@@ -28,7 +28,6 @@ from chipfuse.runtime.emulate import MemoryMeter
 from chipfuse.runtime.memory import (
     MemoryConfig,
     apply_memory,
-    compute_context,
     device_state_tensors,
     watch_gathered,
 )
@@ -57,11 +56,12 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len: int, steps: int,
-              cap_bytes: int | None, device_name: str = "dev", lr: float = 1e-3, seed: int = 0,
+              cap_bytes: int | None, device_name: str | None = None, lr: float = 1e-3, seed: int = 0,
               want_grads: bool = False) -> ProbeResult:
     """Run on every rank of the current group (or alone). Raises nothing: errors come back in the result."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
+    device_name = device_name or f"dev{rank}"
     meter = MemoryMeter(device_name=device_name, cap_bytes=cap_bytes)
     losses: list[float] = []
     times: list[float] = []
@@ -71,9 +71,6 @@ def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len:
         opt = apply_memory(model, cfg, lr=lr, device_name=device_name)
         if cfg.uses_fsdp:
             watch_gathered(model, meter)
-        # FSDP2 averages gradients over the group; the loss is already divided by the global token
-        # count, so scale it back (set_gradient_divide_factor(1.0) needs PREMUL_SUM, which gloo lacks).
-        grad_scale = float(world) if cfg.uses_fsdp else 1.0
         per_rank, extra = divmod(global_batch, world)
         start = rank * per_rank + min(rank, extra)
         count = per_rank + (rank < extra)
@@ -82,10 +79,9 @@ def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len:
             meter.set_static(device_state_tensors(model, opt, offload=cfg.offload), what="model state")
             x, y = get_batch(step, global_batch, seq_len, start=start, count=count, seed=seed)
             with meter.track():
-                with compute_context(cfg):
-                    logits = model(x)
+                logits = model(x)
                 loss = loss_sum(logits, y) / (global_batch * seq_len)
-                (loss * grad_scale).backward()
+                loss.backward()
             if world > 1 and not cfg.uses_fsdp:
                 for p in model.parameters():
                     dist.all_reduce(p.grad)
@@ -155,7 +151,11 @@ def spawn_probe(world: int, *, cfgs: list[MemoryConfig], timeout_s: float = 300.
     import multiprocessing as mp
     import queue as queue_mod
 
-    ctx = mp.get_context("spawn")
+    # forkserver: one server imports torch, FSDP2 and torchao once; every worker is forked from it,
+    # which saves seconds per start on a busy machine. The server runs no torch op before forking.
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["chipfuse.runtime.memory_probe", "torch.distributed.fsdp",
+                                "torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "torchao.optim"])
     q = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, world, port, q, cfgs, kwargs), daemon=True) for r in range(world)]

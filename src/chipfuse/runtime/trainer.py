@@ -12,15 +12,22 @@ import torch
 import torch.distributed as dist
 
 from chipfuse.cluster.pool import Device, Pool
+from chipfuse.errors import ChipfuseError
 from chipfuse.model.gpt import build_model
 from chipfuse.plan.plan import Plan, Replica
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.runtime import dist as cfdist
-from chipfuse.runtime.data_parallel import DataParallelWorker, all_reduce_gradients
-from chipfuse.runtime.emulate import MemoryMeter, Pacer, model_state_tensors, solo_time
+from chipfuse.runtime.data_parallel import DataParallelWorker
+from chipfuse.runtime.emulate import MemoryMeter, Pacer, solo_time
 from chipfuse.runtime.endure import Endurance, EndureConfig
+from chipfuse.runtime.grad_sync import build_gradient_sync
+from chipfuse.runtime.memory import (
+    build_plan_optimizer,
+    device_memory_config,
+    device_state_tensors,
+    prepare_replica,
+)
 from chipfuse.runtime.metrics import StepLog, gather_row
-from chipfuse.runtime.optim import build_optimizer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -38,6 +45,8 @@ class TrainConfig:
     slack: float = 1.1
     """Emulated devices pad each micro-batch to slack x solo time / speed (torch-on-cpu.md)."""
     progress: bool = True
+    profile_path: str | None = None
+    """A `chipfuse profile` JSON: pipeline workers pace emulated devices to its per-block times."""
     device: str | None = None
     """This worker's device name; None = the plan's device at this rank (single host)."""
     unit_s: float | None = None
@@ -106,6 +115,10 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         raise ValueError(f"the plan uses {len(plan.devices)} devices but {info.world_size} workers started. "
                          f"Fix: launch with --nproc-per-node {len(plan.devices)} (or use `chipfuse train`)")
     by_rank = _rank_names(name, info)
+    if plan.sync.islands and not plan.is_pure_data_parallel:
+        raise ChipfuseError("the plan has DiLoCo islands (sync.islands) and pipeline or tensor-parallel stages: "
+                            "islands run on data-parallel replicas only so far. Fix: drop sync.islands or use "
+                            "one device per replica (docs/slow_links.md)")
     if not plan.is_pure_data_parallel or plan.model.family != "gpt":
         from chipfuse.runtime.pipeline_train import run_pipeline  # stages over devices, HF models
 
@@ -115,11 +128,13 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     offsets = _offsets(plan)
 
     model = build_model(plan.model, seed=cfg.seed).to(info.device)
+    mem = device_memory_config(plan, pool, name)  # this device's memory strategy (runtime.memory)
+    prepare_replica(model, mem, device_name=name, device_type=info.device.type)
     params = list(model.parameters())
     meter = None
     if device.emulation and device.emulation.memory_bytes:
         meter = MemoryMeter(device_name=name, cap_bytes=device.emulation.memory_bytes)
-        meter.set_static(model_state_tensors(model, None), what="parameters")
+        meter.set_static(device_state_tensors(model, None, offload=mem.offload), what="parameters")
     worker = DataParallelWorker(model=model, global_batch=plan.global_batch, seq_len=plan.seq_len,
                                 offset=offsets[idx], share=replica.batch_share,
                                 micro_batch_size=replica.micro_batch_size, device=info.device,
@@ -171,9 +186,12 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
                 worker.set_share(offset=start, share=shares[d])
             start += shares[d]
 
-    optimizer = build_optimizer(params, plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_plan_optimizer(params, mem, plan=plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
     endure = Endurance(cfg.endure, plan=plan, rank_names=by_rank, name=name, worker=worker, shares=shares)
     first_step = endure.resume(model, optimizer, cfg.steps)
+    # plan.sync: one all-reduce per step, or islands with DiLoCo between them (docs/slow_links.md)
+    grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank,
+                                    share_fn=lambda: worker.share)
     log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     progress = _Progress(enabled=info.is_main and cfg.progress, steps=cfg.steps, devices=list(plan.devices))
@@ -183,12 +201,16 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         optimizer.zero_grad(set_to_none=True)
         res = worker.compute(step)
         t_comm = time.perf_counter()
-        all_reduce_gradients(params)
+        grad_sync.reduce()
         comm_s = time.perf_counter() - t_comm
         if endure.before_update(step, res.loss_sum):  # False: non-finite loss, update skipped
             optimizer.step()
+        t_outer = time.perf_counter()
+        grad_sync.after_step()  # counted even when the update was skipped: islands stay in step
+        comm_s += time.perf_counter() - t_outer
         if meter is not None:
-            meter.set_static(model_state_tensors(model, optimizer), what="parameters, gradients and optimizer state")
+            meter.set_static(device_state_tensors(model, optimizer, offload=mem.offload),
+                             what="parameters, gradients and optimizer state")
         row = gather_row({"loss_sum": res.loss_sum, "samples": res.samples, "compute_s": res.compute_s,
                           "padded_s": res.padded_s, "comm_s": comm_s, "step_s": time.perf_counter() - t_step})
         extra = endure.after_step(step, row)
@@ -196,6 +218,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             progress.update(log.add(step, row, **extra))
         if endure.stopping:
             break
+    grad_sync.finish()
     progress.close()
     endure.finish(step + 1)
 
@@ -230,6 +253,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             for d in plan.devices
         },
         "metrics_path": cfg.metrics_path,
+        "sync": grad_sync.describe(),
         **endure.summary(),
     }
 
