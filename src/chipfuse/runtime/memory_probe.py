@@ -40,7 +40,8 @@ class ProbeResult:
     peak_bytes: int = 0
     static_bytes: int = 0
     step_s: float = 0.0
-    """Median wall time of the steps after the first."""
+    """Fastest wall time of the steps after the first: best-of, as emulate.solo_time, because other
+    processes on a shared machine only ever add time."""
     error: str | None = None
     """'oom: ...' when the emulated cap was passed, 'refused: ...' for a refused plan."""
     grads: dict[str, torch.Tensor] | None = None
@@ -86,7 +87,7 @@ def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len:
                 for p in model.parameters():
                     dist.all_reduce(p.grad)
             if want_grads and step == 0:
-                grads = {_plain_name(n): _full(p.grad) for n, p in model.named_parameters()}
+                grads = {_plain_name(n): _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
             opt.step()
             meter.set_static(device_state_tensors(model, opt, offload=cfg.offload), what="gradients and optimizer state")
             opt.zero_grad(set_to_none=True)
@@ -100,9 +101,9 @@ def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len:
         error = f"oom: {e}"
     except ChipfuseError as e:
         error = f"refused: {e}"
-    later = sorted(times[1:]) or times or [0.0]
+    later = times[1:] or times or [0.0]
     return ProbeResult(rank=rank, losses=losses, peak_bytes=meter.peak_bytes, static_bytes=meter.static_bytes,
-                       step_s=later[len(later) // 2], error=error, grads=grads)
+                       step_s=min(later), error=error, grads=grads)
 
 
 def _free_port() -> int:
