@@ -87,7 +87,8 @@ def pipeline_plan(spec, layers: list[int], strategy: str):  # type: ignore[no-un
 
     first, stages = 0, []
     for d, k in zip(SPEEDS, layers, strict=True):
-        stages.append(Stage(devices=(d,), first_layer=first, num_layers=k))
+        # full checkpointing in both plans: under the caps, 1F1B's in-flight activations would not fit
+        stages.append(Stage(devices=(d,), first_layer=first, num_layers=k, checkpoint="full"))
         first += k
     return Plan(model=spec, global_batch=GLOBAL_BATCH, seq_len=SEQ_LEN, schedule="1f1b", strategy=strategy,
                 replicas=(Replica(stages=tuple(stages), batch_share=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH),))

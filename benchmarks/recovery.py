@@ -7,6 +7,7 @@ re-plans over `a` and `b`, and resumes from the last checkpoint. Prints and writ
 
 - `steps_lost`: steps completed before the kill that had to be trained again (at most `--every`);
 - `recovery_s`: from the kill to the next completed step (detection, re-plan, start-up, load);
+  `detect_s`: from the kill to the supervisor naming the dead device;
 - `loss_gap`: |loss - reference loss| at the last step (and the largest gap over the redone and
   later steps), expected at float32 rounding: the same samples, summed in another split;
 - `emulated: true`.
@@ -118,6 +119,7 @@ def main() -> None:
         "resumed_from_step": resumed_step,
         "steps_lost": done_before - resumed_step,
         "recovery_s": first_after["time_unix_s"] - killed_at,
+        "detect_s": summary["device_losses"][0]["detected_unix_s"] - killed_at,
         "loss_gap": gaps[args.steps - 1],
         "loss_gap_max_after_recovery": max(gaps.values()),
         "final_loss": final[args.steps - 1],
@@ -126,7 +128,7 @@ def main() -> None:
         "shares_after_restart": summary.get("restart_plans"),
     }
     console.print(table("recovery benchmark (EMULATED devices)", ["figure", "value"],
-                        [[k, res[k]] for k in ("killed_after_step", "resumed_from_step", "steps_lost", "recovery_s",
+                        [[k, res[k]] for k in ("killed_after_step", "resumed_from_step", "steps_lost", "detect_s", "recovery_s",
                                                "loss_gap", "loss_gap_max_after_recovery")]))
     console.print(f"device c killed after step {res['killed_after_step']}; resumed at step {resumed_step} on a, b "
                   f"{res['shares_after_restart']}: steps_lost {res['steps_lost']} (interval {args.every}), "

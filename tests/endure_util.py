@@ -38,6 +38,26 @@ def reference_losses(steps: int, global_batch: int = 8, lr: float = 3e-3, spec: 
     return out
 
 
+def continue_from(path, steps: int, global_batch: int = 8, lr: float = 3e-3, spec: ModelSpec = TINY,
+                  betas: tuple[float, float] = (0.9, 0.999)) -> dict[int, float]:
+    """One process, the whole batch, from checkpoint `path` (DIR/step_N) up to `steps`: what any plan
+    resuming from that checkpoint must compute, up to the rounding of its own split."""
+    from chipfuse.runtime import checkpoint
+
+    model = build_model(spec, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, foreach=False)
+    r = checkpoint.load(path, model=model, optimizer=opt, log=lambda m: None)
+    out = {}
+    for step in range(r.step, steps):
+        x, y = get_batch(step, global_batch, spec.seq_len)
+        loss = loss_sum(model(x), y) / (global_batch * spec.seq_len)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        out[step] = loss.item()
+    return out
+
+
 def worker_argv(ckpt, steps: int, every: int, out, sleep_s: float = 0.0):
     def make(plan_path, resume):
         return [sys.executable, WORKER, str(ckpt), str(plan_path), str(steps), str(every),

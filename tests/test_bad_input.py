@@ -101,3 +101,25 @@ def test_nan_loss_stops_when_told():
         guard.admit(8, float("inf"))
     with pytest.raises(ChipfuseError, match="nan_policy: 'maybe'.*Fix"):
         LossGuard(policy="maybe")
+
+
+ONE = '[[node]]\nname = "h"\n[[node.device]]\nname = "solo"\nchip = "cpu"\n'
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_trainer_applies_the_nan_policy(tmp_path, capsys, policy):
+    from chipfuse.cli import main
+
+    pool = tmp_path / "pool.toml"
+    pool.write_text(ONE)
+    # lr 1e30: the first update throws the weights so far that the next loss is not finite.
+    rc = main(["train", "--pool", str(pool), "--model", "tiny", "--steps", "12", "--global-batch", "4",
+               "--solo-samples", "0", "--no-progress", "--lr", "1e30", "--nan-policy", policy,
+               "--run-dir", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    assert rc == 2  # a clear error, not a traceback
+    if policy == "stop":
+        assert "step 1: loss is" in captured.err and "stopped (nan_policy=stop)" in captured.err
+    else:
+        assert "update skipped (nan_policy=skip, 1 skipped so far)" in captured.out
+        assert "for 6 steps in a row; stopped (nan_policy=skip allows 5)" in captured.err

@@ -12,6 +12,7 @@ from chipfuse.cluster.pool import Device, Pool, load_pool
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.spec import resolve_model
 from chipfuse.plan.cost import predict
+from chipfuse.plan.islands import best_with_islands
 from chipfuse.plan.plan import DTYPES, OPTIMIZER_DTYPES, SCHEDULES, Plan
 from chipfuse.plan.profile import Profile
 from chipfuse.plan.search import SearchResult, search
@@ -64,10 +65,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
         res = search(pool, resolve_model(args.model), global_batch=args.global_batch, seq_len=args.seq_len,
                      time_budget_s=args.time_budget, profile=profile, dtype=args.dtype,
                      optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
+        # Slow links (docs/slow_links.md): DiLoCo islands and H when a link is too slow for sync training.
+        res, advice = best_with_islands(res, pool, profile)
         plan, pred = res.plan, res.prediction
         wide.print(plan_table(plan, pool, pred.memory_bytes))
         wide.print(strategy_table(res))
         out = res.to_dict()
+        out["sync_advice"] = advice.to_dict()
+        if advice.sync.islands:
+            console.print(f"slow link: {advice.reason}; predicted {advice.predicted_speedup:.2f}x over synchronous "
+                          "(the chipfuse row is the islands plan; the simple strategies' rows are synchronous)")
     b = pred.breakdown
     console.print(f"step: slowest replica's pipeline {b['pipeline_s']:.3g} s (bubble {b['bubble_fraction']:.0%}), "
                   f"then {b['sync_exposed_s']:.3g} s of gradient sync and optimizer not hidden behind it")

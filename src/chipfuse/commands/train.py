@@ -112,6 +112,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.no_progress:
         worker_args.append("--no-progress")
     worker_args += endure_flags.worker_args(args)
+    if args.profile:
+        worker_args += ["--profile", args.profile]
     if len(plan.devices) == 1:
         worker_args += ["--resume", args.resume] if args.resume else []
         env_backup = dict(os.environ)
@@ -160,7 +162,7 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
                       shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
                       device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
-                      endure=endure_flags.config(args))
+                      endure=endure_flags.config(args), profile_path=args.profile)
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)

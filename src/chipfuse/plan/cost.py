@@ -11,9 +11,10 @@ Replica (pipeline of p stages, m micro-batches, forward f_i, backward b_i, bound
   T = sum_i (f_i + b_i) + 2 sum_i c_i + (m - 1) x max_i max(f_i + b_i, c_i, (f_i + b_i + f_i+1 + b_i+1) / 2 + c_i)
   (equal stages, no transfers: bubble fraction (p - 1) / (m + p - 1)). Stage i's last backward ends at
   T - sum_{j<i} (b_j + c_j).
-Gradient sync, per run of layers held by the same stage groups (a segment), hierarchical: a ring inside
-  each node among the groups there, then a ring across nodes over the slowest link among them. It
-  starts when every holder is ready (overlap: during the holder's last backward), then the optimizer.
+Gradient sync (chipfuse.plan.gradsync), per run of layers held by the same stage groups (a segment),
+  hierarchical: a ring inside each node among the groups there, then a ring across nodes over the
+  slowest link among them. It starts when every holder is ready (overlap: during the holder's last
+  backward), then the optimizer.
 Step time = the latest stage to finish its sync and optimizer step.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 
 from chipfuse.cluster.pool import Pool
 from chipfuse.model.costs import DTYPE_BYTES, ModelCosts, model_costs
+from chipfuse.plan.gradsync import Segment, stage_finish_times, sync_segments
 from chipfuse.plan.hardware import (
     BLOCK_LAUNCH_S,
     CPU_ADAM_PARAMS_S,
@@ -207,79 +209,6 @@ def plan_tables(plan: Plan, pool: Pool, profile: Profile | None = None, *, index
     return out
 
 
-@dataclass(frozen=True, kw_only=True)
-class Segment:
-    """A run of layers [first, last) that the same stage groups hold: one gradient all-reduce."""
-
-    first: int
-    last: int
-    holders: tuple[tuple[int, int], ...]
-    """(replica, stage) of every holder."""
-    sync_s: float
-
-
-def sync_segments(plan: Plan, tables: list[ReplicaTable], index: PoolIndex, costs: ModelCosts) -> list[Segment]:
-    L = plan.model.num_layers
-    cuts = sorted({0, L} | {s.first_layer for r in plan.replicas for s in r.stages})
-    g_b = DTYPE_BYTES[plan.dtype]
-    holders_of: dict[int, list[tuple[int, int]]] = {a: [] for a in cuts[:-1]}
-    pos = {a: k for k, a in enumerate(cuts)}
-    for ri, r in enumerate(plan.replicas):
-        for si, s in enumerate(r.stages):
-            for a in cuts[pos[s.first_layer]:pos[s.first_layer + s.num_layers]]:
-                holders_of[a].append((ri, si))
-    segs = []
-    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-        hs = holders_of[a]
-        params = (b - a) * costs.block_params + (costs.embed_params if a == 0 else 0) + (costs.head_params if b == L else 0)
-        nbytes = params * g_b
-        per_node: dict[str, int] = {}
-        min_tp = min(tables[ri].stages[si].shape.tp for ri, si in hs)
-        for ri, si in hs:
-            node = next(iter(tables[ri].stages[si].nodes))
-            per_node[node] = per_node.get(node, 0) + 1
-        intra = 0.0
-        for node, c in per_node.items():
-            bw, lat = index.link(node, node)
-            intra = max(intra, ring_allreduce_s(nbytes / min_tp, c, bw, lat))
-        bw, lat = index.slowest(frozenset(per_node))
-        inter = ring_allreduce_s(nbytes, len(per_node), bw, lat) if len(per_node) > 1 else 0.0
-        segs.append(Segment(first=a, last=b, holders=tuple(hs), sync_s=intra + inter))
-    return segs
-
-
-def stage_finish_times(tables: list[ReplicaTable], segs: list[Segment], *, overlap: bool = True,
-                       end_s: dict[tuple[int, int], float] | None = None) -> dict[tuple[int, int], dict[str, float]]:
-    """When each stage finishes its step: backward end, gradient sync (waiting for all holders), optimizer.
-
-    `end_s` overrides the backward end times (the simulator passes the ones it replayed).
-    """
-    ends = end_s or {(r.stages[0].replica, i): r.end_s(i) for r in tables for i in range(len(r.stages))}
-    ready = {}
-    for r in tables:
-        for i, s in enumerate(r.stages):
-            k = (s.replica, i)
-            window = s.bwd_s if overlap else 0.0
-            ready[k] = max(0.0, ends[k] - (window if r.num_micro_batches else 0.0)) + s.group_sync_s
-    seg_start = [max(ready[h] for h in sg.holders) for sg in segs]
-    by_stage: dict[tuple[int, int], list[int]] = {}
-    for j, sg in enumerate(segs):
-        for h in sg.holders:
-            by_stage.setdefault(h, []).append(j)
-    out = {}
-    for r in tables:
-        for i, s in enumerate(r.stages):
-            k = (s.replica, i)
-            t = ready[k]
-            sync = 0.0
-            for j in reversed(by_stage.get(k, [])):  # backward produces the last layers' gradients first
-                t = max(t, seg_start[j]) + segs[j].sync_s
-                sync += segs[j].sync_s
-            done = max(t, ends[k]) + s.opt_s
-            out[k] = {"end_bwd_s": ends[k], "sync_s": sync, "sync_done_s": max(t, ends[k]), "finish_s": done}
-    return out
-
-
 def memory_per_device(plan: Plan, pool: Pool) -> dict[str, int]:
     """Bytes each device of the plan holds at its peak (chipfuse.plan.memory), without timing anything."""
     costs = model_costs(plan.model, plan.seq_len)
@@ -369,3 +298,7 @@ def _prediction(plan: Plan, ix: PoolIndex, costs: ModelCosts, tables: list[Repli
     }
     return Prediction(step_s=step, tokens_per_s=tokens / step if step > 0 else math.inf, mfu=mfu,
                       memory_bytes=memory, breakdown=breakdown)
+
+
+__all__ = ["Prediction", "predict", "memory_per_device", "plan_tables", "pipeline_s", "block_time", "Segment",
+           "sync_segments", "stage_finish_times"]

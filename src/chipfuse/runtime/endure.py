@@ -26,7 +26,7 @@ from chipfuse.errors import ChipfuseError
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime import checkpoint
 from chipfuse.runtime.balance import BalanceConfig, Rebalancer, with_shares
-from chipfuse.runtime.guard import CleanStop, LossGuard
+from chipfuse.runtime.guard import CleanStop, LossGuard, NonFiniteLossError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,7 +107,11 @@ class Endurance:
             dist.all_reduce(t)
         self.stopping = self.stopping or t[1].item() > 0
         loss = t[0].item() / (self.plan.global_batch * self.plan.seq_len)
-        self._loss_ok = self.guard.admit(step, loss)
+        try:
+            self._loss_ok = self.guard.admit(step, loss)
+        except NonFiniteLossError:
+            self.stop.restore()  # the run ends here; give the signals back (in-process runs, tests)
+            raise
         return self._loss_ok
 
     def after_step(self, step: int, per_rank: list[dict[str, float]]) -> dict[str, Any]:

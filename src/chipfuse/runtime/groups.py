@@ -17,6 +17,7 @@ order, for every group, even groups it is not in: build all Reducers on all rank
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -45,8 +46,8 @@ class Reducer:
     vendor_of: dict[int, str]
     backend_of: dict[str, str]
     """Vendor -> backend actually used for its group (see usable_backend)."""
-    vendor_groups: dict[str, tuple[tuple[int, ...], object]] = field(default_factory=dict)
-    bridge: tuple[tuple[int, ...], object] | None = None
+    vendor_groups: dict[str, tuple[tuple[int, ...], Any]] = field(default_factory=dict)
+    bridge: tuple[tuple[int, ...], Any] | None = None
 
     @property
     def vendors(self) -> list[str]:
@@ -91,7 +92,7 @@ class Reducer:
         }
 
 
-def _new_group(ranks: tuple[int, ...], backend: str) -> object:
+def _new_group(ranks: tuple[int, ...], backend: str) -> Any:
     # A one-rank group needs no communicator; skipping it keeps start-up short. Every rank
     # takes the same decision, so the order of new_group calls stays identical everywhere.
     if len(ranks) < 2:

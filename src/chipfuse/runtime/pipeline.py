@@ -46,6 +46,9 @@ class WorkerConfig:
     """Pace emulated devices to their speed (off for parity tests: it changes no number)."""
     slack: float = 1.1
     memory_caps: bool = True
+    profile_path: str | None = None
+    """Pace emulated devices to this profile's per-block times (the chip the planner predicted
+    for) instead of `slack x solo / speed` measured at start-up."""
 
 
 class PipelineWorker:
@@ -95,7 +98,16 @@ class PipelineWorker:
         if config.pace:  # collective (barriers): every rank takes part, paced or not
             fwd_s, bwd_s = self._solo_times()
             self.solo_fwd_s, self.solo_bwd_s = fwd_s, bwd_s
-        if config.pace and emu is not None:
+        targets = None
+        if config.pace and emu is not None and config.profile_path:
+            from chipfuse.runtime.profiler import stage_targets
+
+            targets = stage_targets(config.profile_path, self.device.name, self.stage_plan, last=role.last,
+                                    micro_batch_size=rep.micro_batch_size, seq_len=plan.seq_len)
+        if targets is not None:
+            self.clock = Clock(fwd=Pacer(speed=1.0, unit_s=targets[0], slack=1.0),
+                               bwd=Pacer(speed=1.0, unit_s=targets[1], slack=1.0))
+        elif config.pace and emu is not None:
             self.clock = Clock(fwd=Pacer(speed=emu.speed, unit_s=self.solo_fwd_s, slack=config.slack),
                                bwd=Pacer(speed=emu.speed, unit_s=self.solo_bwd_s, slack=config.slack))
         self.paced = PacedStage(self.module, self.clock)

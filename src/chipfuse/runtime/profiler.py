@@ -14,6 +14,7 @@ Written by hand: torch has benchmark utilities but no notion of emulated chips o
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -43,7 +44,7 @@ def host_figures(*, n: int = 512, copy_bytes: int = 64 << 20, repeats: int = 5) 
     flops = {}
     for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
-        flops[name] = 2 * n**3 / solo_time(lambda a=a, b=b: a @ b, repeats=repeats)
+        flops[name] = 2 * n**3 / solo_time(functools.partial(torch.matmul, a, b), repeats=repeats)
     src = torch.empty(copy_bytes // 4, dtype=torch.float32).fill_(1.0)
     dst = torch.empty_like(src)
     mem_bw = 2 * copy_bytes / solo_time(lambda: dst.copy_(src), repeats=repeats)
@@ -90,8 +91,9 @@ def block_and_head_times(spec: ModelSpec, pool: Pool, *, micro_batch_sizes: tupl
     for mbs in micro_batch_sizes:
         block = _stage_timer(spec, mid[1], 1, mid, mbs, seq_len)
         last = _stage_timer(spec, stages[1], 1, stages, mbs, seq_len)  # one block + norm + head + loss
-        host_b = [block(None) for _ in range(repeats + 1)][1:]
-        host_l = [last(None) for _ in range(repeats + 1)][1:]
+        # the host's own time: best of twice as many runs, since other processes only add to it
+        host_b = [block(None) for _ in range(2 * repeats + 1)][1:]
+        host_l = [last(None) for _ in range(2 * repeats + 1)][1:]
         f_b, b_b = min(t[0] for t in host_b), min(t[1] for t in host_b)
         f_l, b_l = min(t[0] for t in host_l), min(t[1] for t in host_l)
         for d in _measurable(pool):
@@ -172,3 +174,32 @@ def block_fwd_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     else:
         weights = 4 * c * c + 2 * c * f
     return 2 * weights + 2 * seq_len * c
+
+
+def _closest(timings: list[dict], tokens: int) -> tuple[float, float]:
+    """(fwd_s, bwd_s) for `tokens`, scaled linearly from the closest measured shape (as the planner)."""
+    t = min(timings, key=lambda x: abs(x["micro_batch_size"] * x["seq_len"] - tokens))
+    scale = tokens / (t["micro_batch_size"] * t["seq_len"])
+    return t["fwd_s"] * scale, t["bwd_s"] * scale
+
+
+def stage_targets(profile_path: str, device: str, stage: Stage, *, last: bool, micro_batch_size: int,
+                  seq_len: int) -> tuple[float, float] | None:
+    """Forward and backward seconds of one micro-batch of `stage` on `device` by the profile:
+    its blocks, the head on the last stage, and a recomputed forward under checkpointing."""
+    import json
+
+    prof = json.loads(open(profile_path).read())
+    blocks = prof.get("layer_times", {}).get(device)
+    if not blocks:
+        return None
+    tokens = micro_batch_size * seq_len
+    f1, b1 = _closest(blocks, tokens)
+    f, b = stage.num_layers * f1, stage.num_layers * b1
+    if stage.checkpoint != "none":
+        b += f
+    heads = prof.get("head_times", {}).get(device)
+    if last and heads:
+        hf, hb = _closest(heads, tokens)
+        f, b = f + hf, b + hb
+    return f, b

@@ -45,6 +45,14 @@ class StageModule(nn.Module):
     first: bool
     last: bool
     checkpoint_mode: str
+    # Submodules are registered under the full model's names; typed loosely for that reason.
+    blocks: Any
+    tok_emb: Any
+    pos_emb: Any
+    ln_f: Any
+    head: Any
+    model: Any
+    lm_head: Any
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(self.pre(x))
@@ -64,7 +72,7 @@ class StageModule(nn.Module):
     def _unit_of(self, name: str) -> str:
         raise NotImplementedError
 
-    def _run_block(self, blk: nn.Module, h: torch.Tensor, *extra: Any) -> torch.Tensor:
+    def _run_block(self, blk: Any, h: torch.Tensor, *extra: Any) -> torch.Tensor:
         # "selective" keeps the cheap norms' outputs in a full-recompute world: on these small
         # blocks both modes recompute the block, which is what a planner charging 1/3 extra
         # forward for selective would under-count; the cost model owns that difference.
@@ -87,7 +95,7 @@ def _put(root: nn.Module, dotted: str, module: nn.Module) -> None:
 class GPTStage(StageModule):
     """A run of the built-in GPT's blocks (chipfuse.model.gpt.GPT)."""
 
-    def __init__(self, full: nn.Module, stage: Stage, *, first: bool, last: bool):
+    def __init__(self, full: Any, stage: Stage, *, first: bool, last: bool):
         super().__init__()
         self.first, self.last, self.checkpoint_mode = first, last, stage.checkpoint
         if first:
@@ -145,7 +153,7 @@ class LlamaStage(StageModule):
     exchange one tensor only.
     """
 
-    def __init__(self, full: nn.Module, stage: Stage, *, first: bool, last: bool):
+    def __init__(self, full: Any, stage: Stage, *, first: bool, last: bool):
         super().__init__()
         self.first, self.last, self.checkpoint_mode = first, last, stage.checkpoint
         if first:

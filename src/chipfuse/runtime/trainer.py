@@ -17,9 +17,10 @@ from chipfuse.model.gpt import build_model
 from chipfuse.plan.plan import Plan, Replica
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.runtime import dist as cfdist
-from chipfuse.runtime.data_parallel import DataParallelWorker, all_reduce_gradients
+from chipfuse.runtime.data_parallel import DataParallelWorker
 from chipfuse.runtime.emulate import MemoryMeter, Pacer, solo_time
 from chipfuse.runtime.endure import Endurance, EndureConfig
+from chipfuse.runtime.grad_sync import build_gradient_sync
 from chipfuse.runtime.memory import (
     build_plan_optimizer,
     device_memory_config,
@@ -44,6 +45,8 @@ class TrainConfig:
     slack: float = 1.1
     """Emulated devices pad each micro-batch to slack x solo time / speed (torch-on-cpu.md)."""
     progress: bool = True
+    profile_path: str | None = None
+    """A `chipfuse profile` JSON: pipeline workers pace emulated devices to its per-block times."""
     device: str | None = None
     """This worker's device name; None = the plan's device at this rank (single host)."""
     endure: EndureConfig = field(default_factory=EndureConfig)
@@ -182,6 +185,9 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     if first_step >= cfg.steps:
         raise ChipfuseError(f"the checkpoint is at step {first_step} and --steps is {cfg.steps}: nothing to "
                             f"train. Fix: give --steps above {first_step}")
+    # plan.sync: one all-reduce per step, or islands with DiLoCo between them (docs/slow_links.md)
+    grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank,
+                                    share_fn=lambda: worker.share)
     log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     progress = _Progress(enabled=info.is_main and cfg.progress, steps=cfg.steps, devices=list(plan.devices))
@@ -191,10 +197,13 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         optimizer.zero_grad(set_to_none=True)
         res = worker.compute(step)
         t_comm = time.perf_counter()
-        all_reduce_gradients(params)
+        grad_sync.reduce()
         comm_s = time.perf_counter() - t_comm
         if endure.before_update(step, res.loss_sum):  # False: non-finite loss, update skipped
             optimizer.step()
+        t_outer = time.perf_counter()
+        grad_sync.after_step()  # counted even when the update was skipped: islands stay in step
+        comm_s += time.perf_counter() - t_outer
         if meter is not None:
             meter.set_static(device_state_tensors(model, optimizer, offload=mem.offload),
                              what="parameters, gradients and optimizer state")
@@ -205,6 +214,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             progress.update(log.add(step, row, **extra))
         if endure.stopping:
             break
+    grad_sync.finish()
     progress.close()
     endure.finish(step + 1)
 
@@ -239,6 +249,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             for d in plan.devices
         },
         "metrics_path": cfg.metrics_path,
+        "sync": grad_sync.describe(),
         **endure.summary(),
     }
 

@@ -1,0 +1,210 @@
+"""Islands: synchronous training inside groups of well-connected devices, DiLoCo between them.
+
+Inside an island every inner step all-reduces gradients (SUM, rescaled to the island's mean
+gradient: see DiLoCo.sync_inner_grads). Across islands,
+over a slow link, only every H inner steps: each island's pseudo-gradient (parameters at the last
+outer step minus its parameters now) is averaged, weighted by the island's share of the round's
+tokens, and an outer SGD step with Nesterov momentum (torch.optim.SGD, nesterov=True, on a copy of
+the global parameters) gives the new global parameters every island starts from (DiLoCo,
+Douillard et al. 2023). The cross-island payload may travel as bf16 or fp16.
+
+Unequal islands (the island rule): an island's batch share is proportional to its speed (the sum
+of its devices' shares in the plan, which the planner sets by speed and the trainer's rebalancer
+keeps by measured speed), with one H for all. Every island then ends a round at about the same
+wall time, and every inner step consumes exactly the global batch that synchronous training
+would. The outer weights follow the samples each island really processed in the round.
+
+Written by hand: torchft's DiLoCo needs its fault-tolerance Manager (a lighthouse server and a
+quorum) and is not a dependency; DDP comm hooks act on gradients each step, not on parameters
+every H steps (see docs/slow_links.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from chipfuse.errors import PlanError
+from chipfuse.runtime.links import EmulatedLink
+
+COMPRESSION_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class IslandGroups:
+    """This rank's view of the island layout and the process groups that serve it."""
+
+    islands: tuple[tuple[int, ...], ...]
+    """Ranks of each island; the first rank of an island is its leader on the slow link."""
+    index: int
+    """The island this rank belongs to."""
+    rank: int
+    group: dist.ProcessGroup | None
+    """This island's group (None when the island is this rank alone)."""
+    leaders: dist.ProcessGroup | None
+    """Group of the island leaders (None on ranks that lead no island, or with one island)."""
+
+    @property
+    def leader(self) -> int:
+        return self.islands[self.index][0]
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == self.leader
+
+    @property
+    def island_size(self) -> int:
+        return len(self.islands[self.index])
+
+
+def make_island_groups(islands: Sequence[Sequence[int]], *, rank: int, world_size: int) -> IslandGroups:
+    """Create every island's group and the leaders' group, in the same order on every rank
+    (torch.distributed.new_group is collective over the whole job)."""
+    isl = tuple(tuple(int(r) for r in i) for i in islands)
+    flat = sorted(r for i in isl for r in i)
+    if flat != list(range(world_size)) or any(not i for i in isl):
+        raise PlanError(f"sync.islands: ranks {[list(i) for i in isl]} do not cover ranks 0..{world_size - 1} "
+                        "exactly once. Fix: put every device of the plan in exactly one island")
+    groups = [dist.new_group(list(i)) if len(i) > 1 else None for i in isl]
+    leaders = dist.new_group([i[0] for i in isl]) if len(isl) > 1 else None
+    index = next(k for k, i in enumerate(isl) if rank in i)
+    return IslandGroups(islands=isl, index=index, rank=rank, group=groups[index],
+                        leaders=leaders if rank == isl[index][0] else None)
+
+
+def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def unflatten_into(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset: offset + n].view_as(t))
+        offset += n
+
+
+def reduce_in_island(flat: torch.Tensor, groups: IslandGroups) -> None:
+    """SUM over the island's ranks, in place (the fast, local all-reduce)."""
+    if groups.group is not None:
+        dist.all_reduce(flat, group=groups.group)
+
+
+def reduce_across_islands(flat: torch.Tensor, groups: IslandGroups, link: EmulatedLink | None,
+                          compression: str = "none") -> None:
+    """SUM of the island leaders' `flat` over the slow link, then broadcast inside each island.
+
+    Only leaders put bytes on the link; the other members of an island receive the result over
+    the island's fast group. With compression, the payload crosses as bf16/fp16 and is summed in
+    that dtype (two to a few islands: the rounding of the sum is that of one cast)."""
+    dtype = COMPRESSION_DTYPES[compression]
+    if groups.leaders is not None:
+        payload = flat.to(dtype) if dtype is not None else flat
+        if link is not None:
+            link.all_reduce(payload)
+        else:
+            dist.all_reduce(payload, group=groups.leaders)
+        if payload is not flat:
+            flat.copy_(payload)
+    if groups.group is not None:
+        dist.broadcast(flat, src=groups.leader, group=groups.group)
+
+
+def grads_or_zeros(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Every parameter's gradient; a rank with no share this step takes part with zeros."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    return [p.grad for p in params if p.grad is not None]
+
+
+def sync_gradients(params: Sequence[torch.Tensor], groups: IslandGroups, link: EmulatedLink | None = None) -> None:
+    """Synchronous data parallel over islands: SUM of the gradients in each island, then over the
+    link among the leaders, then back inside each island (hierarchical all-reduce)."""
+    grads = grads_or_zeros(params)
+    flat = flatten(grads)
+    reduce_in_island(flat, groups)
+    reduce_across_islands(flat, groups, link)
+    unflatten_into(flat, grads)
+
+
+class DiLoCo:
+    """The outer loop: call `sync_inner_grads()` after each backward and `after_inner_step()` after
+    each inner optimizer step; every `inner_steps` calls it runs the outer step."""
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, groups: IslandGroups, global_samples: int,
+                 share_fn: Callable[[], int], inner_steps: int, outer_lr: float = 0.7,
+                 outer_momentum: float = 0.5, compression: str = "none", link: EmulatedLink | None = None):
+        """global_samples: samples per step over all islands (the plan's global batch);
+        share_fn: this rank's samples this step (read every step: shares may be rebalanced);
+        inner_steps: H, the same for every island."""
+        if compression not in COMPRESSION_DTYPES:
+            raise PlanError(f"sync.compression is {compression!r}. Fix: use one of {sorted(COMPRESSION_DTYPES)}")
+        if inner_steps < 1:
+            raise PlanError(f"sync.outer_every is {inner_steps}. Fix: use 1 or more inner steps per outer step")
+        self.params = [p for p in params]
+        self.groups = groups
+        self.global_samples = global_samples
+        self.share_fn = share_fn
+        self.inner_steps = inner_steps
+        self.compression = compression
+        self.link = link
+        # The global parameters live apart from the model: inner steps move the model, the outer
+        # optimizer moves only these.
+        self.global_params = [p.detach().clone() for p in self.params]
+        self.outer_opt = torch.optim.SGD(self.global_params, lr=outer_lr, momentum=outer_momentum,
+                                         nesterov=outer_momentum > 0)
+        self.steps_done = 0
+        self.round_samples = 0.0
+        self.outer_steps = 0
+
+    def sync_inner_grads(self) -> None:
+        """Island mean gradient on every rank of the island (no traffic on the slow link).
+
+        chipfuse divides each rank's summed loss by the GLOBAL token count, so the island SUM is
+        (island samples / global samples) x the island's mean gradient: that factor is undone here.
+        The island's sample count rides in the same all-reduce, so rebalanced shares are followed."""
+        grads = grads_or_zeros(self.params)
+        flat = torch.cat([flatten(grads), torch.tensor([float(self.share_fn())], dtype=grads[0].dtype)])
+        reduce_in_island(flat, self.groups)
+        island_samples = float(flat[-1])
+        if island_samples > 0:
+            flat.mul_(self.global_samples / island_samples)
+        unflatten_into(flat[:-1], grads)
+        self.round_samples += island_samples
+
+    def after_inner_step(self) -> bool:
+        """Count an inner step; run the outer step when the round is over. True if it ran."""
+        self.steps_done += 1
+        if self.steps_done < self.inner_steps:
+            return False
+        self.outer_step()
+        return True
+
+    def finish(self) -> None:
+        """End of training: an outer step for a round cut short, so every island ends on the
+        same global parameters."""
+        if self.steps_done:
+            self.outer_step()
+
+    @torch.no_grad()
+    def outer_step(self) -> None:
+        # Pseudo-gradient weighted by the island's share of the round's tokens, so that the SUM
+        # across islands is the token-weighted mean (every island took steps_done inner steps).
+        weight = self.round_samples / (self.global_samples * self.steps_done) if self.steps_done else 0.0
+        delta = (flatten(self.global_params) - flatten(self.params)).mul_(weight)
+        reduce_across_islands(delta, self.groups, self.link, self.compression)
+        offset = 0
+        for g in self.global_params:
+            g.grad = delta[offset: offset + g.numel()].view_as(g).clone()
+            offset += g.numel()
+        self.outer_opt.step()
+        for p, g in zip(self.params, self.global_params, strict=True):
+            p.copy_(g)
+            g.grad = None
+        self.steps_done = 0
+        self.round_samples = 0.0
+        self.outer_steps += 1

@@ -1,0 +1,130 @@
+"""The trainer's gradient-sync hook, chosen from the plan and the pool.
+
+- plan.sync.islands empty, one node (or real devices): one flat all-reduce per step, as before.
+- plan.sync.islands empty, an all-emulated pool spanning nodes: the same synchronous step, reduced
+  per node then across nodes, with the pool's slowest [[link]] between them emulated (so a slow
+  link costs what it would).
+- plan.sync.islands set: synchronous inside each island, DiLoCo between islands every
+  plan.sync.outer_every steps (runtime.diloco), the cross-island link emulated as above.
+
+The trainer calls reduce() where it reduced gradients, after_step() after optimizer.step(), and
+finish() after the last step.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from chipfuse.cluster.pool import Pool
+from chipfuse.plan.islands import island_layout, slowest_link
+from chipfuse.plan.plan import Plan
+from chipfuse.runtime.data_parallel import all_reduce_gradients
+from chipfuse.runtime.diloco import DiLoCo, IslandGroups, make_island_groups, sync_gradients
+from chipfuse.runtime.links import EmulatedLink
+
+
+class GradientSync:
+    """Synchronous data parallel: one flat SUM all-reduce of the gradients per step."""
+
+    link: EmulatedLink | None = None
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]):
+        self.params = list(params)
+
+    def reduce(self) -> None:
+        all_reduce_gradients(self.params)
+
+    def after_step(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+    def describe(self) -> dict:
+        out: dict = {"mode": "sync"}
+        if self.link is not None:
+            out["link"] = {"bandwidth_bytes_s": self.link.bandwidth_bytes_s, "latency_s": self.link.latency_s,
+                           "emulated": True, **self.link.stats.to_dict()}
+        return out
+
+
+class HierarchicalSync(GradientSync):
+    """Synchronous, reduced inside each group then over the (emulated) link between groups."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], groups: IslandGroups, link: EmulatedLink | None):
+        super().__init__(params)
+        self.groups = groups
+        self.link = link
+
+    def reduce(self) -> None:
+        sync_gradients(self.params, self.groups, self.link)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "groups": [list(i) for i in self.groups.islands]}
+
+
+class IslandSync(HierarchicalSync):
+    """Synchronous inside islands, DiLoCo between them."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], groups: IslandGroups, link: EmulatedLink | None,
+                 diloco: DiLoCo):
+        super().__init__(params, groups, link)
+        self.diloco = diloco
+
+    def reduce(self) -> None:
+        self.diloco.sync_inner_grads()
+
+    def after_step(self) -> None:
+        self.diloco.after_inner_step()
+
+    def finish(self) -> None:
+        self.diloco.finish()
+
+    def describe(self) -> dict:
+        return {**super().describe(), "mode": "islands", "outer_every": self.diloco.inner_steps,
+                "outer_steps": self.diloco.outer_steps, "compression": self.diloco.compression}
+
+
+def _link_between(pool: Pool, islands: Sequence[Sequence[str]], groups: IslandGroups) -> EmulatedLink | None:
+    """The emulated link joining the islands' leaders: the pool's slowest link between islands.
+    Only an all-emulated pool on one host is padded: real devices, and workers on several hosts,
+    pay their real network (and the padding needs one clock for every rank)."""
+    world = sum(len(i) for i in groups.islands)
+    one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
+    if groups.leaders is None or not one_host or not all(d.emulated for d in pool.devices):
+        return None
+    nodes = [sorted({pool.device(d).node for d in isl}) for isl in islands]
+    ln = min((slowest_link(pool, a, b) for i, a in enumerate(nodes) for b in nodes[i + 1:]),
+             key=lambda x: (x.bandwidth, -x.latency_s))
+    return EmulatedLink(bandwidth_bytes_s=ln.bandwidth, latency_s=ln.latency_s, group=groups.leaders)
+
+
+def build_gradient_sync(plan: Plan, pool: Pool, params: Sequence[torch.nn.Parameter], *, rank: int,
+                        rank_devices: Sequence[str], share_fn: Callable[[], int]) -> GradientSync:
+    """rank_devices: the device name of every rank, in rank order; share_fn: this rank's samples
+    in the current step. Every rank must call this at the same point: it creates process groups."""
+    world_size = len(rank_devices)
+
+    def ranks(groups: Sequence[Sequence[str]]) -> list[list[int]]:
+        return [[list(rank_devices).index(d) for d in g] for g in groups]
+
+    if plan.sync.islands:
+        islands = island_layout(plan)
+        groups = make_island_groups(ranks(islands), rank=rank, world_size=world_size)
+        link = _link_between(pool, islands, groups)
+        s = plan.sync
+        diloco = DiLoCo(params, groups=groups, global_samples=plan.global_batch, share_fn=share_fn,
+                        inner_steps=s.outer_every, outer_lr=s.outer_lr, outer_momentum=s.outer_momentum,
+                        compression=s.compression, link=link)
+        return IslandSync(params, groups, link, diloco)
+    nodes: dict[str, list[str]] = {}
+    for d in rank_devices:
+        nodes.setdefault(pool.device(d).node, []).append(d)
+    if world_size > 1 and len(nodes) > 1 and all(d.emulated for d in pool.devices):
+        by_node = list(nodes.values())
+        groups = make_island_groups(ranks(by_node), rank=rank, world_size=world_size)
+        return HierarchicalSync(params, groups, _link_between(pool, by_node, groups))
+    return GradientSync(params)
