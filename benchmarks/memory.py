@@ -52,10 +52,10 @@ def cfg_of(st: Strategy) -> MemoryConfig:
 
 
 def next_width(dim: int, up: bool) -> int:
-    """The ladder of widths: steps of 32 up to 256, then of 64 (about 12% apart or more)."""
-    if up:
-        return dim + (HEAD_DIM if dim < 256 else 2 * HEAD_DIM)
-    return dim - (HEAD_DIM if dim <= 256 else 2 * HEAD_DIM)
+    """The ladder of widths: steps of 32 up to 256, then about 25% (in steps of 32): a coarse ladder
+    where one probe of a big model costs tens of seconds."""
+    step = HEAD_DIM if dim < 256 else max(HEAD_DIM, round(dim / 4 / HEAD_DIM) * HEAD_DIM)
+    return dim + step if up else max(HEAD_DIM, dim - step)
 
 
 def trains(base: ModelSpec, dim: int, cfg: MemoryConfig, args, log: list) -> bool:
@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--micro-batch", type=int, default=2, help="samples per device per step")
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--slow-steps", type=int, default=6, help="steps per strategy and round for the slowdown (best of)")
+    ap.add_argument("--slow-steps", type=int, default=5, help="steps per strategy and round for the slowdown (best of)")
+    ap.add_argument("--slow-batch", type=int, default=4, help="samples per device for the slowdown (more compute per step)")
     ap.add_argument("--max-up", type=int, default=3, help="widths to try above the predicted one")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
@@ -140,7 +141,7 @@ def main() -> None:
     names = list(SLOWDOWN) + [f"chipfuse ({best.label})"]
     # Two rounds in turn, best of both: the first strategies of a process also pay its warm-up, and
     # other work on the machine comes and goes. A step is as slow as its slowest rank.
-    res = spawn_probe(args.devices, cfgs=cfgs * 2, spec=spec, global_batch=args.devices * args.micro_batch,
+    res = spawn_probe(args.devices, cfgs=cfgs * 2, spec=spec, global_batch=args.devices * args.slow_batch,
                       seq_len=args.seq, steps=args.slow_steps, cap_bytes=None, timeout_s=550)
     step_s = {n: min(max(r.step_s for r in res[i]), max(r.step_s for r in res[i + len(cfgs)]))
               for i, n in enumerate(names)}
@@ -151,7 +152,7 @@ def main() -> None:
     # backward, and its gradient comes back: 3 x 4 bytes per local parameter per step.
     offload_s = 3 * 4 * shard_params / link
     console.print(table(f"throughput cost per strategy (GPT dim {dim}, {num_params(spec) / 1e6:.2f}M params, "
-                        f"{args.devices} workers; emulated)", ["strategy", "step s", "slowdown"],
+                        f"{args.devices} workers, {args.slow_batch} samples each; emulated)", ["strategy", "step s", "slowdown"],
                         [[n, f"{step_s[n]:.3f}", f"{slowdown[n]:.2f}x"] for n in names]))
 
     console.print("shard=optimizer and shard=grads are the same FSDP2 setting, and offload=optimizer computes what "
@@ -172,7 +173,7 @@ def main() -> None:
         "predicted": {m.strategy: {"label": m.label, "dim": m.dim, "num_params": m.num_params, "limit": m.limit}
                       for m in predicted},
         "searches": searches,
-        "slowdown_model_params": num_params(spec),
+        "slowdown_model_params": num_params(spec), "slowdown_samples_per_device": args.slow_batch,
         "step_s": step_s, "slowdown": slowdown,
         # Pairs that run the very same computation here: how far apart they land is the noise floor.
         "noise_floor": {"shard=grads / shard=optimizer": step_s["shard=grads"] / step_s["shard=optimizer"],

@@ -3,9 +3,8 @@
 Used by the memory tests and benchmarks/memory.py to *measure* whether a strategy fits and what
 it costs; the trainer applies the same functions (runtime.memory) from a plan. The group of ranks
 is one stage's group: under sharding they hold one model between them and split every batch
-evenly; without it they are plain data-parallel replicas whose gradients are summed with one
-all_reduce per parameter (no DDP buckets, so the plain baseline holds no second copy of the
-gradients and is not made to look worse than it is).
+evenly; without it they are plain data-parallel replicas whose gradients are summed as the trainer
+sums them (runtime.data_parallel.all_reduce_gradients: one flat buffer, freed after the step).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from chipfuse.data import get_batch
 from chipfuse.errors import ChipfuseError, DeviceMemoryError
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import ModelSpec
+from chipfuse.runtime.data_parallel import all_reduce_gradients
 from chipfuse.runtime.emulate import MemoryMeter
 from chipfuse.runtime.memory import (
     MemoryConfig,
@@ -83,9 +83,8 @@ def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len:
                 logits = model(x)
                 loss = loss_sum(logits, y) / (global_batch * seq_len)
                 loss.backward()
-            if world > 1 and not cfg.uses_fsdp:
-                for p in model.parameters():
-                    dist.all_reduce(p.grad)
+            if not cfg.uses_fsdp:
+                all_reduce_gradients(list(model.parameters()))  # the trainer's flat SUM all-reduce
             if want_grads and step == 0:
                 grads = {_plain_name(n): _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
             opt.step()
