@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 from pathlib import Path
 
 from chipfuse.cli import main as chipfuse
+from chipfuse.model.spec import SPEC_PRESETS
 from chipfuse.report.output import console, table, write_json
+from chipfuse.runtime.probe import measure_unit_s
 
 POOL = """
 name = "emulated-4-2-1"
@@ -38,11 +41,11 @@ emulate = { speed = 0.2 }
 """
 
 
-def run(tmp: Path, name: str, steps: int, extra: list[str]) -> dict:
+def run(tmp: Path, name: str, steps: int, unit_s: float, extra: list[str]) -> dict:
     out = tmp / f"{name}.json"
     rc = chipfuse(["train", "--pool", str(tmp / "pool.toml"), "--model", "small", "--steps", str(steps),
                    "--global-batch", "56", "--run-dir", str(tmp / name), "--json", str(out), "--no-progress",
-                   *extra])
+                   "--unit-s", str(unit_s), *extra])
     if rc:
         raise SystemExit(f"{name} run failed ({rc})")
     return json.loads(out.read_text())
@@ -56,8 +59,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         (tmp / "pool.toml").write_text(POOL)
-        even = run(tmp, "even", args.steps, ["--even"])
-        ours = run(tmp, "chipfuse", args.steps, [])
+        # One pacing unit for both runs, measured here once: the same emulated chip, the same speed.
+        unit = measure_unit_s(SPEC_PRESETS["small"])
+        # The even baseline keeps its shares: chipfuse's online rebalancing would otherwise move it.
+        even = run(tmp, "even", args.steps, unit, ["--even", "--no-rebalance"])
+        ours = run(tmp, "chipfuse", args.steps, unit, [])
     # Standalone throughput of each device: measured alone (the others idle) at the start of each
     # run; averaged over the two runs.
     solo = {k: (even["solo_tokens_per_s"][k] + ours["solo_tokens_per_s"][k]) / 2 for k in ours["solo_tokens_per_s"]}
@@ -67,6 +73,8 @@ def main() -> None:
         "pool": "fast x0.8, mid x0.4, slow x0.2 (4 : 2 : 1, emulated on CPU workers)",
         "model": ours["model"],
         "steps": args.steps,
+        "unit_s": unit,
+        "load_average_1min": os.getloadavg()[0],
         "solo_tokens_per_s": solo,
         "tokens_per_s_even": even["tokens_per_s"],
         "tokens_per_s_chipfuse": ours["tokens_per_s"],

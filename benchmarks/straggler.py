@@ -47,21 +47,10 @@ emulate = { speed = 0.25 }
 
 def unit_s(micro_batch: int = 4) -> float:
     """Seconds per sample of one unslowed worker (one thread) on the `small` model, best of 5."""
-    import torch
-
-    from chipfuse.data import get_batch
-    from chipfuse.model.gpt import build_model, loss_sum
     from chipfuse.model.spec import SPEC_PRESETS
-    from chipfuse.runtime.emulate import solo_time
+    from chipfuse.runtime.probe import measure_unit_s
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    spec = SPEC_PRESETS["small"]
-    model = build_model(spec)
-    x, y = get_batch(0, micro_batch, spec.seq_len)
-    t = solo_time(lambda: loss_sum(model(x), y).backward(), repeats=5)
-    torch.set_num_threads(threads)
-    return t / micro_batch
+    return measure_unit_s(SPEC_PRESETS["small"], micro_batch=micro_batch)
 
 
 def run(tmp: Path, name: str, args: argparse.Namespace, extra: list[str]) -> tuple[dict, list[dict]]:

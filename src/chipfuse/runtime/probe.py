@@ -23,3 +23,20 @@ def measure_memory(spec: ModelSpec, seq_len: int, samples: int = 2) -> tuple[int
         loss_sum(full_logits(model, x), y).backward()
     act = meter.peak_bytes - meter.static_bytes
     return param_bytes, -(-act // samples)
+
+
+def measure_unit_s(spec: ModelSpec, *, micro_batch: int = 8, repeats: int = 5) -> float:
+    """Seconds per sample of one unslowed worker (one thread): forward and backward, best of `repeats`.
+
+    Benchmarks that compare runs pass this to every run (`--unit-s`): one emulated chip should
+    have one speed, and two start-up calibrations on a busy machine can differ by 2-3x."""
+    from chipfuse.runtime.emulate import solo_time
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = build_full(spec)
+        x, y = get_batch(0, micro_batch, spec.seq_len)
+        return solo_time(lambda: loss_sum(full_logits(model, x), y).backward(), repeats=repeats) / micro_batch
+    finally:
+        torch.set_num_threads(threads)
