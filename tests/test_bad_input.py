@@ -123,3 +123,15 @@ def test_trainer_applies_the_nan_policy(tmp_path, capsys, policy):
     else:
         assert "update skipped (nan_policy=skip, 1 skipped so far)" in captured.out
         assert "for 6 steps in a row; stopped (nan_policy=skip allows 5)" in captured.err
+
+
+def test_malformed_model_config(tmp_path):
+    from chipfuse.model.spec import resolve_model
+
+    f = tmp_path / "config.json"
+    f.write_text('{"model_type": "llama", "hidden_size": 64,')
+    with pytest.raises(ChipfuseError, match="config.json: cannot read a Hugging Face config.*Fix"):
+        resolve_model(str(f))
+    f.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    with pytest.raises(ChipfuseError, match="config.json: field 'num_hidden_layers' missing.*Fix"):
+        resolve_model(str(f))

@@ -63,12 +63,13 @@ def test_offload_on_cpu_devices_is_refused_in_preflight() -> None:
         check_plan_memory(_sharded_plan(("d0", "d1"), shard="full", offload="params"), pool)
 
 
-def test_bf16_is_refused_on_a_chip_without_it() -> None:
-    plan = _sharded_plan(("d0", "d1"), shard="full")
-    plan = Plan(**{**plan.__dict__, "dtype": "bf16"})
-    with pytest.raises(PlanError, match=r"dtype.*'d0' \(T4\) has no bfloat16.*Fix"):
-        check_plan_memory(plan, _pool(64, 64))
-    check_plan_memory(plan, _pool(64, 64, chip="L4"))
+def test_bf16_computes_in_fp32_on_a_chip_without_it() -> None:
+    from chipfuse.runtime.memory import device_memory_config
+
+    plan = Plan(**{**_sharded_plan(("d0", "d1"), checkpoint="full").__dict__, "dtype": "bf16"})
+    assert device_memory_config(plan, _pool(64, 64), "d0").dtype == "fp32"  # T4: no bf16 units
+    assert device_memory_config(plan, _pool(64, 64, chip="L4"), "d0").dtype == "bf16"
+    assert device_memory_config(plan, _pool(64, 64, chip="L4"), "d0").checkpoint == "full"
 
 
 def test_an_even_shard_must_fit_the_smallest_member() -> None:

@@ -102,3 +102,39 @@ def test_endure_flags_are_checked_before_anything_starts(tmp_path, capsys):
     with pytest.raises(ChipfuseError, match="not DEVICE@STEP:FACTOR.*Fix"):
         Slowdown.parse("c@x:0.5")
     assert Slowdown.parse("c@20:0.5") == Slowdown(device="c", step=20, factor=0.5)
+
+
+def test_pipeline_checkpoint_resumes_as_data_parallel_on_one_device(tmp_path):
+    """A full plan (a two-stage pipeline over two devices) writes each stage's part; a one-device
+    data-parallel plan loads the whole model and optimizer from those parts and continues."""
+    from tests.pipeline_helpers import TINY_GPT, plan_of
+
+    pool, ckpt, run = tmp_path / "pool.toml", tmp_path / "ckpt", tmp_path / "run"
+    pool.write_text(POOL)
+    plan = tmp_path / "plan.json"
+    plan_of(TINY_GPT, [([("a", 2), ("b", 1)], 4, 2)]).to_json(plan)
+    common = ["--pool", str(pool), "--run-dir", str(run), "--solo-samples", "0", "--no-progress", "--lr", "3e-3"]
+    assert main(["train", "--plan", str(plan), "--steps", "3", "--checkpoint-dir", str(ckpt),
+                 "--checkpoint-every", "2", *common]) == 0
+    assert checkpoint.complete_steps(ckpt) == [2, 3]
+    assert main(["train", "--resume", str(ckpt / "step_000002"), "--exclude", "b,c", "--steps", "5",
+                 "--checkpoint-dir", str(tmp_path / "ckpt2"), *common]) == 0
+    rows = _rows(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [0, 1, 2, 2, 3, 4]  # step 2 redone from checkpoint 2, by design
+    ref = continue_from(ckpt / "step_000002", 5, 4, spec=TINY_GPT, betas=(0.9, 0.95))
+    # One device now, the same samples: float32 rounding of another split only.
+    torch.testing.assert_close([r["loss"] for r in rows[3:]], [ref[s] for s in (2, 3, 4)], rtol=1e-5, atol=1e-6)
+
+
+def test_ctrl_c_and_sigterm_become_a_stop_request():
+    import os
+
+    from chipfuse.runtime.guard import CleanStop
+
+    with CleanStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT"
+        os.kill(os.getpid(), signal.SIGTERM)  # a launcher's SIGTERM after Ctrl-C: still a clean stop
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C twice: the user means it
+    assert stop.signal_name == "SIGINT" and signal.getsignal(signal.SIGTERM) != stop._handle  # restored

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "to resume (needs --checkpoint-dir)")
     g.add_argument("--slowdown", default="", metavar="DEV@STEP:FACTOR",
                    help="emulation: multiply DEV's speed by FACTOR from step STEP (a straggler)")
+    g.add_argument("--unit-s", type=float, default=None, metavar="SECONDS",
+                   help="emulation: seconds per sample of an unslowed worker (default: measured at start-up); "
+                   "the same value makes runs comparable on a busy machine")
 
 
 def exclude(args: argparse.Namespace, pool: Pool) -> Pool:
@@ -103,6 +106,8 @@ def worker_args(args: argparse.Namespace) -> list[str]:
         out.append("--no-rebalance")
     if args.slowdown:
         out += ["--slowdown", args.slowdown]
+    if args.unit_s:
+        out += ["--unit-s", str(args.unit_s)]
     return out
 
 
@@ -111,9 +116,21 @@ def supervised(args: argparse.Namespace) -> bool:
     return bool(args.checkpoint_dir)
 
 
-def launch(args: argparse.Namespace, plan: Plan, worker_argv: list[str], summary_path: Path) -> int:
-    """Run the workers under the supervisor; add what died and the restarts to the run summary."""
-    from chipfuse.runtime.supervisor import supervise
+def launch(args: argparse.Namespace, plan: Plan, worker_argv: list[str], summary_path: Path, *, pool: Pool,
+           make_plan: Callable[[argparse.Namespace, Pool], Plan]) -> int:
+    """Run the workers under the supervisor; add what died and the restarts to the run summary.
+
+    After a death, a data-parallel plan keeps its survivors' shares (in proportion); any other plan
+    (pipelines) is re-planned as `chipfuse train` would plan the survivors, with the same model,
+    batch and sequence."""
+    from chipfuse.runtime.supervisor import supervise, survivor_plan
+
+    def replan(old: Plan, dead: set[str]) -> Plan:
+        if old.is_pure_data_parallel:
+            return survivor_plan(old, dead)
+        again = argparse.Namespace(**{**vars(args), "plan": None, "model_spec": old.model,
+                                      "global_batch": old.global_batch, "seq_len": old.seq_len})
+        return make_plan(again, pool.subset([d for d in old.devices if d not in dead]))
 
     def make_argv(plan_path: Path, resume: str | None) -> list[str]:
         argv = list(worker_argv)
@@ -121,7 +138,8 @@ def launch(args: argparse.Namespace, plan: Plan, worker_argv: list[str], summary
         return [sys.executable, "-m", "chipfuse.cli", *argv, *(["--resume", resume] if resume else [])]
 
     outcome = supervise(plan, make_argv, checkpoint_dir=args.checkpoint_dir, resume_from=args.resume,
-                        policy=args.on_device_loss, env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                        policy=args.on_device_loss, replan=replan,
+                        env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     if summary_path.exists():
         s = json.loads(summary_path.read_text())
         s["device_losses"] = [{"device": d.device, "rank": d.rank, "how": d.how, "detected_unix_s": d.detected_unix_s}

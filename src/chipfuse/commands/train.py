@@ -126,7 +126,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             os.environ.clear()
             os.environ.update(env_backup)
     elif endure_flags.supervised(args):
-        rc = endure_flags.launch(args, plan, worker_args, summary_path)
+        rc = endure_flags.launch(args, plan, worker_args, summary_path, pool=pool, make_plan=make_plan)
     else:
         rc = launch_local(len(plan.devices), worker_args)
     if rc != 0:
@@ -162,7 +162,7 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
                       shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
                       device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
-                      endure=endure_flags.config(args), profile_path=args.profile)
+                      unit_s=args.unit_s, endure=endure_flags.config(args), profile_path=args.profile)
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)

@@ -148,7 +148,11 @@ def max_model(pool, base: ModelSpec, *, micro_batch_size: int = 1, head_dim: int
 
 def report(pool, base: ModelSpec, *, micro_batch_size: int, dtype: str, head_dim: int = 64) -> dict:
     """`chipfuse plan --max-model`: print the table, return the JSON-able result."""
+    from rich.console import Console
+
     from chipfuse.report.output import console, table
+
+    wide = Console(highlight=False, width=max(console.width, 130))  # five columns, the last one long
 
     notes = []
     if dtype == "bf16" and not all(d.chip.has_bf16 for d in pool.devices):
@@ -157,7 +161,7 @@ def report(pool, base: ModelSpec, *, micro_batch_size: int, dtype: str, head_dim
     if base.family != "gpt":
         notes.append(f"{base.family} shapes are sized with the GPT tensor list of plan.memory's model")
     rows = max_model(pool, base, micro_batch_size=micro_batch_size, head_dim=head_dim, dtype=dtype)
-    console.print(table(f"largest {base.name}-family model per memory strategy on {pool.name} (predicted; "
+    wide.print(table(f"largest {base.name}-family model per memory strategy on {pool.name} (predicted; "
                         f"{base.num_layers} layers, seq {base.seq_len}, {micro_batch_size} sample(s) per device, {dtype})",
                         ["strategy", "dim", "params", "devices", "what limits it"],
                         [[m.strategy, m.dim, _count(m.num_params), len(m.devices), m.limit] for m in rows]))

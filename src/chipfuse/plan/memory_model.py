@@ -163,6 +163,12 @@ def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, cap
                         optimizer_bytes=o, activation_bytes=act, gathered_bytes=gathered)
 
 
+def compute_dtype(plan_dtype: str, chip) -> str:
+    """bf16 where the chip has it; chips without (T4, V100) compute in fp32: chipfuse has no fp16
+    loss-scaling path, and bf16 emulated in software would be slower than fp32 there."""
+    return plan_dtype if plan_dtype != "bf16" or chip.has_bf16 else "fp32"
+
+
 def usable_bytes(device) -> int:
     """Bytes a job may use on a pool device (cluster.pool.Device)."""
     return int(device.memory_bytes if device.emulated else device.memory_bytes * REAL_CHIP_USABLE)
@@ -177,9 +183,10 @@ def plan_memory(plan, pool) -> list[DeviceMemory]:
             in_flight = r.num_micro_batches if plan.schedule == "gpipe" else min(r.num_micro_batches, num_stages - j)
             group = len(s.devices) // s.tp_degree  # data/shard degree inside the stage
             per_device_mb = math.ceil(r.micro_batch_size / group)  # the group splits each micro-batch
-            strategy = Strategy(checkpoint=s.checkpoint, shard=s.shard, offload=s.offload, dtype=plan.dtype,
-                                optimizer_dtype=plan.optimizer_dtype)
             for d in s.devices:
+                strategy = Strategy(checkpoint=s.checkpoint, shard=s.shard, offload=s.offload,
+                                    dtype=compute_dtype(plan.dtype, pool.device(d).chip),
+                                    optimizer_dtype=plan.optimizer_dtype)
                 mem = stage_device_memory(plan.model, strategy, device=d, capacity_bytes=usable_bytes(pool.device(d)),
                                           num_layers=s.num_layers, first=j == 0, last=j == num_stages - 1,
                                           group_size=group, tokens_in_flight=max(1, in_flight) * per_device_mb * plan.seq_len)
@@ -191,8 +198,8 @@ def plan_memory(plan, pool) -> list[DeviceMemory]:
 
 
 def check_plan_memory(plan, pool, source: str = "<plan>") -> list[DeviceMemory]:
-    """Refuse, before any worker starts, a plan whose predicted peak passes a device's memory,
-    offload on CPU devices and bf16 on chips without it. Returns the predictions when all fit."""
+    """Refuse, before any worker starts, a plan whose predicted peak passes a device's memory, and
+    offload on CPU devices. Returns the predictions when every device fits."""
     for r_i, r in enumerate(plan.replicas):
         for s_i, s in enumerate(r.stages):
             for d in s.devices:
@@ -201,12 +208,6 @@ def check_plan_memory(plan, pool, source: str = "<plan>") -> list[DeviceMemory]:
                         f"{source}: replicas[{r_i}].stages[{s_i}].offload: is {s.offload!r} but device {d!r} is a CPU, "
                         "whose memory is host memory: offload would save nothing. Fix: set offload = \"none\" "
                         "and save memory with shard or checkpoint")
-    if plan.dtype == "bf16":
-        no_bf16 = [d for d in plan.devices if not pool.device(d).chip.has_bf16]
-        if no_bf16:
-            raise PlanError(f"{source}: dtype: is 'bf16' but device {no_bf16[0]!r} "
-                            f"({pool.device(no_bf16[0]).chip.name}) has no bfloat16. Fix: set dtype = \"fp32\" "
-                            "or leave that device out")
     mems = plan_memory(plan, pool)
     over = [m for m in mems if m.missing_bytes > 0]
     if over:

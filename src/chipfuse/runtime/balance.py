@@ -64,8 +64,8 @@ def best_shares(s_per_sample: list[float], total: int, *, min_share: int = 1) ->
     if total < n * min_share:
         raise ValueError(f"cannot give {n} replicas {min_share} samples each from {total}")
     # Every replica keeps min_share; the rest goes in proportion to speed (largest remainder).
-    rest = proportional_shares({i: 1.0 / s for i, s in enumerate(s_per_sample)}, total - n * min_share)
-    shares = [rest[i] + min_share for i in range(n)]
+    rest = proportional_shares({str(i): 1.0 / s for i, s in enumerate(s_per_sample)}, total - n * min_share)
+    shares = [rest[str(i)] + min_share for i in range(n)]
     while True:
         times = [n * s for n, s in zip(shares, s_per_sample, strict=True)]
         slow = max(range(len(shares)), key=times.__getitem__)

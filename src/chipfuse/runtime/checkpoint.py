@@ -15,7 +15,8 @@ it passed over the others.
 The model and optimizer go through DCP's `get_state_dict`, which keys every tensor by its
 fully-qualified name with wrapper prefixes (DDP's `module.`) removed. In a data-parallel plan
 every rank holds the whole model, so the saved layout does not depend on the plan: a checkpoint
-written by three ranks loads on two, or in one process. Only the atomic directory protocol, the
+written by three ranks loads on two, or in one process; a pipeline stage (whose modules keep the
+full model's names) saves and loads just its own part. Only the atomic directory protocol, the
 manifest and the fallback are written by hand; the tensor I/O is DCP's.
 """
 
@@ -39,12 +40,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from chipfuse.errors import ChipfuseError
 
 _STEP_RE = re.compile(r"^step_(\d+)$")
 MANIFEST = "manifest.json"
+# Optimizer state flattened to one key per parameter and field ("state.blocks.3.qkv.weight.exp_avg"):
+# a pipeline stage then loads just its parameters' state, whichever plan wrote the checkpoint.
+_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 FORMAT_VERSION = 1
 
 
@@ -129,11 +133,11 @@ def save(directory: str | Path, *, step: int, model: torch.nn.Module, optimizer:
         tmp.mkdir()
     _barrier()
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
     with _one_process_is_fine():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
 
-    rngs = [None] * dist.get_world_size() if dist.is_initialized() else [None]
+    rngs: list[Any] = [None] * dist.get_world_size() if dist.is_initialized() else [None]
     if dist.is_initialized():
         dist.all_gather_object(rngs, _rng_state())
     else:
@@ -251,11 +255,10 @@ def load(directory: str | Path, *, model: torch.nn.Module, optimizer: torch.opti
         for line in passed:
             log(f"chipfuse: {line}; using the previous one, {path.name}")
 
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    with _one_process_is_fine():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_OPTIONS)
+    with _one_process_is_fine():  # DCP loads in place, into these very dicts
+        dcp.load({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd, options=_OPTIONS)
 
     rngs = torch.load(path / "rng.pt", weights_only=False)
     _set_rng_state(rngs[_rank()] if _rank() < len(rngs) else rngs[0])

@@ -1,11 +1,16 @@
 """What the training loop calls to endure: resume, the non-finite loss policy, a clean stop,
 online rebalancing, an emulated slowdown, and periodic checkpoints. The loop calls three hooks:
 
-    start = endure.resume(model, optimizer)          # after the optimizer exists
+    start = endure.resume(model, optimizer, steps)   # after the optimizer exists
     if endure.before_update(step, res.loss_sum):     # after the gradient all-reduce
         optimizer.step()
     extra = endure.after_step(step, per_rank_rows)   # after the per-step gather; goes in the log row
     if endure.stopping: break
+    endure.finish(last_step + 1)
+
+A loop whose worker steps the optimizer itself (pipeline plans) calls `after_update(step, loss)`
+instead of `before_update`: it agrees on a stop the same way, but a non-finite loss can then only
+stop the run (the update is already applied), whatever the policy.
 
 All decisions are taken from numbers every rank holds (an all-reduce or the per-step gather),
 so every rank takes the same one without another message.
@@ -13,6 +18,7 @@ so every rank takes the same one without another message.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Callable
@@ -78,8 +84,9 @@ class Endurance:
         if self.slowdown and self.slowdown.device not in plan.devices:
             raise ChipfuseError(f"--slowdown names {self.slowdown.device!r}, not a device of the plan "
                                 f"{list(plan.devices)}. Fix: name one of them")
+        movable = plan.is_pure_data_parallel and len(self.order) > 1 and hasattr(worker, "set_share")
         self.rebalancer = (Rebalancer([self.shares[d] for d in self.order], cfg.balance, names=self.order)
-                           if cfg.rebalance and plan.is_pure_data_parallel and len(self.order) > 1 else None)
+                           if cfg.rebalance and movable else None)
         self.guard = LossGuard(policy=cfg.nan_policy, log=self.log, checkpoint_hint=self._last_hint())
         self.stop = CleanStop().install()
         self.stopping = False
@@ -89,13 +96,16 @@ class Endurance:
         self._loss_ok = True
 
     # ------------------------------------------------------------------ hooks
-    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int:
-        """Load the checkpoint named by `resume` (if any); return the first step to train."""
+    def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> int:
+        """Load the checkpoint named by `resume` (if any); return the first step to train (< steps)."""
         self._model, self._optimizer = model, optimizer
         if not self.cfg.resume:
             return 0
         r = checkpoint.load(self.cfg.resume, model=model, optimizer=optimizer, log=self.log)
         checkpoint.check_resumable(r.plan, self.plan, str(r.path))
+        if r.step >= steps:
+            raise ChipfuseError(f"{r.path} is at step {r.step} and --steps is {steps}: nothing to train. "
+                                f"Fix: give --steps above {r.step}")
         self.resumed_from = str(r.path)
         self.log(f"chipfuse: resumed from {r.path} at step {r.step} (plan over {list(self.plan.devices)})")
         return r.step
@@ -114,6 +124,19 @@ class Endurance:
             raise
         return self._loss_ok
 
+    def after_update(self, step: int, loss: float) -> None:
+        """For loops whose worker already stepped the optimizer: agree on a stop; stop on a bad loss."""
+        t = torch.tensor([1.0 if self.stop.requested else 0.0], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        self.stopping = self.stopping or t.item() > 0
+        if not math.isfinite(loss):
+            self.stop.restore()
+            where = f" Last checkpoint: {self.guard.checkpoint_hint}." if self.guard.checkpoint_hint else ""
+            raise NonFiniteLossError(
+                f"step {step}: loss is {loss}; stopped (a pipeline plan checks the loss after its update, so "
+                f"it cannot skip the step).{where} Fix: lower the learning rate, then resume")
+
     def after_step(self, step: int, per_rank: list[dict[str, float]]) -> dict[str, Any]:
         """Rebalance, apply an emulated slowdown, save a checkpoint when due. Returns log fields."""
         extra: dict[str, Any] = {"time_unix_s": time.time()}
@@ -131,9 +154,11 @@ class Endurance:
                 self.log(f"chipfuse: step {step}: shares {dict(zip(self.order, ev.old_shares, strict=True))} -> "
                          f"{dict(zip(self.order, ev.new_shares, strict=True))}: {ev.reason}")
         if self.slowdown and step + 1 == self.slowdown.step and self.name == self.slowdown.device:
-            if self.worker.pacer is None:
+            pacers = self._pacers()
+            if not pacers:
                 raise ChipfuseError(f"--slowdown: device {self.name!r} is not emulated. Fix: slow an emulated one")
-            self.worker.pacer.speed *= self.slowdown.factor
+            for pacer in pacers:
+                pacer.speed *= self.slowdown.factor
         if self.slowdown and step + 1 == self.slowdown.step:
             extra["slowdown"] = {"device": self.slowdown.device, "factor": self.slowdown.factor, "emulated": True}
         due = self.cfg.checkpoint_every and (step + 1) % self.cfg.checkpoint_every == 0
@@ -161,12 +186,20 @@ class Endurance:
 
     # ------------------------------------------------------------------ helpers
     def save(self, step: int) -> str:
+        assert self.cfg.checkpoint_dir is not None
         plan = with_shares(self.plan, [self.shares[d] for d in self.order])
         path = checkpoint.save(self.cfg.checkpoint_dir, step=step, model=self._model, optimizer=self._optimizer,
                                plan=plan.to_dict(), extra={"shares": self.shares}, keep=self.cfg.checkpoint_keep)
         self.saved.append(str(path))
         self.guard.checkpoint_hint = str(path)
         return str(path)
+
+    def _pacers(self) -> list[Any]:
+        """The worker's emulation pacers: one (data parallel) or forward and backward (pipeline)."""
+        if hasattr(self.worker, "pacer"):
+            return [self.worker.pacer] if self.worker.pacer is not None else []
+        clock = getattr(self.worker, "clock", None)
+        return [p for p in (getattr(clock, "fwd", None), getattr(clock, "bwd", None)) if p is not None]
 
     def _apply(self, shares: list[int]) -> None:
         self.shares = dict(zip(self.order, shares, strict=True))

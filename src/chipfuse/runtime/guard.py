@@ -67,14 +67,18 @@ class CleanStop:
     def __init__(self) -> None:
         self.requested = False
         self.signal_name = ""
+        """The first signal received."""
+        self._interrupts = 0
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested and signum == signal.SIGINT and self.signal_name == "SIGINT":
-            self.restore()  # Ctrl-C twice: the user means it (a launcher's SIGTERM after Ctrl-C does not count)
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts > 1:  # Ctrl-C twice: the user means it (a launcher's SIGTERM does not count)
+                self.restore()
+                raise KeyboardInterrupt
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def install(self) -> CleanStop:
         for s in (signal.SIGINT, signal.SIGTERM):

@@ -33,13 +33,14 @@ The plan's words and what they become:
   in the planner's pre-flight and here). On an *emulated* accelerator, which runs as a CPU worker,
   offload is emulated: the policies are applied (they move nothing on CPU) and the meter leaves the
   offloaded state out of the device's count, as a real chip would.
-- dtype "bf16": bf16 compute with fp32 master weights: FSDP2 MixedPrecisionPolicy(param_dtype=bf16,
+- dtype "bf16": bf16 compute with fp32 master weights, on chips that have bf16 (others compute in
+  fp32, see plan.memory_model.compute_dtype): FSDP2 MixedPrecisionPolicy(param_dtype=bf16,
   reduce_dtype=fp32) when sharded, else torch.autocast around forward (`apply_autocast`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -208,8 +209,12 @@ def device_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | No
 
 def device_memory_config(plan, pool, device_name: str) -> MemoryConfig:
     """The memory strategy of the stage holding `device_name` (plan.plan.Plan, cluster.pool.Pool)."""
+    from chipfuse.plan.memory_model import compute_dtype
+
     stage = next(s for r in plan.replicas for s in r.stages if device_name in s.devices)
-    return MemoryConfig.from_plan(plan, stage, host_is_device=pool.device(device_name).chip.vendor == "cpu")
+    chip = pool.device(device_name).chip
+    cfg = MemoryConfig.from_plan(plan, stage, host_is_device=chip.vendor == "cpu")
+    return replace(cfg, dtype=compute_dtype(plan.dtype, chip))
 
 
 def prepare_replica(model: nn.Module, cfg: MemoryConfig, *, device_name: str, device_type: str = "cpu") -> None:

@@ -3,9 +3,8 @@
 Used by the memory tests and benchmarks/memory.py to *measure* whether a strategy fits and what
 it costs; the trainer applies the same functions (runtime.memory) from a plan. The group of ranks
 is one stage's group: under sharding they hold one model between them and split every batch
-evenly; without it they are plain data-parallel replicas whose gradients are summed with one
-all_reduce per parameter (no DDP buckets, so the plain baseline holds no second copy of the
-gradients and is not made to look worse than it is).
+evenly; without it they are plain data-parallel replicas whose gradients are summed as the trainer
+sums them (runtime.data_parallel.all_reduce_gradients: one flat buffer, freed after the step).
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ from chipfuse.data import get_batch
 from chipfuse.errors import ChipfuseError, DeviceMemoryError
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import ModelSpec
+from chipfuse.runtime.data_parallel import all_reduce_gradients
 from chipfuse.runtime.emulate import MemoryMeter
 from chipfuse.runtime.memory import (
     MemoryConfig,
@@ -40,7 +40,8 @@ class ProbeResult:
     peak_bytes: int = 0
     static_bytes: int = 0
     step_s: float = 0.0
-    """Median wall time of the steps after the first."""
+    """Fastest wall time of the steps after the first: best-of, as emulate.solo_time, because other
+    processes on a shared machine only ever add time."""
     error: str | None = None
     """'oom: ...' when the emulated cap was passed, 'refused: ...' for a refused plan."""
     grads: dict[str, torch.Tensor] | None = None
@@ -82,11 +83,10 @@ def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len:
                 logits = model(x)
                 loss = loss_sum(logits, y) / (global_batch * seq_len)
                 loss.backward()
-            if world > 1 and not cfg.uses_fsdp:
-                for p in model.parameters():
-                    dist.all_reduce(p.grad)
+            if not cfg.uses_fsdp:
+                all_reduce_gradients(list(model.parameters()))  # the trainer's flat SUM all-reduce
             if want_grads and step == 0:
-                grads = {_plain_name(n): _full(p.grad) for n, p in model.named_parameters()}
+                grads = {_plain_name(n): _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
             opt.step()
             meter.set_static(device_state_tensors(model, opt, offload=cfg.offload), what="gradients and optimizer state")
             opt.zero_grad(set_to_none=True)
@@ -100,9 +100,9 @@ def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len:
         error = f"oom: {e}"
     except ChipfuseError as e:
         error = f"refused: {e}"
-    later = sorted(times[1:]) or times or [0.0]
+    later = times[1:] or times or [0.0]
     return ProbeResult(rank=rank, losses=losses, peak_bytes=meter.peak_bytes, static_bytes=meter.static_bytes,
-                       step_s=later[len(later) // 2], error=error, grads=grads)
+                       step_s=min(later), error=error, grads=grads)
 
 
 def _free_port() -> int:

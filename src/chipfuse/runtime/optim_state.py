@@ -73,7 +73,7 @@ def _make_class(optimizer_dtype: str, eager: bool) -> type:
     elif optimizer_dtype == "int4":
         base = ao_optim.AdamW4bit
     else:
-        class AdamWBf16State(_AdamBase):
+        class AdamWBf16State(_AdamBase):  # type: ignore[valid-type, misc]
             """torchao's AdamW whose moments are bf16 tensors (the fp32 master weights stay)."""
 
             def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
@@ -110,7 +110,7 @@ def build_state_optimizer(params: Iterable[torch.nn.Parameter], *, optimizer_dty
     betas default to runtime.optim's, so that fp32 here is the trainer's optimizer."""
     params = list(params)
     dev = device or (params[0].device if params else torch.device("cpu"))
-    kw = {"lr": lr, "weight_decay": weight_decay, "betas": betas}
+    kw: dict = {"lr": lr, "weight_decay": weight_decay, "betas": betas}
     if offload and dev.type != "cpu":
         ao_optim, _, _ = _torchao_optim()
         cls = torch.optim.AdamW if optimizer_dtype == "fp32" else _make_class(optimizer_dtype, eager=False)

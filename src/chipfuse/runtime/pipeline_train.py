@@ -17,6 +17,7 @@ import torch.distributed as dist
 from chipfuse.cluster.pool import Pool
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime import dist as cfdist
+from chipfuse.runtime.endure import Endurance
 from chipfuse.runtime.layout import layout
 from chipfuse.runtime.metrics import StepLog, gather_row
 from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
@@ -31,14 +32,17 @@ def run_pipeline(plan: Plan, pool: Pool, cfg: Any, info: cfdist.DistInfo,
     worker = PipelineWorker(plan, pool, rank=info.rank, config=wcfg, by_rank=by_rank)
     role = worker.role
     names = list(by_rank) if by_rank is not None else list(plan.devices)
-    log = StepLog(devices=names, seq_len=plan.seq_len, emulated=pool.emulated,
+    endure = Endurance(cfg.endure, plan=plan, rank_names=names, name=role.device, worker=worker, shares=plan.shares)
+    first_step = endure.resume(worker.module, worker.opt, cfg.steps)
+    log = StepLog(devices=names, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     events: list[list[tuple[str, float, float]]] = []
     t_origin = _common_origin()
-    for step in range(cfg.steps):
+    for step in range(first_step, cfg.steps):
         worker.clock.events.clear()
         padded0 = _padded(worker)
         res = worker.step(step)
+        endure.after_update(step, res["loss"])
         events.append([(k, a - t_origin, b - t_origin) for k, a, b in worker.clock.events])
         row = gather_row({
             "loss_sum": res["loss_local"] * plan.global_batch * plan.seq_len,
@@ -46,17 +50,21 @@ def run_pipeline(plan: Plan, pool: Pool, cfg: Any, info: cfdist.DistInfo,
             "samples": worker.replica.batch_share if role.last else 0,
             "compute_s": res["compute_s"], "padded_s": _padded(worker) - padded0,
             "comm_s": res["reduce_s"], "step_s": res["step_s"]})
+        extra = endure.after_step(step, row)
         if info.is_main:
-            log.add(step, row)
+            log.add(step, row, **extra)
             if cfg.progress:
                 r = log.rows[-1]
                 print(f"step {step}: loss {r['loss']:.4f}, {r['step_s'] * 1e3:.0f} ms, "
                       f"{r['tokens_per_s']:.0f} tok/s" + (" (emulated)" if pool.emulated else ""), flush=True)
+        if endure.stopping:
+            break
+    endure.finish(step + 1)
     describe = _gather_objects(worker.describe() | {"solo_fwd_s": worker.solo_fwd_s, "solo_bwd_s": worker.solo_bwd_s,
                                                     "peak_bytes": worker.meter.peak_bytes, "events": events})
     if not info.is_main:
         return None
-    return _summary(plan, pool, cfg, log, describe, by_rank)
+    return _summary(plan, pool, cfg, log, describe, by_rank) | endure.summary()
 
 
 def _padded(worker: PipelineWorker) -> float:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from torch.distributed import TCPStore
 
 from chipfuse.errors import ChipfuseError
 from chipfuse.plan.plan import Plan
@@ -59,40 +60,36 @@ class Outcome:
     messages: list[str] = field(default_factory=list)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def launch(argv: list[str], devices: tuple[str, ...] | list[str], *,
+           env: dict[str, str] | None = None) -> tuple[list[subprocess.Popen], TCPStore]:
+    """Start one worker per device with torchrun's environment; rank i runs devices[i].
 
-
-def launch(argv: list[str], devices: tuple[str, ...] | list[str], *, env: dict[str, str] | None = None,
-           port: int | None = None) -> list[subprocess.Popen]:
-    """Start one worker per device with torchrun's environment; rank i runs devices[i]."""
-    port = port or free_port()
+    The rendezvous store is hosted here, on a port the OS picks when it binds (as torchrun's agent
+    does): a port chosen first and bound later by rank 0 can be taken in between on a busy host.
+    Keep the returned store alive while the workers run."""
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     procs = []
     for rank, name in enumerate(devices):
         e = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
              "WORLD_SIZE": str(len(devices)), "LOCAL_WORLD_SIZE": str(len(devices)),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "CHIPFUSE_DEVICE_NAME": name}
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
+             "CHIPFUSE_DEVICE_NAME": name}
         procs.append(subprocess.Popen(argv, env=e))
-    return procs
+    return procs, store
 
 
-def _end(procs: list[subprocess.Popen], grace_s: float) -> None:
+def _end(procs: list[subprocess.Popen]) -> None:
+    # SIGKILL, not SIGTERM: with a peer gone the group is broken, so a survivor can neither finish
+    # its step nor save; a clean-stop handler would only make it wait for gloo's error.
     for p in procs:
         if p.poll() is None:
-            p.terminate()
-    deadline = time.monotonic() + grace_s
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
             p.kill()
-            p.wait()
+    for p in procs:
+        p.wait()
 
 
-def watch(procs: list[subprocess.Popen], devices: tuple[str, ...] | list[str], *, poll_s: float = 0.05,
-          grace_s: float = 5.0) -> Death | None:
+def watch(procs: list[subprocess.Popen], devices: tuple[str, ...] | list[str], *,
+          poll_s: float = 0.05) -> Death | None:
     """Wait for the workers. None when all exit 0; else the first death, after ending the others."""
     while True:
         codes = [p.poll() for p in procs]
@@ -100,7 +97,7 @@ def watch(procs: list[subprocess.Popen], devices: tuple[str, ...] | list[str], *
             if rc is not None and rc != 0:
                 death = Death(rank=rank, device=devices[rank], pid=procs[rank].pid, returncode=rc,
                               detected_unix_s=time.time())
-                _end(procs, grace_s)
+                _end(procs)
                 return death
         if all(rc == 0 for rc in codes):
             return None
@@ -161,11 +158,12 @@ def supervise(plan: Plan, make_argv: Callable[[Path, str | None], list[str]], *,
             plan_path = ckpt / f"plan.launch{attempt}.json"
             plan.to_json(plan_path)
             out.plans.append(plan)
-            procs = launch(make_argv(plan_path, resume), plan.devices, env=env)
+            procs, store = launch(make_argv(plan_path, resume), plan.devices, env=env)
             live[:] = procs
             if on_launch:
                 on_launch(procs, plan)
             death = watch(procs, plan.devices, poll_s=poll_s)
+            del store  # a fresh store for every launch: keys of the last one must not leak into the next
             if death is None:
                 return out
             if stopping:  # we asked them to stop; one that had not yet armed its handler just exits
@@ -188,7 +186,15 @@ def supervise(plan: Plan, make_argv: Callable[[Path, str | None], list[str]], *,
                 out.messages.append(msg)
                 out.returncode = 1
                 return out
-            plan = replan(plan, dead)
+            try:
+                plan = replan(plan, dead)
+            except ChipfuseError as e:
+                msg += (f" Could not re-plan over the survivors: {e}. Stopping; resume with `chipfuse train "
+                        f"--resume {ckpt} --exclude {','.join(sorted(dead))} --plan PLAN` once a plan fits")
+                log(msg)
+                out.messages.append(msg)
+                out.returncode = 1
+                return out
             resume = str(ckpt) if steps else None
             msg += (f" Restarting on {len(plan.devices)} survivors {list(plan.devices)} with shares "
                     f"{[r.batch_share for r in plan.replicas]} from {last}.")
