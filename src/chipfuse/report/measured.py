@@ -16,7 +16,8 @@ from chipfuse.cluster.pool import Pool
 from chipfuse.plan.plan import Plan
 from chipfuse.plan.profile import Profile
 
-COLORS = {"fwd": "#4C72B0", "bwd": "#DD8452", "sync": "#55A868", "optimizer": "#8C8C8C"}
+COLORS = {"fwd": "#4C72B0", "bwd": "#DD8452", "compute": "#8172B2", "sync": "#55A868", "optimizer": "#8C8C8C"}
+"""compute: forward and backward together, where a run records only per-step totals (data parallel)."""
 WAIT_COLOR = "#E8E8E8"
 
 
@@ -24,7 +25,11 @@ def prediction_fields(plan: Plan, pool: Pool, profile: Profile | None, measured_
     """predicted_step_s, measured_step_s and their relative error, for a run's summary."""
     from chipfuse.plan.cost import predict
 
-    pred = predict(plan, pool, profile).step_s
+    try:
+        pred = predict(plan, pool, profile).step_s
+    except Exception as e:  # a run that trained must still report; say why there is no prediction
+        return {"predicted_step_s": None, "measured_step_s": measured_step_s, "prediction_error": None,
+                "prediction_source": f"none ({type(e).__name__}: {e})"}
     return {"predicted_step_s": pred, "measured_step_s": measured_step_s,
             "prediction_error": (pred - measured_step_s) / measured_step_s if measured_step_s else None,
             "prediction_source": "profile" if profile is not None else "catalog"}
@@ -45,7 +50,7 @@ def measured_rows(summary: dict, metrics_rows: list[dict] | None = None) -> dict
     row = metrics_rows[-1]
     out = {}
     for d, v in row["devices"].items():
-        out[d] = [("fwd", 0.0, v["compute_s"]), ("sync", row["step_s"] - v["comm_s"], row["step_s"])]
+        out[d] = [("compute", 0.0, v["compute_s"]), ("sync", row["step_s"] - v["comm_s"], row["step_s"])]
     return out
 
 
@@ -115,6 +120,8 @@ def finish_run(plan: Plan, pool: Pool, summary: dict, *, summary_path: str | Pat
 def prediction_line(s: dict) -> str:
     label = " (EMULATED devices)" if s.get("emulated") else ""
     err = s.get("prediction_error")
+    if s.get("predicted_step_s") is None:
+        return f"step time: measured {s['measured_step_s'] * 1e3:.1f} ms{label}; no prediction: {s['prediction_source']}"
     return (f"step time: predicted {s['predicted_step_s'] * 1e3:.1f} ms ({s['prediction_source']}), measured "
             f"{s['measured_step_s'] * 1e3:.1f} ms{label}, relative error "
             + (f"{err:+.1%}" if err is not None else "n/a"))
