@@ -38,6 +38,11 @@ def test_train_on_emulated_pool_writes_summary_and_metrics(tmp_path):
     assert s["emulated"] is True
     assert s["shares"] == {"fast": 8, "slow": 4}  # 2 : 1 by declared speed
     assert s["final_loss"] < s["initial_loss"]
+    # An emulated pool is predicted from the host's measured thread x declared speed, not from the
+    # catalog chip each device is named after.
+    assert s["prediction_source"] == "profile" and s["predicted_step_s"] > 0
+    prof = json.loads((tmp_path / "run" / "emulation_profile.json").read_text())
+    assert prof["emulated"] and prof["flops"]["fast"]["fp32"] == pytest.approx(2 * prof["flops"]["slow"]["fp32"])
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert rows[0]["emulated"] and set(rows[0]["devices"]) == {"fast", "slow"}

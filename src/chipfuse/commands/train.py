@@ -111,6 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         worker_args += ["--shares", args.shares]
     if args.no_progress:
         worker_args.append("--no-progress")
+    if args.profile is None and plan.is_pure_data_parallel and all(d.emulated for d in pool.devices):
+        args.profile = str(_emulation_profile(args, plan, pool, run_dir))
     worker_args += endure_flags.worker_args(args)
     if args.profile:
         worker_args += ["--profile", args.profile]
@@ -142,6 +144,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.timeline:
         console.print(f"timeline (measured beside predicted): {args.timeline}")
     return 0
+
+
+def _emulation_profile(args: argparse.Namespace, plan: Plan, pool: Pool, run_dir: Path) -> Path:
+    """Measure this host's thread once; the workers pace to it and the prediction uses it, so an
+    emulated run is predicted for the chip it emulates, not for the catalog chip it is named after."""
+    from chipfuse.plan.profile import emulation_profile
+    from chipfuse.runtime.probe import measure_unit_s
+
+    if not args.unit_s:
+        args.unit_s = measure_unit_s(plan.model, micro_batch=max(r.micro_batch_size for r in plan.replicas))
+    path = run_dir / "emulation_profile.json"
+    emulation_profile(plan, pool, unit_s=args.unit_s).save(path)
+    return path
 
 
 def launch_local(nproc: int, worker_args: list[str]) -> int:

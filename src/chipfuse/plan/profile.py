@@ -92,3 +92,21 @@ class Profile:
         except json.JSONDecodeError as e:
             raise ChipfuseError(f"{p}: not valid JSON ({e}). Fix: correct the syntax there") from None
         return cls.from_dict(raw, source=str(p))
+
+
+def emulation_profile(plan: object, pool: object, *, unit_s: float, slack: float = 1.1) -> Profile:
+    """What emulated devices really are: this host's CPU thread (`unit_s` seconds per sample, measured)
+    slowed to each device's speed and padded by `slack` (docs/emulation.md). The catalog's figures
+    for the chip an emulated device is named after say nothing about that, so predictions for an
+    emulated pool use this instead. (plan: Plan; pool: Pool.)"""
+    from chipfuse.model.costs import model_costs
+
+    costs = model_costs(plan.model, plan.seq_len)  # type: ignore[attr-defined]
+    flops_per_sample = costs.model_flops_per_token() * plan.seq_len  # type: ignore[attr-defined]
+    flops = {}
+    for d in pool.devices:  # type: ignore[attr-defined]
+        if d.emulation:
+            rate = flops_per_sample * d.emulation.speed / (slack * unit_s)
+            flops[d.name] = {"fp32": rate, "bf16": rate}
+    return Profile(flops=flops, emulated=True,
+                   source=f"emulation: host thread {unit_s * 1e3:.2f} ms/sample x speed / {slack}")
