@@ -13,8 +13,9 @@ Formulas (h = dim, f = ffn, s = seq_len, kv = kv_heads * head_dim, V = vocab):
   attention 7h + 4kv (input, q, k, v, output-projection input, dropout mask), two norm inputs 4h,
   MLP 2h + 4f (gpt: fc1 output and GELU output) or 2h + 8f (llama: gate, up, silu(gate), product)
   plus a dropout mask of h. gpt with f = 4h gives the familiar 34h.
-  * selective checkpointing recomputes the attention core and the MLP activation function: it drops
-    the q, k, v, and the f-sized activation outputs (2f gpt, 4f llama).
+  * selective checkpointing is layer-selective, as the runtime applies it (torchtitan's mode with
+    frequency 2): every other block is fully checkpointed, so a block keeps on average half of
+    "none" plus half of "full", and recomputes half a forward in backward.
   * full checkpointing keeps only the block input (2h), and re-runs the forward in backward.
 """
 
@@ -83,10 +84,9 @@ def model_costs(spec: ModelSpec, seq_len: int | None = None) -> ModelCosts:
     attn_core = 4 * s * h
     mlp_act = 2 * h + (8 * f if llama else 4 * f) + h
     none = 4 * h + 7 * h + 4 * kv + mlp_act
-    dropped = 2 * h + 4 * kv + (4 * f if llama else 2 * f)
     return ModelCosts(
         spec=spec, seq_len=s, block_params=block, block_matmul_params=matmul, embed_params=embed,
         head_params=head, block_fwd_flops_per_token=2 * matmul + attn_core,
         head_fwd_flops_per_token=2 * h * V, attn_core_fwd_flops_per_token=attn_core,
-        act_bytes_per_token={"none": none, "selective": none - dropped, "full": 2 * h},
+        act_bytes_per_token={"none": none, "selective": (none + 2 * h) / 2, "full": 2 * h},
     )

@@ -3,7 +3,8 @@
 Stage timing (per micro-batch, tokens = ceil(mbs / d) x seq_len on each device):
   block forward  = tokens x block FLOPs / t / (sustained FLOP/s x tokens / (tokens + 128)) + launch,
                    or the profile's measured block time; backward = 2 x forward; full checkpointing
-                   adds a forward, selective the attention core.
+                   adds a forward, selective (every other block
+                   checkpointed, as the runtime does it) half a forward.
   tensor parallel: 2 ring all-reduces of tokens x h activations per block forward, 2 backward.
   sharding (ZeRO-3): an all-gather of the block's weights in forward and backward and a reduce-scatter
                    of its gradients, overlapped with compute (the slower of the two counts).
@@ -67,15 +68,13 @@ def block_time(costs: ModelCosts, hw: GroupHW, sh: StageShape, *, dtype: str) ->
     measured = _measured(hw, tokens)
     if measured is not None:
         f1, b1 = measured[0] / t, measured[1] / t
-        attn = costs.attn_core_fwd_flops_per_token / costs.block_fwd_flops_per_token * f1
     else:
         flops_f = tokens * costs.block_fwd_flops_per_token / t
         f1, b1 = flops_f / rate + BLOCK_LAUNCH_S, 2 * flops_f / rate + 2 * BLOCK_LAUNCH_S
-        attn = tokens * costs.attn_core_fwd_flops_per_token / t / rate
     if sh.checkpoint == "full":
         b1 += f1
     elif sh.checkpoint == "selective":
-        b1 += attn
+        b1 += f1 / 2  # every other block re-runs its forward (runtime.memory's layer-selective mode)
     w = DTYPE_BYTES[dtype]
     if t > 1:
         ar = ring_allreduce_s(tokens * costs.spec.dim * w, t, hw.intra_bw, hw.intra_lat)
