@@ -31,7 +31,15 @@ from chipfuse.plan.hardware import PoolIndex, ring_allreduce_s
 from chipfuse.plan.memory import state_bytes, usable
 from chipfuse.plan.plan import Plan, Replica, Stage
 from chipfuse.plan.profile import Profile
-from chipfuse.plan.templates import Block, Kind, Template, TemplateSolver, device_kinds, unit_configs
+from chipfuse.plan.templates import (
+    OFFLOADS,
+    Block,
+    Kind,
+    Template,
+    TemplateSolver,
+    device_kinds,
+    unit_configs,
+)
 
 DEPTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128)
 MICRO_BATCHES = (1, 2, 4, 8, 16)
@@ -91,18 +99,26 @@ class Context:
     costs: ModelCosts
     kinds: list[Kind]
     solver: TemplateSolver
+    runnable: bool = False
+    """Only plans `chipfuse train` runs today: one device per stage, no offload."""
     _homogeneous: dict[int, list[Template]] = field(default_factory=dict)
 
     @classmethod
     def make(cls, pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, dtype: str = "bf16",
-             optimizer_dtype: str = "fp32", schedule: str = "1f1b", profile: Profile | None = None) -> Context:
+             optimizer_dtype: str = "fp32", schedule: str = "1f1b", profile: Profile | None = None,
+             runnable: bool = False) -> Context:
         ix = PoolIndex(pool, profile, dtype)
         costs = model_costs(model, seq_len)
         kinds = device_kinds(ix)
-        solver = TemplateSolver(ix, costs, kinds, dtype=dtype, optimizer_dtype=optimizer_dtype, schedule=schedule)
+        solver = TemplateSolver(ix, costs, kinds, dtype=dtype, optimizer_dtype=optimizer_dtype, schedule=schedule,
+                                offloads=("none",) if runnable else OFFLOADS)
         return cls(pool=pool, model=model, global_batch=global_batch, seq_len=seq_len, dtype=dtype,
                    optimizer_dtype=optimizer_dtype, schedule=schedule, profile=profile, ix=ix, costs=costs,
-                   kinds=kinds, solver=solver)
+                   kinds=kinds, solver=solver, runnable=runnable)
+
+    @property
+    def max_group(self) -> int | None:
+        return 1 if self.runnable else None
 
     @functools.cached_property
     def total_rate(self) -> float:
@@ -175,7 +191,7 @@ class Context:
         # as it takes to hold the model's state once, the largest tensor degree first.
         sb = state_bytes(self.dtype, self.optimizer_dtype)
         need = self.costs.total_params * sb.total / usable(self.kinds[kind].memory_bytes)
-        cfgs = sorted(unit_configs(self.kinds[kind], self.costs),
+        cfgs = sorted(unit_configs(self.kinds[kind], self.costs, max_group=self.max_group),
                       key=lambda gt: (abs(math.log2(gt[0]) - math.log2(max(1.0, min(need, 8.0)))), -gt[1]))
         for g, t in cfgs:
             n_units = len(self.solver.units(kind, g))
@@ -227,7 +243,7 @@ class Context:
 
 def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, time_budget_s: float = 5.0,
            profile: Profile | None = None, dtype: str = "bf16", optimizer_dtype: str = "fp32",
-           schedule: str = "1f1b", _refuse: bool = True) -> SearchResult:
+           schedule: str = "1f1b", runnable: bool = False, _refuse: bool = True) -> SearchResult:
     """The best plan found within `time_budget_s`, with its prediction and the simple strategies'."""
     from chipfuse.plan.baselines import baselines
 
@@ -237,7 +253,7 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
     if not 0 < seq_len <= model.seq_len:
         raise PlanError(f"--seq-len is {seq_len}, model {model.name!r} allows 1..{model.seq_len}. Fix: lower it")
     ctx = Context.make(pool, model, global_batch=global_batch, seq_len=seq_len, dtype=dtype,
-                       optimizer_dtype=optimizer_dtype, schedule=schedule, profile=profile)
+                       optimizer_dtype=optimizer_dtype, schedule=schedule, profile=profile, runnable=runnable)
     # 1. each kind alone (fastest kind first: the fastest-only baseline reuses it)
     per_kind: dict[int, list[Template]] = {}
     order = sorted(range(len(ctx.kinds)), key=lambda k: -ctx.kinds[k].rate)
@@ -257,7 +273,7 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
         cfg_maps: list[dict[int, tuple[int, int]]] = [{}, {}, {}]
         for k in range(len(ctx.kinds)):
             cands = per_kind.get(k)
-            cfgs = unit_configs(ctx.kinds[k], ctx.costs)
+            cfgs = unit_configs(ctx.kinds[k], ctx.costs, max_group=ctx.max_group)
             cfg_maps[0][k] = (cands[0].blocks[0].g, cands[0].blocks[0].t) if cands else (1, 1)
             cfg_maps[1][k] = (1, 1)
             cfg_maps[2][k] = max(cfgs)
@@ -344,7 +360,8 @@ def refusal(ctx: Context, tried: list[Scored], budget_s: float) -> NoPlanFits:
             continue
         try:
             search(ctx.pool, ctx.model, global_batch=ctx.global_batch, seq_len=seq, time_budget_s=min(2.0, budget_s / 4),
-                   profile=ctx.profile, dtype=dtype, optimizer_dtype=opt, schedule=ctx.schedule, _refuse=False)
+                   profile=ctx.profile, dtype=dtype, optimizer_dtype=opt, schedule=ctx.schedule,
+                   runnable=ctx.runnable, _refuse=False)
             suggestions.append(label)
         except NoPlanFits:
             pass

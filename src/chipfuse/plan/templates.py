@@ -86,9 +86,11 @@ def worst_outside_link(ix: PoolIndex) -> dict[str, float]:
     return worst
 
 
-def unit_configs(kind: Kind, costs: ModelCosts, max_tp: int = 8) -> list[tuple[int, int]]:
-    """(g, t): group sizes up to the kind's largest node, tp degrees dividing heads and KV heads."""
+def unit_configs(kind: Kind, costs: ModelCosts, max_tp: int = 8, max_group: int | None = None) -> list[tuple[int, int]]:
+    """(g, t): group sizes up to the kind's largest node (and `max_group`), tp degrees dividing heads and KV heads."""
     biggest = max(len(n) for _, n in kind.per_node)
+    if max_group is not None:
+        biggest = min(biggest, max_group)
     out = []
     g = 1
     while g <= biggest:
@@ -135,14 +137,14 @@ class OptionTable:
 
 
 def option_tables(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, dtype: str,
-                  optimizer_dtype: str) -> dict[tuple[bool, bool], OptionTable]:
+                  optimizer_dtype: str, offloads: tuple[str, ...] = OFFLOADS) -> dict[tuple[bool, bool], OptionTable]:
     """The option tables of the four stage positions (first?, last?) of one unit config.
 
     What grows per block is the same in every position; only the fixed part (embedding, head,
     logits) differs, so the per-block figures are computed once.
     """
     d = g // t
-    opts = [(c, s, o) for c in CHECKPOINTS for s in (SHARDS if d > 1 else ("none",)) for o in OFFLOADS]
+    opts = [(c, s, o) for c in CHECKPOINTS for s in (SHARDS if d > 1 else ("none",)) for o in offloads]
     positions = [(False, False), (True, False), (False, True), (True, True)]
     per_block: list[tuple[float, ...]] = []
     fixed: dict[tuple[bool, bool], list[tuple[float, float]]] = {pos: [] for pos in positions}
@@ -220,9 +222,10 @@ class TemplateSolver:
     """Solves templates for one (pool, model, settings), caching option tables across them."""
 
     def __init__(self, ix: PoolIndex, costs: ModelCosts, kinds: list[Kind], *, dtype: str, optimizer_dtype: str,
-                 schedule: str):
+                 schedule: str, offloads: tuple[str, ...] = OFFLOADS):
         self.ix, self.costs, self.kinds = ix, costs, kinds
         self.dtype, self.optimizer_dtype, self.schedule = dtype, optimizer_dtype, schedule
+        self.offloads = offloads
         self._tables: dict[tuple, dict[tuple[bool, bool], OptionTable]] = {}
         self._units: dict[tuple[int, int], list[tuple[str, ...]]] = {}
         self._costs: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
@@ -239,7 +242,7 @@ class TemplateSolver:
         if tabs is None:
             hw = self.ix.hw(self.units(kind, g)[0])
             tabs = self._tables[key] = option_tables(self.costs, hw, g=g, t=t, mbs=mbs, dtype=self.dtype,
-                                                     optimizer_dtype=self.optimizer_dtype)
+                                                     optimizer_dtype=self.optimizer_dtype, offloads=self.offloads)
         return tabs[(first, last)]
 
     def placement(self, tpl: Template, r: int) -> list[tuple[str, ...]]:
