@@ -74,10 +74,8 @@ def _floor_mb(n: int, b: int) -> int:
 
 
 def largest_remainder(weights: list[float], total: int) -> list[int]:
-    """Whole numbers proportional to `weights`, summing to `total` (largest-remainder rounding)."""
-    w = sum(weights)
-    exact = [total * x / w for x in weights]
-    out = [int(math.floor(x)) for x in exact]
-    for i in sorted(range(len(out)), key=lambda i: out[i] - exact[i])[:total - sum(out)]:
-        out[i] += 1
-    return out
+    """Whole numbers proportional to `weights`, summing to `total`: plan.shares' rounding, by position."""
+    from chipfuse.plan.shares import proportional_shares
+
+    shares = proportional_shares({str(i): w for i, w in enumerate(weights)}, total)
+    return [shares[str(i)] for i in range(len(weights))]
