@@ -47,7 +47,9 @@ def test_memory_strategies_shrink_what_they_should():
     assert mem(in_flight=4).activations == pytest.approx(2 * plain.activations)
     last = stage_memory(c, StageShape(num_layers=8, is_first=False, is_last=True, group_size=1), dtype="bf16",
                         optimizer_dtype="fp32")
-    assert last.transient > 128256 * 0  # logits of the last stage are counted
+    mid = stage_memory(c, StageShape(num_layers=8, is_first=False, is_last=False, group_size=1), dtype="bf16",
+                       optimizer_dtype="fp32")
+    assert last.activations > mid.activations  # logits of the last stage are counted
     assert mem(shard="full").total < mem(shard="optimizer").total < plain.total
 
 
@@ -61,7 +63,8 @@ def test_prediction_has_figures_memory_and_breakdown():
     b = pred.breakdown
     assert {"pipeline_s", "sync_exposed_s", "replicas", "over_capacity", "peak_flops"} <= set(b)
     st = b["replicas"][0]["stages"][0]
-    assert st["fwd_s"] > 0 and st["bwd_s"] == pytest.approx(2 * st["fwd_s"], rel=0.05)
+    # Backward from the GEMM shapes (data and weight gradients) and flash attention: about 2x, not fixed.
+    assert st["fwd_s"] > 0 and 1.7 * st["fwd_s"] < st["bwd_s"] < 2.8 * st["fwd_s"]
     assert st["memory"]["total"] == pred.memory_bytes["d0"]
 
 

@@ -101,7 +101,7 @@ def brute_force_best(pool, model, batch, seq):
 
 
 @pytest.mark.parametrize("chips,mem_gib", [(("A100", "T4"), (80, 16)), (("H100", "V100"), (80, 0.5)),
-                                           (("L4", "RTX-4090"), (1.0, 0.6))])
+                                           (("L4", "RTX-4090"), (3.0, 2.6))])  # tight once the runtime takes its ~1.3 GiB
 def test_search_is_at_least_as_good_as_brute_force_on_two_devices(chips, mem_gib):
     pool = pool_from_dict({"name": "two", "node": [{"name": "n0", "device": [
         {"name": f"d{i}", "chip": c, "memory_gib": m} for i, (c, m) in enumerate(zip(chips, mem_gib, strict=True))]}]})
@@ -143,19 +143,24 @@ def test_unequal_shares_follow_speed():
     if len(res.plan.replicas) == 2:
         assert shares["a"] > shares["v"]
     pdp = res.baselines["proportional-dp"].plan.shares
+    # V100 has no bf16: a bf16 plan runs there in fp32 (15.7 TFLOP/s), as the runtime does.
+    assert pdp["a"] / pdp["v"] > 10
+    # In fp16 (loss scaling) both use their tensor cores: shares follow the 16-bit peaks.
+    fp16 = search(pool, SPEC_PRESETS["gpt2"], global_batch=64, seq_len=1024, time_budget_s=1.0, dtype="fp16")
+    pdp = fp16.baselines["proportional-dp"].plan.shares
     assert pdp["a"] / pdp["v"] == pytest.approx(312 / 125, rel=0.05)
 
 
 def test_refusal_says_how_much_is_missing_and_what_would_fit():
     pool = pool_from_dict({"name": "small", "node": [{"name": "n", "device": [
-        {"name": "t", "chip": "T4", "count": 2, "memory_gib": 0.7}]}]})
+        {"name": "t", "chip": "L4", "count": 2, "emulate": {"speed": 1.0, "memory_gib": 1.0}}]}]})
     model = ModelSpec(name="big", family="llama", num_layers=4, dim=2048, num_heads=16, vocab_size=2048, seq_len=4096)
     with pytest.raises(NoPlanFits) as e:
         search(pool, model, global_batch=8, seq_len=4096, time_budget_s=2.0, dtype="fp32")
     msg = str(e.value)
     assert "no plan fits model 'big'" in msg and "GiB missing" in msg and "Fix:" in msg
     assert e.value.missing_bytes > 0
-    assert e.value.suggestions == ["bf16 compute with fp32 masters (--dtype bf16)"], msg
+    assert "bf16 compute with fp32 masters (--dtype bf16)" in e.value.suggestions, msg
     assert "It would fit with bf16" in msg
     search(pool, model, global_batch=8, seq_len=4096, time_budget_s=2.0, dtype="bf16")  # and it does
     hopeless = ModelSpec(name="huge", family="llama", num_layers=2, dim=8192, num_heads=64, vocab_size=128000,

@@ -23,7 +23,9 @@ from typing import Any
 
 import tomllib
 
-from chipfuse.cluster.catalog import Chip, GiB, get_chip, load_catalog
+from chipfuse.cluster.catalog import Chip, GiB, get_chip, in_catalog, load_catalog
+from chipfuse.cluster.chips import pool_chips
+from chipfuse.cluster.wiring import Curve, NodeWiring, bandwidth_at, parse_curve, parse_wiring
 from chipfuse.errors import PoolError
 
 # Native collective library per vendor. Chips of different vendors never share one.
@@ -82,8 +84,13 @@ class Link:
     a: str
     b: str
     bandwidth: float
-    """Bytes/s, one direction."""
+    """Bytes/s, one direction (the large-message figure when `curve` is given)."""
     latency_s: float
+    curve: Curve = ()
+    """Bandwidth by message size (cluster.wiring); empty = `bandwidth` at every size."""
+
+    def bandwidth_at(self, nbytes: float) -> float:
+        return bandwidth_at(self.curve, nbytes, self.bandwidth)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +100,14 @@ class Node:
     intra_bandwidth: float
     """Bytes/s between two devices of this node (the slowest chip link among them)."""
     intra_latency_s: float = 5e-6
+    wiring: NodeWiring | None = None
+    """How the devices are wired (bridges, PCIe switches, peer-to-peer, NIC); None = one uniform link."""
+
+    def group_link(self, names: tuple[str, ...] | list[str]) -> tuple[float, float]:
+        """(bytes/s, latency s) of a ring over some of this node's devices (cluster.wiring)."""
+        if self.wiring is None:
+            return self.intra_bandwidth, self.intra_latency_s
+        return self.wiring.ring(names, self.intra_latency_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,7 +151,7 @@ class Pool:
         keep = set(names)
         nodes = tuple(
             Node(name=n.name, devices=tuple(d for d in n.devices if d.name in keep),
-                 intra_bandwidth=n.intra_bandwidth, intra_latency_s=n.intra_latency_s)
+                 intra_bandwidth=n.intra_bandwidth, intra_latency_s=n.intra_latency_s, wiring=n.wiring)
             for n in self.nodes
         )
         return Pool(name=self.name, nodes=tuple(n for n in nodes if n.devices), links=self.links,
@@ -176,11 +191,11 @@ def _str(ctx: _Ctx, d: dict, key: str, where: str) -> str:
     return d[key]
 
 
-_NODE_KEYS = {"name", "device", "intra_gbs", "intra_latency_us"}
+_NODE_KEYS = {"name", "device", "intra_gbs", "intra_latency_us", "wiring"}
 _DEVICE_KEYS = {"name", "chip", "count", "memory_gib", "emulate"}
 _EMULATE_KEYS = {"speed", "memory_gib"}
-_LINK_KEYS = {"nodes", "bandwidth_gbit_s", "latency_ms"}
-_TOP_KEYS = {"name", "node", "link", "default_link", "description"}
+_LINK_KEYS = {"nodes", "bandwidth_gbit_s", "latency_ms", "by_size"}
+_TOP_KEYS = {"name", "node", "link", "default_link", "description", "chip"}
 
 
 def _unknown(ctx: _Ctx, d: dict, allowed: set[str], where: str) -> None:
@@ -195,7 +210,8 @@ def _link(ctx: _Ctx, raw: dict, where: str, a: str, b: str) -> Link:
     lat = _number(ctx, raw, "latency_ms", where, positive=False, default=0.0)
     if lat < 0:
         raise ctx.fail(f"{where}.latency_ms", f"is {lat}, must not be negative", "give a latency of 0 or more")
-    return Link(a=a, b=b, bandwidth=bw * 1e9 / 8, latency_s=lat / 1e3)
+    curve = parse_curve(raw["by_size"], f"{where}.by_size", ctx.fail) if "by_size" in raw else ()
+    return Link(a=a, b=b, bandwidth=bw * 1e9 / 8, latency_s=lat / 1e3, curve=curve)
 
 
 def pool_from_dict(raw: dict, source: str = "<pool>") -> Pool:
@@ -205,6 +221,7 @@ def pool_from_dict(raw: dict, source: str = "<pool>") -> Pool:
     nodes_raw = raw.get("node")
     if not nodes_raw or not isinstance(nodes_raw, list):
         raise ctx.fail("node", "no [[node]] table", 'add at least one `[[node]]` with `name = "..."` and a `[[node.device]]`')
+    own_chips = pool_chips(raw.get("chip"), ctx.fail, in_catalog)  # [[chip]] tables (cluster.chips)
     seen: set[str] = set()
     node_names: set[str] = set()
     nodes = []
@@ -225,10 +242,11 @@ def pool_from_dict(raw: dict, source: str = "<pool>") -> Pool:
             dname = _str(ctx, d, "name", dwhere)
             chip_name = _str(ctx, d, "chip", dwhere)
             try:
-                chip = get_chip(chip_name)
+                chip = own_chips[chip_name] if chip_name in own_chips else get_chip(chip_name)
             except KeyError:
                 raise ctx.fail(f"{dwhere}.chip", f"unknown chip {chip_name!r}",
-                               f"use a catalog name: {', '.join(load_catalog())}") from None
+                               f"declare it in a [[chip]] table or use a catalog name: "
+                               f"{', '.join([*own_chips, *load_catalog()])}") from None
             count = int(_number(ctx, d, "count", dwhere, default=1))
             mem = int(_number(ctx, d, "memory_gib", dwhere, default=chip.memory_bytes / GiB) * GiB)
             emu = None
@@ -249,10 +267,13 @@ def pool_from_dict(raw: dict, source: str = "<pool>") -> Pool:
                     raise ctx.fail(f"{dwhere}.name", f"duplicate device name {nm!r}", "give every device its own name")
                 seen.add(nm)
                 devices.append(Device(name=nm, chip=chip, node=nname, memory_bytes=mem, emulation=emu))
+        wiring = parse_wiring(n.get("wiring"), [dv.name for dv in devices], f"{where}.wiring", ctx.fail)
+        intra_lat = n.get("intra_latency_us", 5.0) / 1e6
         intra = (n["intra_gbs"] * 1e9 if "intra_gbs" in n
+                 else wiring.ring([dv.name for dv in devices], intra_lat)[0] if wiring and len(devices) > 1
                  else min(dv.chip.link_bw for dv in devices))
-        nodes.append(Node(name=nname, devices=tuple(devices), intra_bandwidth=intra,
-                          intra_latency_s=n.get("intra_latency_us", 5.0) / 1e6))
+        nodes.append(Node(name=nname, devices=tuple(devices), intra_bandwidth=intra, intra_latency_s=intra_lat,
+                          wiring=wiring))
     links = []
     for i, ln in enumerate(raw.get("link", [])):
         where = f"link[{i}]"

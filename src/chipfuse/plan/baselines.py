@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from chipfuse.plan.balance import largest_remainder
 from chipfuse.plan.cost import in_flight
-from chipfuse.plan.memory import StageShape, stage_memory, usable
+from chipfuse.plan.memory import StageShape, stage_memory, usable_bytes
 from chipfuse.plan.plan import Plan, Replica, Stage
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ def _uniform_layers(L: int, p: int) -> list[int]:
 
 
 def _checkpoint_that_fits(ctx: Context, layers: list[int], mbs: int, memory: int, share: int) -> str | None:
+    """`memory`: usable bytes (plan.memory.usable) of the smallest device."""
     p = len(layers)
     m = math.ceil(share / mbs)
     for ck in ("none", "full"):
@@ -49,7 +50,7 @@ def _checkpoint_that_fits(ctx: Context, layers: list[int], mbs: int, memory: int
         for i in {0, p - 1}:
             sh = StageShape(num_layers=layers[i], is_first=i == 0, is_last=i == p - 1, group_size=1,
                             checkpoint=ck, micro_batch_size=mbs, in_flight=in_flight(ctx.schedule, p, i, m))
-            if stage_memory(ctx.costs, sh, dtype=ctx.dtype, optimizer_dtype=ctx.optimizer_dtype).total > usable(memory):
+            if stage_memory(ctx.costs, sh, dtype=ctx.dtype, optimizer_dtype=ctx.optimizer_dtype).total > memory:
                 ok = False
         if ok:
             return ck
@@ -58,7 +59,7 @@ def _checkpoint_that_fits(ctx: Context, layers: list[int], mbs: int, memory: int
 
 def even(ctx: Context) -> Scored | None:
     devices = [d.name for d in ctx.pool.devices]
-    smallest = min(d.memory_bytes for d in ctx.pool.devices)
+    smallest = min(usable_bytes(d) for d in ctx.pool.devices)
     L = ctx.costs.num_layers
     for p in range(1, min(L, len(devices)) + 1):
         layers = _uniform_layers(L, p)
@@ -91,7 +92,7 @@ def proportional_dp(ctx: Context) -> Scored | None:
     L = ctx.costs.num_layers
     plans = []
     for mbs in ctx.micro_batch_sizes():
-        ck = _checkpoint_that_fits(ctx, [L], mbs, min(d.memory_bytes for d in devs), max(shares)) or "full"
+        ck = _checkpoint_that_fits(ctx, [L], mbs, min(usable_bytes(d) for d in devs), max(shares)) or "full"
         replicas = [Replica(stages=(Stage(devices=(d.name,), first_layer=0, num_layers=L, checkpoint=ck),),
                             batch_share=n, micro_batch_size=max(1, min(mbs, n) if n else mbs))
                     for d, n in zip(devs, shares, strict=True)]

@@ -39,7 +39,15 @@ from chipfuse.plan.hardware import (
     p2p_s,
     ring_allreduce_s,
 )
-from chipfuse.plan.memory import StageMemory, StageShape, stage_memory, stage_params, state_bytes, usable
+from chipfuse.plan.kernels import block_kernels
+from chipfuse.plan.memory import (
+    StageMemory,
+    StageShape,
+    stage_memory,
+    stage_params,
+    state_bytes,
+    usable_bytes,
+)
 from chipfuse.plan.plan import Plan
 from chipfuse.plan.profile import Profile
 
@@ -66,9 +74,13 @@ def block_time(costs: ModelCosts, hw: GroupHW, sh: StageShape, *, dtype: str) ->
     tokens = sh.tokens_per_device(costs.seq_len)
     rate = hw.flops * tokens / (tokens + TOKENS_HALF)
     measured = _measured(hw, tokens)
+    kern = None
     if measured is not None:
         f1, b1 = measured[0] / t, measured[1] / t
-    else:
+    elif hw.chip is not None:  # catalog peaks through the kernel model (plan.kernels)
+        kern = block_kernels(costs.spec, costs.seq_len, tokens, hw.chip, dtype=hw.dtype, tp=t)
+        f1, b1 = kern.fwd_s, kern.bwd_s
+    else:  # a measured sustained rate (profile)
         flops_f = tokens * costs.block_fwd_flops_per_token / t
         f1, b1 = flops_f / rate + BLOCK_LAUNCH_S, 2 * flops_f / rate + 2 * BLOCK_LAUNCH_S
     if sh.checkpoint == "full":
@@ -91,8 +103,14 @@ def block_time(costs: ModelCosts, hw: GroupHW, sh: StageShape, *, dtype: str) ->
     if sh.offload == "params":
         upload = block_bytes / HOST_LINK_BW
         f1, b1 = max(f1, upload), max(b1, upload)
-    head_f = tokens * costs.head_fwd_flops_per_token / t / rate if sh.is_last else 0.0
-    return BlockTime(fwd_per_block_s=f1, bwd_per_block_s=b1, fwd_extra_s=head_f, bwd_extra_s=2 * head_f)
+    if not sh.is_last:
+        head_f = head_b = 0.0
+    elif kern is not None:
+        head_f, head_b = kern.head_fwd_s, kern.head_bwd_s
+    else:
+        head_f = tokens * costs.head_fwd_flops_per_token / t / rate
+        head_b = 2 * head_f
+    return BlockTime(fwd_per_block_s=f1, bwd_per_block_s=b1, fwd_extra_s=head_f, bwd_extra_s=head_b)
 
 
 def _measured(hw: GroupHW, tokens: int) -> tuple[float, float] | None:
@@ -192,7 +210,7 @@ def plan_tables(plan: Plan, pool: Pool, profile: Profile | None = None, *, index
                 cache[key] = (bt.fwd_s(sh.num_layers), bt.bwd_s(sh.num_layers),
                               optimizer_s(costs, hw, sh, dtype=plan.dtype, optimizer_dtype=plan.optimizer_dtype),
                               group_sync_s(costs, hw, sh, dtype=plan.dtype),
-                              stage_memory(costs, sh, dtype=plan.dtype, optimizer_dtype=plan.optimizer_dtype))
+                              stage_memory(costs, sh, dtype=hw.dtype, optimizer_dtype=plan.optimizer_dtype))
             f, b, o, g, mem = cache[key]
             c = 0.0
             if i < p - 1:
@@ -268,7 +286,7 @@ def _prediction(plan: Plan, ix: PoolIndex, costs: ModelCosts, tables: list[Repli
         for s in r.stages:
             for dv in s.devices:
                 memory[dv] = s.memory.total
-                cap = usable(ix.dev[dv].memory_bytes)
+                cap = usable_bytes(ix.dev[dv])
                 if s.memory.total > cap:
                     over[dv] = s.memory.total - cap
                 peak += ix.dev[dv].peak_flops(plan.dtype)

@@ -1,21 +1,17 @@
-"""Device rates and link costs the cost model is built on: catalog x efficiency, or a measured Profile.
+"""Device rates and link costs the cost model is built on: catalog peaks through the kernel model
+(plan.kernels), or a measured Profile.
 
-Default efficiencies (sustained / dense peak on transformer blocks; replace them with a Profile):
-
-| chips                                             | bf16/fp16 | fp32 |
-| NVIDIA data-centre (H100, H800, H20, A100, A800, V100, L40S) | 0.45 | 0.60 |
-| NVIDIA PCIe / consumer (T4, L4, RTX)              | 0.35      | 0.60 |
-| AMD, Huawei, Intel accelerators                   | 0.35      | 0.50 |
-| Kunlunxin, Cambricon                              | 0.30      | 0.50 |
-| CPU (the catalog figure is a server estimate)     | 0.50      | 0.50 |
-
-0.45 is about what Megatron-LM reports on A100/H100 for GPT models at scale (MFU 40-50 %);
-the others are discounted for PCIe-only cards and younger software stacks. A micro-batch of
-few tokens keeps kernels small: efficiency is scaled by tokens / (tokens + 128).
+A device computes in the plan's dtype where its chip has it: a chip without bf16 (V100, T4, Turing
+cards) runs a bf16 plan in fp32, as the runtime does (plan.memory.compute_dtype), and an fp16 plan on
+its fp16 tensor cores. Its sustained rate (for ranking devices and dealing shares) is peak x the
+kernel model's large-GEMM efficiency for that dtype; block times come from plan.kernels.
 
 Collectives (bytes B, n participants, link bandwidth bw, latency lat):
   point-to-point  lat + B / bw
   ring all-reduce 2 (n-1)/n * B / bw + 2 (n-1) lat   (reduce-scatter, all-gather: half of it)
+Links inside a node follow its wiring (cluster.wiring: bridges, PCIe switches shared, peer-to-peer
+or not); between nodes, the link (its bandwidth at the message size when it gives one) capped by
+each node's NIC.
 """
 
 from __future__ import annotations
@@ -23,35 +19,35 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chipfuse.cluster.pool import Device, Pool
+from chipfuse.plan.kernels import ChipRates, sustained_fraction
+from chipfuse.plan.memory import compute_dtype
 from chipfuse.plan.profile import LayerTiming, Profile
 
-CONSUMER = ("T4", "L4", "RTX")
-DATACENTER_EFF = {"bf16": 0.45, "fp32": 0.60}
-VENDOR_EFF = {
-    "amd": {"bf16": 0.35, "fp32": 0.50},
-    "huawei": {"bf16": 0.35, "fp32": 0.50},
-    "intel": {"bf16": 0.35, "fp32": 0.50},
-    "kunlunxin": {"bf16": 0.30, "fp32": 0.50},
-    "cambricon": {"bf16": 0.30, "fp32": 0.50},
-    "cpu": {"bf16": 0.50, "fp32": 0.50},
-}
 TOKENS_HALF = 128
-"""Tokens per micro-batch at which a chip reaches half its sustained rate."""
+"""With a measured rate (profile) only: tokens per micro-batch at which a chip reaches half of it."""
 BLOCK_LAUNCH_S = 20e-6
-"""Fixed cost of one block's forward (kernel launches); backward costs twice that."""
+"""With a measured rate only: fixed cost of one block's forward; backward twice that."""
 HOST_LINK_BW = 25e9
 """Bytes/s between a device and host memory (PCIe Gen4 x16, effective) for offload."""
 CPU_ADAM_PARAMS_S = 1e9
 """Parameters per second a host CPU updates with Adam (offloaded optimizer)."""
 
 
+def device_dtype(device: Device, dtype: str) -> str:
+    """The dtype a device really computes a plan's `dtype` in (see the module docstring)."""
+    return compute_dtype(dtype, device.chip)
+
+
+def chip_rates(device: Device, dtype: str) -> ChipRates:
+    """Peak and memory bandwidth in the device's compute dtype (an emulated device: scaled by its speed)."""
+    speed = device.emulation.speed if device.emulation else 1.0
+    return ChipRates(peak_flops=device.peak_flops(device_dtype(device, dtype)), mem_bw=device.chip.mem_bw * speed,
+                     tensor_cores=device.chip.tensor_cores, nvidia=device.vendor == "nvidia")
+
+
 def efficiency(device: Device, dtype: str) -> float:
-    dt = "fp32" if dtype == "fp32" else "bf16"
-    if device.vendor == "nvidia":
-        if dt == "bf16" and any(device.chip.name.startswith(c) for c in CONSUMER):
-            return 0.35
-        return DATACENTER_EFF[dt]
-    return VENDOR_EFF.get(device.vendor, {"bf16": 0.30, "fp32": 0.50})[dt]
+    """Sustained fraction of peak on large blocks (plan.kernels), in the device's compute dtype."""
+    return sustained_fraction(chip_rates(device, dtype), device_dtype(device, dtype))
 
 
 def sustained_flops(device: Device, dtype: str, profile: Profile | None = None) -> float:
@@ -60,7 +56,7 @@ def sustained_flops(device: Device, dtype: str, profile: Profile | None = None) 
         got = profile.sustained_flops(device.name, dtype)
         if got:
             return got
-    return device.peak_flops(dtype) * efficiency(device, dtype)
+    return device.peak_flops(device_dtype(device, dtype)) * efficiency(device, dtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,6 +74,12 @@ class GroupHW:
     """Measured block timings of the slowest device, if profiled."""
     peak_flops: float = 0.0
     """Catalog peak of one device (the MFU denominator)."""
+    chip: ChipRates | None = None
+    """Peaks for the kernel model; None when a profile measured the device's rate (then flops rules)."""
+    emulated: bool = False
+    """Any device of the group emulated (memory caps are exact there: plan.memory.usable)."""
+    dtype: str = "bf16"
+    """What the slowest device computes in (a bf16 plan on a chip without bf16: fp32)."""
 
 
 class PoolIndex:
@@ -101,21 +103,34 @@ class PoolIndex:
             slow = min(devs, key=lambda d: sustained_flops(d, self.dtype, self.profile))
             nodes = frozenset(d.node for d in devs)
             # A group spread over nodes (hand-written plans) talks over the slowest link among them.
-            bw, lat = self.link(slow.node, slow.node) if len(nodes) == 1 else self.slowest(nodes)
+            bw, lat = self.group_link(names) if len(nodes) == 1 else self.slowest(nodes)
             timings = self.profile.layer_times.get(slow.name, ()) if self.profile else ()
+            measured = self.profile is not None and self.profile.sustained_flops(slow.name, self.dtype)
             got = GroupHW(flops=sustained_flops(slow, self.dtype, self.profile),
                           mem_bw=min(d.chip.mem_bw for d in devs), memory_bytes=min(d.memory_bytes for d in devs),
                           intra_bw=bw, intra_lat=lat, layer_times=tuple(timings),
-                          peak_flops=slow.peak_flops(self.dtype))
+                          peak_flops=slow.peak_flops(device_dtype(slow, self.dtype)),
+                          chip=None if measured else chip_rates(slow, self.dtype),
+                          dtype=device_dtype(slow, self.dtype), emulated=any(d.emulated for d in devs))
             self._hw[names] = got
         return got
 
-    def link(self, node_a: str, node_b: str) -> tuple[float, float]:
+    def link(self, node_a: str, node_b: str, nbytes: float = 0.0) -> tuple[float, float]:
+        """(bytes/s, latency s) between two nodes; `nbytes` picks a size-dependent link's figure."""
+        if nbytes:
+            return link_between(self.pool, node_a, node_b, self.profile, nbytes)
         key = (node_a, node_b)
         got = self._links.get(key)
         if got is None:
             got = self._links[key] = link_between(self.pool, node_a, node_b, self.profile)
         return got
+
+    def group_link(self, names: tuple[str, ...]) -> tuple[float, float]:
+        """A ring over devices of one node: measured node link if profiled, else the node's wiring."""
+        node = self.dev[names[0]].node
+        if self.profile is not None and self.profile.link(node, node):
+            return self.link(node, node)
+        return self.node[node].group_link(names)
 
     def slowest(self, nodes: frozenset[str]) -> tuple[float, float]:
         got = self._slowest.get(nodes)
@@ -124,12 +139,20 @@ class PoolIndex:
         return got
 
 
-def link_between(pool: Pool, node_a: str, node_b: str, profile: Profile | None = None) -> tuple[float, float]:
-    """(bytes/s, latency s) between two nodes, measured if the profile has it."""
+def link_between(pool: Pool, node_a: str, node_b: str, profile: Profile | None = None,
+                 nbytes: float = 0.0) -> tuple[float, float]:
+    """(bytes/s, latency s) between two nodes, measured if the profile has it. Between two nodes the
+    link is also capped by each node's NIC (cluster.wiring); `nbytes` reads a size-dependent link."""
     if profile is not None and (m := profile.link(node_a, node_b)):
         return m.bandwidth, m.latency_s
     ln = pool.link(node_a, node_b)
-    return ln.bandwidth, ln.latency_s
+    bw = ln.bandwidth_at(nbytes) if nbytes else ln.bandwidth
+    if node_a != node_b:
+        for n in (node_a, node_b):
+            w = next(x for x in pool.nodes if x.name == n).wiring
+            if w is not None and w.nic_bw is not None:
+                bw = min(bw, w.nic_bw)
+    return bw, ln.latency_s
 
 
 def slowest_link(pool: Pool, nodes: set[str], profile: Profile | None = None) -> tuple[float, float]:

@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 
 from chipfuse.model.costs import model_costs
 from chipfuse.model.spec import ModelSpec
-from chipfuse.plan.memory import StageShape, stage_memory, usable
-from chipfuse.plan.memory_model import Strategy, best_shard_group
+from chipfuse.plan.memory import StageShape, Strategy, best_shard_group, stage_memory, usable_bytes
 from chipfuse.report.output import human_bytes
 
 LADDER: tuple[tuple[str, Strategy], ...] = (
@@ -53,7 +52,7 @@ def family_member(base: ModelSpec, dim: int, head_dim: int) -> ModelSpec:
 
 
 def num_params(spec: ModelSpec) -> int:
-    from chipfuse.plan.memory_model import gpt_tensor_numels
+    from chipfuse.plan.memory import gpt_tensor_numels
 
     block, embed, head = gpt_tensor_numels(spec)
     return spec.num_layers * sum(block) + sum(embed) + sum(head)
@@ -114,7 +113,7 @@ def max_model(pool, base: ModelSpec, *, micro_batch_size: int = 1, head_dim: int
               max_dim: int = 1 << 16, ladder=LADDER) -> list[MaxModel]:
     """For each strategy of `ladder`, the widest member of `base`'s family that fits `pool` (predicted),
     computing in `dtype` (fp32 master weights with bf16)."""
-    caps = {d.name: usable(d.memory_bytes) for d in pool.devices}
+    caps = {d.name: usable_bytes(d) for d in pool.devices}
     has_cpu = any(d.chip.vendor == "cpu" for d in pool.devices)
     out = []
     for name, st in ladder:

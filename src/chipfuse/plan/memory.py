@@ -1,41 +1,294 @@
-"""Memory per device: the conservative model every plan is checked against.
+"""Memory per device: the one model that the planner searches with and the runtime's pre-flight check
+refuses with (chipfuse train --plan), and what runtime.memory really leaves on a device.
 
-Per parameter of a stage (after dividing by the tensor-parallel degree t):
-  weights  w = 2 (bf16) or 4 (fp32) bytes;   gradients g = w
-  master   4 bytes when computing in bf16 (fp32 master weights), else 0
-  optimizer (Adam m and v) 2 x {fp32: 4, bf16: 2, int8: 1, int4: 0.5} bytes
-Sharding over the group's data ranks d = devices / t (ZeRO via FSDP2):
-  optimizer -> master and optimizer / d;  grads -> also g / d;  full -> also w / d, plus two
-  blocks' gathered weights (the one computing and the one prefetched).
-Offload: optimizer -> master and optimizer in host memory; params -> weights too, but two blocks
-  stay resident while they compute.
-Activations: tokens per micro-batch per device (ceil(mbs / d) x seq_len) x bytes per token per block
-  (chipfuse.model.costs) / t (sequence parallel) x blocks x micro-batches in flight (1F1B: p - i on
-  stage i; GPipe: all m). Full checkpointing adds one block's un-checkpointed activations (rebuilt in
-  backward). The last stage adds its logits (compute dtype + an fp32 copy for the loss); every stage
-  two boundary buffers (send and receive).
-A device may use USABLE_FRACTION of its memory: the rest is left for the runtime context, kernels'
-workspace and allocator fragmentation.
+Pure arithmetic (no torch): a ModelSpec, a stage's shape and memory strategy, in; bytes out.
+Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of chipfuse.model.gpt):
+
+- parameters P, gradients G (fp32: the runtime keeps fp32 parameters and casts for compute),
+  optimizer state O: AdamW fp32 8 B/param, bf16 4, int8 2, int4 1 (+ one fp32 scale per block),
+  torchao quantising only tensors of >= 4096 values (smaller ones keep 8 B/param).
+- the peak: P + O + max(G, A + W), the larger of "just after backward" (all gradients, few
+  activations) and "start of backward" (all activations, few gradients); A = saved activations,
+  W = parameters gathered for compute under FSDP2.
+- shard full (ZeRO-3): P, G, O divided by the group's data degree; W = the root's embedding and
+  head (kept gathered) + two blocks (the one computing and the one prefetched).
+  shard grads / optimizer (FSDP2 reshard_after_forward=False, ZeRO-2's peak): P, G, O divided; W = all P.
+- offload params: P, G, O in host memory; W as for ZeRO-3. offload optimizer: O in host memory.
+- tensor parallel t: P, G, O, W divided by t; activations too, except what the runtime keeps
+  replicated without sequence parallelism (the two norm inputs and the residual/dropout values,
+  REPLICATED_H x h per token): chipfuse's runtime does not shard the sequence.
+- activations per token, as the runtime computes them (SDPA's fused attention: no s x s score
+  matrix, one log-sum-exp per head): a block keeps 8h + 2f + 2 heads values (GELU MLP: fc1
+  output and GELU output; SwiGLU keeps 4f: gate, up, silu(gate), product), a checkpointed block
+  its input h, plus, in backward, one block's worth while it is recomputed; the embedding, head and
+  loss keep 2h + V + 8. "selective" checkpoints blocks 0, 2, 4, ... (runtime.memory). Values are
+  4 bytes in fp32, 2 in bf16/fp16 (the logits' fp32 copy is counted in V).
+- in flight: 1F1B keeps up to (stages - index) micro-batches of a stage, GPipe all of them.
+- on a real chip the runtime itself holds memory too: the CUDA/ROCm context with the BLAS
+  workspaces (RUNTIME_CONTEXT_BYTES), communication buffers when the device talks to others
+  (COMM_BUFFER_BYTES), and the caching allocator's slack over what tensors use (ALLOC_SLACK):
+  usable() leaves that out of a real chip's capacity; an emulated device's cap is exact (the meter
+  counts bytes, not allocator pages).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
-from chipfuse.model.costs import DTYPE_BYTES, ModelCosts
+from chipfuse.errors import PlanError
+from chipfuse.model.costs import ModelCosts
+from chipfuse.model.spec import ModelSpec
 
-USABLE_FRACTION = 0.9
-OPT_BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0, "int4": 0.5}
+RUNTIME_CONTEXT_BYTES = 768 * 2**20
+"""CUDA context, cuBLAS/cuDNN workspaces and kernels loaded (measured: 0.5-1 GiB on recent GPUs)."""
+COMM_BUFFER_BYTES = 512 * 2**20
+"""NCCL's buffers for the communicators a device uses."""
+ALLOC_SLACK = 0.06
+"""The caching allocator reserves about this much more than live tensors need (fragmentation)."""
+REPLICATED_H = 5
+"""Activation values per token per block (x h) that tensor parallelism without sequence
+parallelism keeps whole on every rank (two norm inputs, residual, dropout)."""
+
+OPT_BYTES_PER_PARAM = {"fp32": 8.0, "bf16": 4.0, "int8": 2.0, "int4": 1.0}
+QUANT_BLOCK = {"int8": 256, "int4": 128}
+"""Values per fp32 scale in torchao's AdamW8bit / AdamW4bit."""
+QUANT_MIN_NUMEL = 4096
+QMAP_BYTES = {"int8": 256 * 4, "int4": 16 * 4}
+"""The code book each quantised moment carries (fp32)."""
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
-def usable(memory_bytes: int) -> int:
-    return int(memory_bytes * USABLE_FRACTION)
+@dataclass(frozen=True, kw_only=True)
+class Strategy:
+    """A stage's memory strategy (the plan's words) and the settings it is priced with."""
+
+    checkpoint: str = "none"
+    shard: str = "none"
+    offload: str = "none"
+    dtype: str = "fp32"
+    optimizer_dtype: str = "fp32"
+
+    @property
+    def label(self) -> str:
+        parts = [f"ckpt={self.checkpoint}" if self.checkpoint != "none" else "",
+                 f"shard={self.shard}" if self.shard != "none" else "",
+                 f"offload={self.offload}" if self.offload != "none" else "",
+                 self.dtype if self.dtype != "fp32" else "",
+                 f"opt={self.optimizer_dtype}" if self.optimizer_dtype != "fp32" else ""]
+        return " ".join(p for p in parts if p) or "plain"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceMemory:
+    """Predicted peak bytes of one device, by what holds them."""
+
+    device: str
+    capacity_bytes: int
+    params_bytes: float
+    grads_bytes: float
+    optimizer_bytes: float
+    activation_bytes: float
+    gathered_bytes: float
+    """Parameters gathered by FSDP2 for compute (transient)."""
+
+    @property
+    def peak_bytes(self) -> float:
+        return self.params_bytes + self.optimizer_bytes + max(self.grads_bytes,
+                                                              self.activation_bytes + self.gathered_bytes)
+
+    @property
+    def missing_bytes(self) -> float:
+        return max(0.0, self.peak_bytes - self.capacity_bytes)
+
+    @property
+    def limit(self) -> str:
+        """What holds most of the peak: the term to attack next."""
+        terms = {"parameters": self.params_bytes, "gradients": self.grads_bytes,
+                 "optimizer state": self.optimizer_bytes, "activations": self.activation_bytes,
+                 "gathered parameters": self.gathered_bytes}
+        return max(terms, key=terms.__getitem__)
+
+
+def gpt_tensor_numels(spec: ModelSpec) -> tuple[list[int], list[int], list[int]]:
+    """Numels of the parameter tensors of one block, of the embedding, of the head (model.gpt.GPT, or
+    a Llama: RMSNorm, q/k/v/o without biases, SwiGLU, no positions)."""
+    h, f, V = spec.dim, spec.ffn, spec.vocab_size
+    if spec.family == "llama":
+        kv = spec.kv_heads * (h // spec.num_heads)
+        block = [h, h * h, kv * h, kv * h, h * h, h, f * h, f * h, h * f]
+        return block, [V * h], [h] + ([] if spec.tie_embeddings else [V * h])
+    block = [h, h, 3 * h * h, 3 * h, h * h, h, h, h, f * h, f, h * f, h]
+    embed = [V * h, spec.seq_len * h]
+    head = [h, h, V * h]
+    return block, embed, head
+
+
+def _opt_bytes(numels: list[float], optimizer_dtype: str, shards: int) -> float:
+    total = 0.0
+    for n in numels:
+        local = n / shards
+        if optimizer_dtype in QUANT_BLOCK and not (local >= QUANT_MIN_NUMEL and n % QUANT_BLOCK[optimizer_dtype] == 0):
+            total += 8.0 * local  # torchao leaves small tensors in fp32 state
+        else:
+            scale = 2 * 4 / QUANT_BLOCK[optimizer_dtype] if optimizer_dtype in QUANT_BLOCK else 0.0
+            total += (OPT_BYTES_PER_PARAM[optimizer_dtype] + scale) * local + 2 * QMAP_BYTES.get(optimizer_dtype, 0)
+    return total
+
+
+def activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool,
+                               last: bool, dtype: str = "fp32", tp: int = 1) -> float:
+    """Saved activation bytes per token of a stage of `num_layers` blocks, peak in backward."""
+    h, t = spec.dim, tp
+    mlp = (4 if spec.family == "llama" else 2) * spec.ffn
+    block = REPLICATED_H * h + (3 * h + mlp + 2 * spec.num_heads) / t
+    if checkpoint == "full":
+        saved = num_layers * h + block  # inputs, plus one block recomputed in backward
+    elif checkpoint == "selective":
+        ck = math.ceil(num_layers / 2)
+        saved = ck * h + (num_layers - ck) * block + block
+    else:
+        saved = num_layers * block
+    if last:
+        saved += 2 * h + spec.vocab_size / t + 8
+    elif first:
+        saved += 8
+    return DTYPE_BYTES[dtype] * saved
+
+
+def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, capacity_bytes: int, num_layers: int,
+                        first: bool, last: bool, group_size: int, tokens_in_flight: int, tp: int = 1) -> DeviceMemory:
+    """Predicted peak of one device of a stage group: `group_size` data (shard) ranks, each of `tp`
+    tensor-parallel ranks (parameters split t ways)."""
+    block, embed, head = ([n / tp for n in x] for x in gpt_tensor_numels(spec))
+    numels = block * num_layers + (embed if first else []) + (head if last else [])
+    n_params = float(sum(numels))
+    root = float(sum(embed if first else []) + sum(head if last else []))
+    sharded = strategy.shard != "none" or strategy.offload == "params"
+    n = group_size if strategy.shard != "none" else 1
+    wbytes = DTYPE_BYTES[strategy.dtype] if sharded else 4
+    p = 4 * n_params / n
+    g = 4 * n_params / n
+    o = _opt_bytes(numels, strategy.optimizer_dtype, n)
+    if not sharded:
+        gathered = 0.0
+    elif strategy.shard in ("full", "none"):
+        gathered = wbytes * (root + 2 * sum(block) if num_layers > 1 else root + sum(block))
+    else:
+        gathered = wbytes * n_params
+    if strategy.offload == "params":
+        p = g = o = 0.0
+    elif strategy.offload == "optimizer":
+        o = 0.0
+    act = activation_bytes_per_token(spec, num_layers, strategy.checkpoint, first=first, last=last,
+                                     dtype=strategy.dtype, tp=tp) * tokens_in_flight
+    return DeviceMemory(device=device, capacity_bytes=capacity_bytes, params_bytes=p, grads_bytes=g,
+                        optimizer_bytes=o, activation_bytes=act, gathered_bytes=gathered)
+
+
+def compute_dtype(plan_dtype: str, chip) -> str:
+    """bf16 where the chip has it; chips without (T4, V100, Turing) compute a bf16 plan in fp32 (bf16
+    emulated in software would be slower than fp32 there). An fp16 plan (with loss scaling) runs in
+    fp16 on every chip: the planner offers it for chips without bf16, the runtime refuses it today."""
+    return plan_dtype if plan_dtype != "bf16" or chip.has_bf16 else "fp32"
+
+
+def usable(memory_bytes: int, *, emulated: bool = False) -> int:
+    """Bytes a job's tensors may use on a device of `memory_bytes`: an emulated cap is exact; a real chip
+    loses its runtime context and communication buffers, and the allocator's slack (module docstring)."""
+    if emulated:
+        return int(memory_bytes)
+    return max(0, int((memory_bytes - RUNTIME_CONTEXT_BYTES - COMM_BUFFER_BYTES) / (1 + ALLOC_SLACK)))
+
+
+def usable_bytes(device) -> int:
+    """usable() of a pool device (cluster.pool.Device)."""
+    return usable(device.memory_bytes, emulated=device.emulated)
+
+
+def reserved_bytes(peak_bytes: float, *, emulated: bool = False) -> float:
+    """What a real chip's memory reading (reserved by the allocator, plus the runtime's own) shows for a
+    predicted tensor peak: the inverse of usable()."""
+    if emulated:
+        return peak_bytes
+    return peak_bytes * (1 + ALLOC_SLACK) + RUNTIME_CONTEXT_BYTES + COMM_BUFFER_BYTES
+
+
+def plan_memory(plan, pool) -> list[DeviceMemory]:
+    """Predicted peak of every device of `plan` (plan.plan.Plan) on `pool` (cluster.pool.Pool)."""
+    out: list[DeviceMemory] = []
+    for r in plan.replicas:
+        num_stages = len(r.stages)
+        for j, s in enumerate(r.stages):
+            in_flight = r.num_micro_batches if plan.schedule == "gpipe" else min(r.num_micro_batches, num_stages - j)
+            group = len(s.devices) // s.tp_degree  # data/shard degree inside the stage
+            per_device_mb = math.ceil(r.micro_batch_size / group)  # the group splits each micro-batch
+            for d in s.devices:
+                strategy = Strategy(checkpoint=s.checkpoint, shard=s.shard, offload=s.offload,
+                                    dtype=compute_dtype(plan.dtype, pool.device(d).chip),
+                                    optimizer_dtype=plan.optimizer_dtype)
+                mem = stage_device_memory(plan.model, strategy, device=d, capacity_bytes=usable_bytes(pool.device(d)),
+                                          num_layers=s.num_layers, first=j == 0, last=j == num_stages - 1,
+                                          group_size=group, tokens_in_flight=max(1, in_flight) * per_device_mb * plan.seq_len,
+                                          tp=s.tp_degree)
+                out.append(mem)
+    return out
+
+
+def check_plan_memory(plan, pool, source: str = "<plan>") -> list[DeviceMemory]:
+    """Refuse, before any worker starts, a plan whose predicted peak passes a device's memory, and
+    offload on CPU devices, and fp16 (the runtime has no loss-scaling path yet). Returns the predictions
+    when every device fits."""
+    if plan.dtype == "fp16":
+        raise PlanError(f"{source}: dtype: is 'fp16', which chipfuse train does not run yet (no loss scaling). "
+                        "Fix: use dtype \"bf16\" (chips without bf16 then compute in fp32) or \"fp32\"")
+    for r_i, r in enumerate(plan.replicas):
+        for s_i, s in enumerate(r.stages):
+            for d in s.devices:
+                if s.offload != "none" and pool.device(d).chip.vendor == "cpu":
+                    raise PlanError(
+                        f"{source}: replicas[{r_i}].stages[{s_i}].offload: is {s.offload!r} but device {d!r} is a CPU, "
+                        "whose memory is host memory: offload would save nothing. Fix: set offload = \"none\" "
+                        "and save memory with shard or checkpoint")
+    mems = plan_memory(plan, pool)
+    over = [m for m in mems if m.missing_bytes > 0]
+    if over:
+        m = max(over, key=lambda m: m.missing_bytes)
+        MiB = 2**20
+        raise PlanError(
+            f"{source}: device {m.device!r} needs {m.peak_bytes / MiB:.1f} MiB, it has {m.capacity_bytes / MiB:.1f} MiB: "
+            f"{m.missing_bytes / MiB:.1f} MiB missing (largest term: {m.limit}; {len(over)} device(s) over). "
+            "Fix: turn on activation checkpointing, sharding, an 8-bit optimizer or offload for its stage, "
+            "lower micro_batch_size, or let `chipfuse plan` choose a plan that fits")
+    return mems
+
+
+def best_shard_group(capacity_bytes: dict[str, int], need_bytes: Callable[[int], float]) -> tuple[str, ...]:
+    """The devices to shard one stage over when their memories differ.
+
+    FSDP2 shards evenly, so each of k members needs the same `need_bytes(k)` (its 1/k of the state
+    plus what no sharding divides: activations, gathered parameters), and a group is only as large
+    as its smallest member. Adding a small device can therefore make a group fail that fits without
+    it. Among the k largest devices, for every k, keep the largest group that fits (more members:
+    more compute and headroom), or () when none does. Devices left out serve in another replica
+    or stage, or are excluded.
+    """
+    ranked = sorted(capacity_bytes, key=lambda d: (-capacity_bytes[d], d))
+    for k in range(len(ranked), 0, -1):
+        if need_bytes(k) <= min(capacity_bytes[d] for d in ranked[:k]):
+            return tuple(ranked[:k])
+    return ()
+
+
+# ---------------------------------------------------------------------------------------------- the planner's view
+OPT_BYTES = {k: v / 2 for k, v in OPT_BYTES_PER_PARAM.items()}
+"""Bytes per parameter of one Adam moment."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class StateBytes:
-    """Bytes per parameter of each kind of state."""
+    """Bytes per parameter of each kind of state (the runtime keeps fp32 parameters and gradients)."""
 
     weights: float
     grads: float
@@ -48,9 +301,7 @@ class StateBytes:
 
 
 def state_bytes(dtype: str, optimizer_dtype: str) -> StateBytes:
-    w = DTYPE_BYTES[dtype]
-    return StateBytes(weights=w, grads=w, master=4.0 if dtype != "fp32" else 0.0,
-                      optimizer=2 * OPT_BYTES[optimizer_dtype])
+    return StateBytes(weights=4.0, grads=4.0, master=0.0, optimizer=OPT_BYTES_PER_PARAM[optimizer_dtype])
 
 
 def stage_params(costs: ModelCosts, num_layers: int, *, is_first: bool, is_last: bool) -> int:
@@ -70,17 +321,19 @@ def stage_params(costs: ModelCosts, num_layers: int, *, is_first: bool, is_last:
 
 @dataclass(frozen=True, kw_only=True)
 class StageMemory:
-    """Bytes on one device of a stage group, by kind."""
+    """Bytes on one device of a stage group, by kind (DeviceMemory's terms, without a device)."""
 
     weights: float
     grads: float
     optimizer: float
     activations: float
     transient: float
+    """Parameters gathered for compute (FSDP2)."""
 
     @property
     def total(self) -> int:
-        return int(math.ceil(self.weights + self.grads + self.optimizer + self.activations + self.transient))
+        """The peak: P + O + max(G, A + W) (module docstring)."""
+        return int(math.ceil(self.weights + self.optimizer + max(self.grads, self.activations + self.transient)))
 
     def to_dict(self) -> dict[str, int]:
         return {"weights": int(self.weights), "grads": int(self.grads), "optimizer": int(self.optimizer),
@@ -112,43 +365,20 @@ class StageShape:
 
 
 def stage_memory(costs: ModelCosts, sh: StageShape, *, dtype: str, optimizer_dtype: str) -> StageMemory:
-    sb = state_bytes(dtype, optimizer_dtype)
-    t, d = sh.tp, sh.data_degree
-    params = stage_params(costs, sh.num_layers, is_first=sh.is_first, is_last=sh.is_last) / t
-    block = costs.block_params / t
-    opt_div = d if sh.shard in ("optimizer", "grads", "full") else 1
-    grad_div = d if sh.shard in ("grads", "full") else 1
-    w_div = d if sh.shard == "full" else 1
-    weights = params * sb.weights / w_div
-    transient = 0.0
-    if sh.shard == "full" and d > 1:
-        transient += 2 * block * sb.weights
-    if sh.offload == "params":
-        weights = 0.0
-        transient = max(transient, 2 * block * sb.weights)
-    grads = params * sb.grads / grad_div
-    optimizer = 0.0 if sh.offload in ("optimizer", "params") else params * (sb.master + sb.optimizer) / opt_div
-    tokens = sh.tokens_per_device(costs.seq_len)
-    per_block = tokens * costs.act_bytes(sh.checkpoint, dtype) / t
-    activations = per_block * sh.num_layers * sh.in_flight
-    if sh.checkpoint != "none":
-        transient += tokens * costs.act_bytes("none", dtype) / t
-    if sh.is_last:
-        transient += tokens * costs.logits_bytes_per_token(dtype) / t
-    transient += 2 * tokens * costs.spec.dim * DTYPE_BYTES[dtype]
-    return StageMemory(weights=weights, grads=grads, optimizer=optimizer, activations=activations,
-                       transient=transient)
+    """stage_device_memory for a stage shape: `dtype` is what its devices compute in."""
+    dm = stage_device_memory(
+        costs.spec, Strategy(checkpoint=sh.checkpoint, shard=sh.shard, offload=sh.offload, dtype=dtype,
+                             optimizer_dtype=optimizer_dtype),
+        device="", capacity_bytes=0, num_layers=sh.num_layers, first=sh.is_first, last=sh.is_last,
+        group_size=sh.data_degree, tokens_in_flight=sh.in_flight * sh.tokens_per_device(costs.seq_len), tp=sh.tp)
+    return StageMemory(weights=dm.params_bytes, grads=dm.grads_bytes, optimizer=dm.optimizer_bytes,
+                       activations=dm.activation_bytes, transient=dm.gathered_bytes)
 
 
 def max_layers_fitting(costs: ModelCosts, sh: StageShape, capacity: int, *, dtype: str, optimizer_dtype: str) -> int:
-    """The most blocks a stage of this shape can hold within `capacity` bytes (memory is linear in blocks)."""
-    zero = stage_memory(costs, _with_layers(sh, 0), dtype=dtype, optimizer_dtype=optimizer_dtype).total
-    one = stage_memory(costs, _with_layers(sh, 1), dtype=dtype, optimizer_dtype=optimizer_dtype).total
-    per = max(1, one - zero)
-    return max(0, (usable(capacity) - zero) // per)
-
-
-def _with_layers(sh: StageShape, n: int) -> StageShape:
-    from dataclasses import replace
-
-    return replace(sh, num_layers=n)
+    """The most blocks a stage of this shape can hold within `capacity` usable bytes."""
+    n = 0
+    while n < costs.num_layers and stage_memory(costs, replace(sh, num_layers=n + 1), dtype=dtype,
+                                                optimizer_dtype=optimizer_dtype).total <= capacity:
+        n += 1
+    return n

@@ -28,7 +28,7 @@ CHECKPOINT_MODES = ("none", "selective", "full")
 SHARD_MODES = ("none", "optimizer", "grads", "full")
 OFFLOAD_MODES = ("none", "optimizer", "params")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
-DTYPES = ("fp32", "bf16")
+DTYPES = ("fp32", "bf16", "fp16")
 OPTIMIZER_DTYPES = ("fp32", "bf16", "int8", "int4")
 
 

@@ -28,7 +28,7 @@ from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.balance import ReplicaRate, balance_shares
 from chipfuse.plan.cost import Prediction, predict
 from chipfuse.plan.hardware import PoolIndex, ring_allreduce_s
-from chipfuse.plan.memory import state_bytes, usable
+from chipfuse.plan.memory import state_bytes, usable_bytes
 from chipfuse.plan.plan import Plan, Replica, Stage
 from chipfuse.plan.profile import Profile
 from chipfuse.plan.templates import (
@@ -190,7 +190,7 @@ class Context:
         # Most promising group sizes first (in case the deadline cuts the loop): about as many devices
         # as it takes to hold the model's state once, the largest tensor degree first.
         sb = state_bytes(self.dtype, self.optimizer_dtype)
-        need = self.costs.total_params * sb.total / usable(self.kinds[kind].memory_bytes)
+        need = self.costs.total_params * sb.total / max(1, usable_bytes(self.ix.dev[self.kinds[kind].per_node[0][1][0]]))
         cfgs = sorted(unit_configs(self.kinds[kind], self.costs, max_group=self.max_group),
                       key=lambda gt: (abs(math.log2(gt[0]) - math.log2(max(1.0, min(need, 8.0)))), -gt[1]))
         for g, t in cfgs:
@@ -332,7 +332,7 @@ def refusal(ctx: Context, tried: list[Scored], budget_s: float) -> NoPlanFits:
     """Say how much memory is missing and which memory strategy would make the job fit."""
     sb = state_bytes(ctx.dtype, ctx.optimizer_dtype)
     need = ctx.costs.total_params * sb.total
-    have = sum(usable(d.memory_bytes) for d in ctx.pool.devices)
+    have = sum(usable_bytes(d) for d in ctx.pool.devices)
     # The least any plan needs: gradients stay on the devices (weights and optimizer offloaded),
     # fully checkpointed activations of one sample, the last stage's logits.
     c, s = ctx.costs, ctx.seq_len
@@ -341,7 +341,7 @@ def refusal(ctx: Context, tried: list[Scored], budget_s: float) -> NoPlanFits:
     # ... and the smallest piece one device must hold: one block with its rebuilt activations.
     piece = (c.block_params * (sb.grads + 2 * sb.weights) + s * c.act_bytes("none", ctx.dtype)
              + s * c.logits_bytes_per_token(ctx.dtype))
-    biggest = max(usable(d.memory_bytes) for d in ctx.pool.devices)
+    biggest = max(usable_bytes(d) for d in ctx.pool.devices)
     if frugal > have:
         missing, why = int(frugal - have), "in total"
     elif piece > biggest:

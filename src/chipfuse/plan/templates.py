@@ -176,7 +176,7 @@ def option_tables(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, d
         f = np.array(fixed[pos], dtype=float)
         out[pos] = OptionTable(options=tuple(opts), tau=a[:, 0], extra=f[:, 0], fixed_bytes=f[:, 1],
                                state_bytes_per_block=a[:, 1], act_bytes_per_block=a[:, 2], step_s_per_block=a[:, 3],
-                               capacity=usable(hw.memory_bytes))
+                               capacity=usable(hw.memory_bytes, emulated=hw.emulated))
     return out
 
 
