@@ -102,15 +102,30 @@ def test_cost_model_amortises_the_cross_island_sync():
 def test_plan_search_result_runs_as_islands_when_that_is_faster():
     pool = _pool([("a", "b", 0.1, 20)], {"a": 2, "b": 2})
     # Enough compute per step that the cross-island sync, spread over H, costs less than leaving
-    # a site out (at batch 16 the planner rightly keeps one site: tested below).
+    # a site out (at batch 2 the planner rightly keeps one site: tested below).
     res = search(pool, SPEC_PRESETS["small"], global_batch=128, seq_len=64, time_budget_s=1.0)
     best, adv = best_with_islands(res, pool)
     assert adv.sync.islands == (("a_0", "a_1"), ("b_0", "b_1"))
     assert best.plan.sync == adv.sync and len(best.plan.devices) == 4
     assert best.prediction.tokens_per_s >= res.prediction.tokens_per_s
-    small = search(pool, SPEC_PRESETS["small"], global_batch=16, seq_len=64, time_budget_s=1.0)
+    small = search(pool, SPEC_PRESETS["small"], global_batch=2, seq_len=64, time_budget_s=1.0)
     best, adv = best_with_islands(small, pool)
     assert best.plan == small.plan and len(best.plan.devices) == 2
+
+
+def test_islands_are_offered_and_applied_only_when_asked():
+    from chipfuse.plan.offers import offers
+
+    pool = _pool([("a", "b", 0.1, 20)], {"a": 2, "b": 2})
+    res = search(pool, SPEC_PRESETS["small"], global_batch=128, seq_len=64, time_budget_s=1.0)
+    shown, offered, adv = offers(res, pool, None)  # default: sync
+    assert shown.plan == res.plan and not shown.plan.sync.islands
+    isl = next(o for o in offered if o.name == "DiLoCo islands")
+    assert not isl.applied and isl.speedup > 1 and "loss" in isl.loss_cost and isl.apply == "--sync islands"
+    for mode in ("auto", "islands"):
+        shown, offered, _ = offers(res, pool, None, sync=mode)
+        assert shown.plan.sync == adv.sync and next(o for o in offered if o.name == "DiLoCo islands").applied
+    assert any(o.name == "8-bit optimizer state" and o.memory_saved_bytes > 0 for o in offered)
 
 
 def test_no_islands_for_pipeline_plans():

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import time
+from pathlib import Path
 
 from rich.console import Console
 
@@ -12,7 +15,8 @@ from chipfuse.cluster.pool import Device, Pool, load_pool
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.spec import resolve_model
 from chipfuse.plan.cost import predict
-from chipfuse.plan.islands import best_with_islands
+from chipfuse.plan.kernels import expected_error
+from chipfuse.plan.offers import SYNC_MODES, dtype_notes, offers
 from chipfuse.plan.plan import DTYPES, OPTIMIZER_DTYPES, SCHEDULES, Plan
 from chipfuse.plan.profile import Profile
 from chipfuse.plan.search import SearchResult, search
@@ -31,7 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--evaluate", metavar="PLAN_JSON",
                    help="no search: predict (and --timeline: simulate) this plan, e.g. a hand-written one")
     p.add_argument("--time-budget", type=float, default=5.0, help="seconds the search may take (default 5)")
-    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16",
+                   help="compute dtype (default bf16; chips without bf16 compute a bf16 plan in fp32, and the plan "
+                        "says so; fp16 is predicted but not yet run by chipfuse train)")
+    p.add_argument("--sync", choices=SYNC_MODES, default="sync",
+                   help="sync (default): the best synchronous plan, with islands and other changes to what is "
+                        "learned only offered; islands: run as DiLoCo islands when the links call for them; "
+                        "auto: islands when they predict more tokens/s")
     p.add_argument("--optimizer-dtype", choices=OPTIMIZER_DTYPES, default="fp32")
     p.add_argument("--schedule", choices=[s for s in SCHEDULES if s != "interleaved"], default="1f1b")
     p.add_argument("--profile", help="measured profile JSON (from `chipfuse profile`) overriding catalog figures")
@@ -48,6 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    t0 = time.perf_counter()  # every second the command spends counts in what it reports
     pool = default_pool() if args.pool == "builtin" else load_pool(args.pool)
     if args.max_model:
         return _max_model(args, pool)
@@ -59,7 +70,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         pred = predict(plan, pool, profile)
         wide.print(plan_table(plan, pool, pred.memory_bytes))
         out: dict = {"plan": plan.to_dict(), "predicted": pred.to_dict()}
-        console.print(f"predicted step {pred.step_s:.3g} s, {pred.tokens_per_s:,.0f} tokens/s, MFU {pred.mfu:.1%}"
+        console.print(f"predicted step {pred.step_s:.3g} s{_band(pool, profile)}, {pred.tokens_per_s:,.0f} tokens/s, "
+                      f"MFU {pred.mfu:.1%}"
                       + ("" if pred.fits else f"; does NOT fit: over capacity on {sorted(pred.breakdown['over_capacity'])}"))
     else:
         for flag, val in (("--model", args.model), ("--global-batch", args.global_batch), ("--seq-len", args.seq_len)):
@@ -68,21 +80,30 @@ def cmd_plan(args: argparse.Namespace) -> int:
         res = search(pool, resolve_model(args.model), global_batch=args.global_batch, seq_len=args.seq_len,
                      time_budget_s=args.time_budget, profile=profile, dtype=args.dtype,
                      optimizer_dtype=args.optimizer_dtype, schedule=args.schedule, runnable=args.runnable)
-        # Slow links (docs/slow_links.md): DiLoCo islands and H when a link is too slow for sync training.
-        res, advice = best_with_islands(res, pool, profile)
+        # Changes to what is learned (DiLoCo islands over slow links, low-bit optimizer state, fp16) are
+        # offered beside the synchronous plan and applied only when asked (plan.offers).
+        res, offered, advice = offers(res, pool, profile, sync=args.sync)
         plan, pred = res.plan, res.prediction
         wide.print(plan_table(plan, pool, pred.memory_bytes))
         wide.print(strategy_table(res))
         out = res.to_dict()
         out["sync_advice"] = advice.to_dict()
-        if advice.sync.islands:
-            console.print(f"slow link: {advice.reason}; predicted {advice.predicted_speedup:.2f}x over synchronous "
-                          "(the chipfuse row is the islands plan; the simple strategies' rows are synchronous)")
+        out["offers"] = [o.to_dict() for o in offered]
+        console.print(f"predicted step {pred.step_s:.3g} s{_band(pool, profile)}, {pred.tokens_per_s:,.0f} tokens/s, "
+                      f"MFU {pred.mfu:.1%}" + (" (DiLoCo islands, applied by --sync)" if plan.sync.islands else ""))
+        for n in dtype_notes(plan, pool):
+            console.print(f"note: {n}")
+        for o in offered:
+            gib = f", {o.memory_saved_bytes / GiB:.1f} GiB less per device" if o.memory_saved_bytes > 0 else ""
+            console.print(f"{'applied' if o.applied else 'offered'}: {o.name}: {o.speedup:.2f}x predicted{gib}; "
+                          f"changes {o.changes}; expected loss cost: {o.loss_cost}"
+                          + ("" if o.applied else f"; apply with {o.apply}"))
     b = pred.breakdown
     console.print(f"step: slowest replica's pipeline {b['pipeline_s']:.3g} s (bubble {b['bubble_fraction']:.0%}), "
                   f"then {b['sync_exposed_s']:.3g} s of gradient sync and optimizer not hidden behind it")
     out["emulated"] = pool.emulated
     out["predicted_from"] = source
+    out["expected_error"] = _error(pool, profile)
     if args.timeline:
         from chipfuse.report.timeline import save_timeline
         from chipfuse.sim.pipeline import simulate
@@ -93,13 +114,49 @@ def cmd_plan(args: argparse.Namespace) -> int:
         out["simulated_step_s"] = sim.step_s
         console.print(f"timeline of the simulated step ({sim.step_s:.3g} s, {rows} rows) written to {args.timeline}")
     if not args.evaluate:
-        console.print(f"searched {res.candidates} candidate plans in {res.search_s:.2f} s")
+        took = time.perf_counter() - t0
+        since_start = _process_s()
+        out["command_s"] = took
+        out["process_s"] = since_start
+        console.print(f"searched {res.candidates} candidate plans in {took:.2f} s (search {res.search_s:.2f} s, "
+                      "the rest: island advice, offers, output)"
+                      + (f"; {since_start:.1f} s since the process started (Python and imports included)"
+                         if since_start is not None else ""))
         for n in res.notes:
             console.print(f"note: {n}")
     console.print(f"predictions from {source}" + ("; the pool is EMULATED: figures describe the emulation"
                                                  if pool.emulated else ""))
     write_json(args.json, out)
     return 0
+
+
+def _process_s() -> float | None:
+    """Seconds since this process started (Linux /proc), so that the time reported covers start-up too."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime_s - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _error(pool: Pool, profile: Profile | None) -> dict:
+    """The expected error band of a prediction: held-out errors on published runs (plan.kernels)."""
+    err = expected_error()
+    if not err:
+        return {}
+    return {**err, "applies": not pool.emulated and profile is None,
+            "why_not": "" if not pool.emulated and profile is None else
+            "measured on real chips from catalog figures; emulated pools and profiles are checked by "
+            "benchmarks/calibration.py (docs/emulation.md)"}
+
+
+def _band(pool: Pool, profile: Profile | None) -> str:
+    err = _error(pool, profile)
+    if not err or "time_mape_heldout" not in err:
+        return ""
+    tail = "" if err["applies"] else ", measured on real chips"
+    return f" (expected error +/-{err['time_mape_heldout']:.0%}: held-out MAPE on published runs{tail})"
 
 
 def _group_rows(plan: Plan, pool: Pool, mem: dict[str, int]) -> list[list]:

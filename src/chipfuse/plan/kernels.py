@@ -79,7 +79,18 @@ def calibration_file() -> dict[str, Any]:
     return tomllib.loads(text)
 
 
+_override: Calibration | None = None
+
+
+def set_calibration(cal: Calibration | None) -> None:
+    """Use `cal` instead of plan/calibration.toml's parameters (None: back to the file). For fitting."""
+    global _override
+    _override = cal
+
+
 def default_calibration() -> Calibration:
+    if _override is not None:
+        return _override
     params = calibration_file().get("parameters", {})
     known = {f.name for f in fields(Calibration)}
     return replace(Calibration(), **{k: float(v) for k, v in params.items() if k in known})
@@ -156,3 +167,12 @@ def sustained_fraction(chip: ChipRates, dtype: str, cal: Calibration | None = No
     """Large-GEMM efficiency: what a device sustains on big blocks, as a fraction of peak (for ranking
     devices and dealing shares; the block time itself comes from block_kernels)."""
     return gemm_eff(chip, dtype, cal or default_calibration())
+
+
+def expected_error() -> dict[str, Any]:
+    """The held-out errors of the calibrated model on published runs (plan/calibration.toml [error]):
+    the band `chipfuse plan` prints beside its prediction. Empty when no calibration was written."""
+    err = dict(calibration_file().get("error", {}))
+    if err:
+        err["data"] = "benchmarks/data/published_runs.toml"
+    return err
