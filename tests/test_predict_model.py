@@ -128,3 +128,50 @@ def test_plan_prints_error_band_dtype_and_offers(tmp_path, capsys):
     assert 0 < d["expected_error"]["time_mape_heldout"] < 1 and d["expected_error"]["applies"]
     assert not d["plan"]["sync"]["islands"] and d["command_s"] >= d["search_s"]
     assert {o["name"] for o in d["offers"]} >= {"8-bit optimizer state", "fp16 on chips without bf16"}
+
+
+def test_segments_leaving_a_node_share_its_nic():
+    from chipfuse.model.costs import model_costs
+    from chipfuse.plan.cost import plan_tables
+    from chipfuse.plan.gradsync import sync_segments
+
+    spec = SPEC_PRESETS["gpt2"]
+
+    def pool(nic):
+        nodes = [{"name": n, "device": [{"name": f"{n}_", "chip": "A100", "count": 2}]} for n in ("a", "b")]
+        if nic:
+            for node in nodes:
+                node["wiring"] = {"nic_gbit_s": nic}
+        return pool_from_dict({"name": "two", "node": nodes,
+                               "default_link": {"bandwidth_gbit_s": 100, "latency_ms": 0.0}})
+
+    def stages(x, y):
+        return (Stage(devices=(x,), first_layer=0, num_layers=6), Stage(devices=(y,), first_layer=6, num_layers=6))
+
+    plan = Plan(model=spec, global_batch=8, seq_len=1024, dtype="bf16", replicas=(
+        Replica(stages=stages("a_0", "a_1"), batch_share=4, micro_batch_size=2),
+        Replica(stages=stages("b_0", "b_1"), batch_share=4, micro_batch_size=2)))
+    costs = model_costs(spec, 1024)
+    for nic, bw in ((None, 100e9 / 8), (10, 10e9 / 8 / 2)):  # two segments leave each node at once
+        p = pool(nic)
+        ix = PoolIndex(p, None, "bf16")
+        segs = sync_segments(plan, plan_tables(plan, p, index=ix, costs=costs), ix, costs)
+        assert len(segs) == 2
+        params = 6 * costs.block_params + costs.embed_params
+        assert segs[0].sync_s == pytest.approx(ring_allreduce_s(params * 2, 2, bw, 0.0), rel=1e-6)
+
+
+def test_measured_gemm_curve_and_link_curve_are_used():
+    from chipfuse.plan.hardware import link_between
+    from chipfuse.plan.profile import Profile
+
+    prof = Profile.from_dict({
+        "layer_times": {"a": [{"micro_batch_size": 1, "seq_len": 128, "fwd_s": 1.0, "bwd_s": 2.0}]},
+        "gemm": {"a": [[128, 1e9], [512, 2e9]]},  # four times the tokens run at twice the rate
+        "links": [{"a": "n", "b": "m", "bandwidth": 1e9, "latency_s": 1e-4, "curve": [[4096, 1e7], [1 << 20, 1e9]]}]})
+    assert prof.layer_time("a", 512) == pytest.approx((2.0, 4.0))  # 4x the work at 2x the rate
+    assert prof.layer_time("a", 128) == pytest.approx((1.0, 2.0))
+    pool = pool_from_dict({"name": "p", "node": [{"name": "n", "device": [{"name": "a", "chip": "cpu"}]},
+                                                 {"name": "m", "device": [{"name": "b", "chip": "cpu"}]}]})
+    assert link_between(pool, "n", "m", prof, 4096)[0] == pytest.approx(1e7)  # small messages: measured slow
+    assert link_between(pool, "n", "m", prof)[0] == pytest.approx(1e9)

@@ -195,10 +195,15 @@ def bandwidth_at(curve: Curve, nbytes: float, default: float) -> float:
     """Bytes/s for a message of `nbytes`: log-linear between points, flat beyond them."""
     if not curve or nbytes <= 0:
         return default
-    if nbytes <= curve[0][0]:
+    return log_interp(curve, nbytes)
+
+
+def log_interp(curve: Curve, x: float) -> float:
+    """y at `x` on a curve of (x, y) points sorted by x: linear in log x between points, flat beyond."""
+    if x <= curve[0][0]:
         return curve[0][1]
-    for (s0, b0), (s1, b1) in zip(curve, curve[1:], strict=False):
-        if nbytes <= s1:
-            x = (math.log(nbytes) - math.log(s0)) / (math.log(s1) - math.log(s0))
-            return b0 + x * (b1 - b0)
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:], strict=False):
+        if x <= x1:
+            t = (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))
+            return y0 + t * (y1 - y0)
     return curve[-1][1]

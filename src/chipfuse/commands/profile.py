@@ -41,12 +41,14 @@ def measure(pool, spec, *, seq_len: int, micro_batch_sizes: tuple[int, ...], sla
         # The CPU runtime computes in fp32 whatever the plan's dtype, so both entries are that rate.
         flops[dev] = {"fp32": rate, "bf16": rate}
     link = profiler.link_figures() if links else None
+    curve = profiler.gemm_curve("fp32")  # this host's; an emulated device's scales with its speed alike
     nodes = sorted({d.node for d in pool.devices})
     return {
         "flops": flops,
         "layer_times": {d: m["blocks"] for d, m in layers.items()},
-        "links": [{"a": n, "b": n, "bandwidth": link["p2p_bandwidth"], "latency_s": link["latency_s"]}
-                  for n in nodes] if link else [],
+        "links": [{"a": n, "b": n, "bandwidth": link["p2p_bandwidth"], "latency_s": link["latency_s"],
+                   "curve": link["curve"]} for n in nodes] if link else [],
+        "gemm": {d: curve for d in layers},
         "source": f"chipfuse profile on {socket.gethostname()}",
         "emulated": pool.emulated,
         # extras (not read by the planner yet)

@@ -49,7 +49,7 @@ from chipfuse.plan.memory import (
     usable_bytes,
 )
 from chipfuse.plan.plan import Plan
-from chipfuse.plan.profile import Profile
+from chipfuse.plan.profile import Profile, gemm_scale
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,7 +117,7 @@ def _measured(hw: GroupHW, tokens: int) -> tuple[float, float] | None:
     if not hw.layer_times:
         return None
     best = min(hw.layer_times, key=lambda x: abs(x.micro_batch_size * x.seq_len - tokens))
-    scale = tokens / (best.micro_batch_size * best.seq_len)
+    scale = gemm_scale(hw.gemm_curve, best.micro_batch_size * best.seq_len, tokens)
     return best.fwd_s * scale, best.bwd_s * scale
 
 
@@ -215,9 +215,9 @@ def plan_tables(plan: Plan, pool: Pool, profile: Profile | None = None, *, index
             c = 0.0
             if i < p - 1:
                 a_node, b_node = ix.dev[st.devices[0]].node, ix.dev[r.stages[i + 1].devices[0]].node
-                bw, lat = ix.link(a_node, b_node)
-                c = p2p_s(sh.tokens_per_device(costs.seq_len) * sh.data_degree * costs.spec.dim
-                          * DTYPE_BYTES[plan.dtype], bw, lat)
+                nbytes = sh.tokens_per_device(costs.seq_len) * sh.data_degree * costs.spec.dim * DTYPE_BYTES[plan.dtype]
+                bw, lat = ix.link(a_node, b_node, nbytes)  # a size-dependent link at this message size
+                c = p2p_s(nbytes, bw, lat)
             rows.append(StageTable(replica=ri, index=i, devices=st.devices,
                                    nodes=frozenset(ix.dev[dv].node for dv in st.devices), hw=hw, shape=sh,
                                    fwd_s=f, bwd_s=b, p2p_s=c, opt_s=o, group_sync_s=g, memory=mem))

@@ -43,6 +43,14 @@ def sync_segments(plan: Plan, tables: list[ReplicaTable], index: PoolIndex, cost
         for si, s in enumerate(r.stages):
             for a in cuts[pos[s.first_layer]:pos[s.first_layer + s.num_layers]]:
                 holders_of[a].append((ri, si))
+    # Segments crossing nodes reduce at about the same time (each in its holders' last backward):
+    # those leaving one node share its NIC when the node names one (cluster.wiring).
+    crossing: dict[str, int] = {}
+    for a in cuts[:-1]:
+        nodes = {n for ri, si in holders_of[a] for n in tables[ri].stages[si].nodes}
+        if len(nodes) > 1:
+            for n in nodes:
+                crossing[n] = crossing.get(n, 0) + 1
     segs = []
     for a, b in zip(cuts[:-1], cuts[1:], strict=True):
         hs = holders_of[a]
@@ -58,6 +66,11 @@ def sync_segments(plan: Plan, tables: list[ReplicaTable], index: PoolIndex, cost
             bw, lat = index.link(node, node)
             intra = max(intra, ring_allreduce_s(nbytes / min_tp, c, bw, lat))
         bw, lat = index.slowest(frozenset(per_node))
+        for node in per_node:
+            w = index.node[node].wiring
+            nic = w.nic_bw if w is not None else None
+            if nic is not None and len(per_node) > 1:
+                bw = min(bw, nic / crossing.get(node, 1))
         inter = ring_allreduce_s(nbytes, len(per_node), bw, lat) if len(per_node) > 1 else 0.0
         islands_s = island_sync_s(plan, index, per_node, nbytes)  # DiLoCo islands: plan/islands.py
         if islands_s is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chipfuse.cluster.pool import Device, Pool
+from chipfuse.cluster.wiring import bandwidth_at
 from chipfuse.plan.kernels import ChipRates, sustained_fraction
 from chipfuse.plan.memory import compute_dtype
 from chipfuse.plan.profile import LayerTiming, Profile
@@ -72,6 +73,8 @@ class GroupHW:
     intra_lat: float
     layer_times: tuple[LayerTiming, ...] = ()
     """Measured block timings of the slowest device, if profiled."""
+    gemm_curve: tuple[tuple[float, float], ...] = ()
+    """Measured GEMM FLOP/s by size of the slowest device, if profiled (scales measured block times)."""
     peak_flops: float = 0.0
     """Catalog peak of one device (the MFU denominator)."""
     chip: ChipRates | None = None
@@ -109,6 +112,7 @@ class PoolIndex:
             got = GroupHW(flops=sustained_flops(slow, self.dtype, self.profile),
                           mem_bw=min(d.chip.mem_bw for d in devs), memory_bytes=min(d.memory_bytes for d in devs),
                           intra_bw=bw, intra_lat=lat, layer_times=tuple(timings),
+                          gemm_curve=self.profile.gemm.get(slow.name, ()) if self.profile else (),
                           peak_flops=slow.peak_flops(device_dtype(slow, self.dtype)),
                           chip=None if measured else chip_rates(slow, self.dtype),
                           dtype=device_dtype(slow, self.dtype), emulated=any(d.emulated for d in devs))
@@ -144,7 +148,7 @@ def link_between(pool: Pool, node_a: str, node_b: str, profile: Profile | None =
     """(bytes/s, latency s) between two nodes, measured if the profile has it. Between two nodes the
     link is also capped by each node's NIC (cluster.wiring); `nbytes` reads a size-dependent link."""
     if profile is not None and (m := profile.link(node_a, node_b)):
-        return m.bandwidth, m.latency_s
+        return (bandwidth_at(m.curve, nbytes, m.bandwidth) if nbytes else m.bandwidth), m.latency_s
     ln = pool.link(node_a, node_b)
     bw = ln.bandwidth_at(nbytes) if nbytes else ln.bandwidth
     if node_a != node_b:

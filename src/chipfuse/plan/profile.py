@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from chipfuse.cluster.wiring import log_interp
 from chipfuse.errors import ChipfuseError
 
 
@@ -32,6 +33,8 @@ class LinkMeasure:
     bandwidth: float
     """Bytes/s."""
     latency_s: float
+    curve: tuple[tuple[float, float], ...] = ()
+    """(message bytes, bytes/s) measured at several sizes (cluster.wiring's curve); empty: `bandwidth` at all."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,6 +44,8 @@ class Profile:
     layer_times: dict[str, tuple[LayerTiming, ...]] = field(default_factory=dict)
     """device name -> measured block timings (scaled linearly in tokens to other shapes)."""
     links: tuple[LinkMeasure, ...] = ()
+    gemm: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    """device name -> (GEMM size n of an n x n x n product, FLOP/s) measured: the efficiency curve."""
     source: str = ""
     emulated: bool = False
     """True when measured on emulated devices (figures then describe the emulation)."""
@@ -54,7 +59,7 @@ class Profile:
         if not ts:
             return None
         best = min(ts, key=lambda t: abs(t.micro_batch_size * t.seq_len - tokens))
-        scale = tokens / (best.micro_batch_size * best.seq_len)
+        scale = gemm_scale(self.gemm.get(device, ()), best.micro_batch_size * best.seq_len, tokens)
         return best.fwd_s * scale, best.bwd_s * scale
 
     def link(self, node_a: str, node_b: str) -> LinkMeasure | None:
@@ -73,7 +78,9 @@ class Profile:
             return cls(
                 flops={k: {dt: float(v) for dt, v in per.items()} for k, per in d.get("flops", {}).items()},
                 layer_times={k: tuple(LayerTiming(**t) for t in ts) for k, ts in d.get("layer_times", {}).items()},
-                links=tuple(LinkMeasure(**ln) for ln in d.get("links", ())),
+                links=tuple(LinkMeasure(**{**ln, "curve": tuple(tuple(p) for p in ln.get("curve", ()))})
+                            for ln in d.get("links", ())),
+                gemm={k: tuple((float(a), float(b)) for a, b in pts) for k, pts in d.get("gemm", {}).items()},
                 source=d.get("source", source), emulated=bool(d.get("emulated", False)),
             )
         except (TypeError, AttributeError) as e:
@@ -92,6 +99,15 @@ class Profile:
         except json.JSONDecodeError as e:
             raise ChipfuseError(f"{p}: not valid JSON ({e}). Fix: correct the syntax there") from None
         return cls.from_dict(raw, source=str(p))
+
+
+def gemm_scale(curve: tuple[tuple[float, float], ...], measured_tokens: float, tokens: float) -> float:
+    """How a block time measured at `measured_tokens` scales to `tokens`: linearly in the work, and by the
+    measured GEMM rate at each size (the tokens are a GEMM's m dimension) when the profile has the curve."""
+    scale = tokens / measured_tokens
+    if len(curve) >= 2:
+        scale *= log_interp(curve, measured_tokens) / log_interp(curve, tokens)
+    return scale
 
 
 def emulation_profile(plan: object, pool: object, *, unit_s: float, slack: float = 1.1) -> Profile:

@@ -52,6 +52,20 @@ def host_figures(*, n: int = 512, copy_bytes: int = 64 << 20, repeats: int = 5) 
     return HostFigures(flops=flops, mem_bw=mem_bw)
 
 
+GEMM_SIZES = (64, 128, 256, 512, 1024)
+
+
+def gemm_curve(dtype: str = "fp32", *, sizes: tuple[int, ...] = GEMM_SIZES, repeats: int = 3) -> list[tuple[int, float]]:
+    """(n, FLOP/s) of n x n x n matmuls on this host (one thread): the GEMM efficiency curve the planner
+    scales measured block times with (plan.profile.gemm_scale)."""
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    out = []
+    for n in sizes:
+        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        out.append((n, 2 * n**3 / solo_time(functools.partial(torch.matmul, a, b), repeats=repeats)))
+    return out
+
+
 def _stage_timer(spec: ModelSpec, stage: Stage, index: int, stages: tuple[Stage, ...], mbs: int, seq_len: int):  # type: ignore[no-untyped-def]
     """A function running one forward and backward of one stage; returns (fwd_s, bwd_s) of that run."""
     module = build_stage(spec, stages, index, full=build_full(spec, 0))
@@ -129,6 +143,10 @@ def _measurable(pool: Pool) -> list[Device]:
 # ---------------------------------------------------------------------------------------------- links
 
 
+LINK_SIZES = (4 << 10, 64 << 10, 1 << 20)
+"""Message sizes the link curve is measured at (plus the large `nbytes`)."""
+
+
 def _link_worker(rank: int, port: int, nbytes: int, repeats: int, q) -> None:  # type: ignore[no-untyped-def]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -145,10 +163,14 @@ def _link_worker(rank: int, port: int, nbytes: int, repeats: int, q) -> None:  #
 
     rtt_small = solo_time(lambda: ping(small), repeats=repeats * 4)
     rtt_big = solo_time(lambda: ping(big), repeats=repeats)
+    rtts = {size: solo_time(functools.partial(ping, torch.ones(size // 4)), repeats=repeats) for size in LINK_SIZES}
     ar = solo_time(lambda: dist.all_reduce(big), repeats=repeats)
     if rank == 0:
         lat = rtt_small / 2
-        q.put({"latency_s": lat, "p2p_bandwidth": nbytes / max(1e-9, rtt_big / 2 - lat),
+        # bandwidth by message size: what is left of each half round trip after the latency
+        curve = [(size, size / max(1e-9, rtt / 2 - lat)) for size, rtt in sorted(rtts.items())]
+        curve.append((nbytes, nbytes / max(1e-9, rtt_big / 2 - lat)))
+        q.put({"latency_s": lat, "p2p_bandwidth": nbytes / max(1e-9, rtt_big / 2 - lat), "curve": curve,
                # ring all-reduce moves 2 (n-1)/n of the buffer per rank: bus bandwidth, as NCCL reports it
                "allreduce_bandwidth": nbytes / max(1e-9, ar - 2 * lat)})
     dist.barrier()
