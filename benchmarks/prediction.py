@@ -52,7 +52,12 @@ FIT = {  # parameter -> candidate values (coordinate descent over these)
 def load_runs(path: Path = DATA) -> tuple[list[dict], list[dict]]:
     raw = tomllib.loads(path.read_text())
     chips = [{"name": k, **v} for k, v in raw.get("chip", {}).items()]
-    return raw["run"], chips
+    return [r for r in raw["run"] if "excluded" not in r], chips
+
+
+def excluded_runs(path: Path = DATA) -> list[dict]:
+    """Runs kept in the data with the reason they are not scored."""
+    return [{"id": r["id"], "why": r["excluded"]} for r in tomllib.loads(path.read_text())["run"] if "excluded" in r]
 
 
 def split(runs: list[dict]) -> tuple[list[dict], list[dict]]:
@@ -98,7 +103,7 @@ def build(run: dict, chips: list[dict]) -> tuple[Any, Plan]:
             reps.append(Replica(stages=tuple(stages), batch_share=gb // dp, micro_batch_size=mb))
         replicas = tuple(reps)
     plan = Plan(model=spec, global_batch=gb, seq_len=run["seq_len"], replicas=replicas, dtype=run["dtype"],
-                strategy="manual", pool=run["id"])
+                optimizer_dtype=run.get("optimizer_dtype", "fp32"), strategy="manual", pool=run["id"])
     return pool, plan
 
 
@@ -119,7 +124,7 @@ def evaluate(runs: list[dict], chips: list[dict]) -> list[dict]:
                "predicted_step_s": pred.step_s, "time_error": pred.step_s / step - 1,
                "measured_tokens_per_s_per_gpu": tokens / step / run["gpus"],
                "predicted_tokens_per_s_per_gpu": tokens / pred.step_s / run["gpus"]}
-        if "memory_gib" in run:
+        if "memory_gib" in run and run.get("memory_comparable", True):
             peak = max(pred.memory_bytes.values())
             row.update(measured_memory_gib=run["memory_gib"], predicted_memory_gib=reserved_bytes(peak) / GiB,
                        memory_error=reserved_bytes(peak) / GiB / run["memory_gib"] - 1)
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "time_mape_heldout": held["time_mape"], "memory_mape_heldout": held["memory_mape"],
         "spearman_heldout": held["spearman"], "per_source": per_source,
         "calibration_half": cal_half, "heldout_before_calibration": before, "parameters": cal.to_dict(),
-        "fitted": bool(args.fit), "emulated": False, "runs_heldout": held_rows, "runs_calibration": cal_rows,
+        "fitted": bool(args.fit), "emulated": False, "excluded": excluded_runs(), "runs_heldout": held_rows, "runs_calibration": cal_rows,
         "data": str(DATA.relative_to(Path(__file__).parents[1]))})
     return 0
 
