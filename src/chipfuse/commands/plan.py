@@ -63,7 +63,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.max_model:
         return _max_model(args, pool)
     profile = Profile.load(args.profile) if args.profile else None
-    source = "profile " + args.profile if args.profile else "catalog peak x default efficiency"
+    source = "profile " + args.profile if args.profile else "catalog peaks through the calibrated kernel model"
     if args.evaluate:
         plan = Plan.from_json(args.evaluate)
         plan.check_against_pool(pool, source=args.evaluate)

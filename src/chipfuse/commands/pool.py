@@ -6,7 +6,7 @@ import argparse
 
 from chipfuse.cluster.catalog import GiB, load_catalog
 from chipfuse.cluster.pool import load_pool, pool_to_dict
-from chipfuse.report.output import console, table, write_json
+from chipfuse.report.output import console, human_bytes, table, write_json
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,8 +36,32 @@ def cmd_show(args: argparse.Namespace) -> int:
     links = [[f"{n.name} (inside)", f"{n.intra_bandwidth / 1e9:.1f}", f"{n.intra_latency_s * 1e6:.1f}"] for n in pool.nodes]
     links += [[f"{ln.a} <-> {ln.b}", f"{ln.bandwidth / 1e9:.2f}", f"{ln.latency_s * 1e6:.0f}"] for ln in pool.links]
     links.append(["other node pairs", f"{pool.default_link.bandwidth / 1e9:.2f}", f"{pool.default_link.latency_s * 1e6:.0f}"])
-    console.print(table("links", ["link", "GB/s", "latency us"], links))
-    write_json(args.json, pool_to_dict(pool))
+    for row, ln in zip(links[len(pool.nodes):], [*pool.links, pool.default_link], strict=True):
+        row.append(", ".join(f"{b / 1e9:.2f} at {human_bytes(n)}" for n, b in ln.curve) or "-")
+    for row in links[:len(pool.nodes)]:
+        row.append("-")
+    console.print(table("links", ["link", "GB/s", "latency us", "by message size (GB/s)"], links))
+    wired = [n for n in pool.nodes if n.wiring is not None]
+    if wired:
+        console.print(table("wiring (ring bandwidth inside a node follows it: docs/planner.md)",
+                            ["node", "PCIe", "peer-to-peer", "bridges", "switches", "NIC Gbit/s"],
+                            [[n.name, f"gen {w.pcie_gen}", "yes" if w.p2p else "no (via host)",
+                              " ".join("+".join(b) for b in w.bridges) or "-",
+                              " | ".join(",".join(g) for g in w.switches) or "-",
+                              f"{w.nic_bw * 8 / 1e9:g}" if w.nic_bw else "-"]
+                             for n in wired if (w := n.wiring) is not None]))
+    catalog = load_catalog()
+    own = {d.chip.name: d.chip for d in pool.devices if d.chip.name not in catalog}
+    for c in own.values():
+        console.print(f"chip {c.name} declared in the pool file: source {c.source}")
+    out = pool_to_dict(pool)
+    out["wiring"] = {n.name: {"pcie_gen": w.pcie_gen, "p2p": w.p2p, "bridges": [list(b) for b in w.bridges],
+                              "bridge_bytes_s": w.bridge_bw, "switches": [list(g) for g in w.switches],
+                              "nic_bytes_s": w.nic_bw, "intra_ring_bytes_s": n.intra_bandwidth}
+                     for n in wired if (w := n.wiring) is not None}
+    out["declared_chips"] = {c.name: {"source": c.source, "has_bf16": c.has_bf16, "tensor_cores": c.tensor_cores}
+                             for c in own.values()}
+    write_json(args.json, out)
     return 0
 
 
