@@ -175,3 +175,16 @@ def test_measured_gemm_curve_and_link_curve_are_used():
                                                  {"name": "m", "device": [{"name": "b", "chip": "cpu"}]}]})
     assert link_between(pool, "n", "m", prof, 4096)[0] == pytest.approx(1e7)  # small messages: measured slow
     assert link_between(pool, "n", "m", prof)[0] == pytest.approx(1e9)
+
+
+def test_measured_runtime_memory_replaces_the_default():
+    from chipfuse.plan.profile import Profile
+
+    spec = SPEC_PRESETS["gpt2"]
+    pool = pool_from_dict({"name": "one", "node": [{"name": "n", "device": [{"name": "a", "chip": "L4"}]}]})
+    plan = Plan(model=spec, global_batch=4, seq_len=1024, dtype="bf16", replicas=(Replica(stages=(
+        Stage(devices=("a",), first_layer=0, num_layers=spec.num_layers, checkpoint="full"),),
+        batch_share=4, micro_batch_size=2),))
+    assert predict(plan, pool).fits
+    hungry = Profile.from_dict({"runtime_bytes": {"a": 23 * 2**30}})  # a runtime that leaves 1 GiB
+    assert not predict(plan, pool, hungry).fits

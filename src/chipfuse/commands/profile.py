@@ -49,6 +49,9 @@ def measure(pool, spec, *, seq_len: int, micro_batch_sizes: tuple[int, ...], sla
         "links": [{"a": n, "b": n, "bandwidth": link["p2p_bandwidth"], "latency_s": link["latency_s"],
                    "curve": link["curve"]} for n in nodes] if link else [],
         "gemm": {d: curve for d in layers},
+        # measured on a GPU host only (the CUDA context and workspaces); CPU devices hold none
+        "runtime_bytes": ({d.name: rt for d in pool.devices if d.vendor in ("nvidia", "amd") and not d.emulated}
+                          if (rt := profiler.cuda_runtime_bytes()) is not None else {}),
         "source": f"chipfuse profile on {socket.gethostname()}",
         "emulated": pool.emulated,
         # extras (not read by the planner yet)

@@ -286,7 +286,7 @@ def _prediction(plan: Plan, ix: PoolIndex, costs: ModelCosts, tables: list[Repli
         for s in r.stages:
             for dv in s.devices:
                 memory[dv] = s.memory.total
-                cap = usable_bytes(ix.dev[dv])
+                cap = usable_bytes(ix.dev[dv], ix.profile.runtime_bytes.get(dv) if ix.profile else None)
                 if s.memory.total > cap:
                     over[dv] = s.memory.total - cap
                 peak += ix.dev[dv].peak_flops(plan.dtype)

@@ -194,17 +194,19 @@ def compute_dtype(plan_dtype: str, chip) -> str:
     return plan_dtype if plan_dtype != "bf16" or chip.has_bf16 else "fp32"
 
 
-def usable(memory_bytes: int, *, emulated: bool = False) -> int:
+def usable(memory_bytes: int, *, emulated: bool = False, runtime_bytes: int | None = None) -> int:
     """Bytes a job's tensors may use on a device of `memory_bytes`: an emulated cap is exact; a real chip
-    loses its runtime context and communication buffers, and the allocator's slack (module docstring)."""
+    loses its runtime context and communication buffers (`runtime_bytes` when measured by a profile),
+    and the allocator's slack (module docstring)."""
     if emulated:
         return int(memory_bytes)
-    return max(0, int((memory_bytes - RUNTIME_CONTEXT_BYTES - COMM_BUFFER_BYTES) / (1 + ALLOC_SLACK)))
+    own = RUNTIME_CONTEXT_BYTES + COMM_BUFFER_BYTES if runtime_bytes is None else runtime_bytes
+    return max(0, int((memory_bytes - own) / (1 + ALLOC_SLACK)))
 
 
-def usable_bytes(device) -> int:
+def usable_bytes(device, runtime_bytes: int | None = None) -> int:
     """usable() of a pool device (cluster.pool.Device)."""
-    return usable(device.memory_bytes, emulated=device.emulated)
+    return usable(device.memory_bytes, emulated=device.emulated, runtime_bytes=runtime_bytes)
 
 
 def reserved_bytes(peak_bytes: float, *, emulated: bool = False) -> float:

@@ -46,6 +46,9 @@ class Profile:
     links: tuple[LinkMeasure, ...] = ()
     gemm: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
     """device name -> (GEMM size n of an n x n x n product, FLOP/s) measured: the efficiency curve."""
+    runtime_bytes: dict[str, int] = field(default_factory=dict)
+    """device name -> memory the runtime itself holds there (context, BLAS workspaces, communication
+    buffers), measured; replaces plan.memory's default for that device in predict()'s fit check."""
     source: str = ""
     emulated: bool = False
     """True when measured on emulated devices (figures then describe the emulation)."""
@@ -81,6 +84,7 @@ class Profile:
                 links=tuple(LinkMeasure(**{**ln, "curve": tuple(tuple(p) for p in ln.get("curve", ()))})
                             for ln in d.get("links", ())),
                 gemm={k: tuple((float(a), float(b)) for a, b in pts) for k, pts in d.get("gemm", {}).items()},
+                runtime_bytes={k: int(v) for k, v in d.get("runtime_bytes", {}).items()},
                 source=d.get("source", source), emulated=bool(d.get("emulated", False)),
             )
         except (TypeError, AttributeError) as e:

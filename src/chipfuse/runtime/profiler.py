@@ -66,6 +66,17 @@ def gemm_curve(dtype: str = "fp32", *, sizes: tuple[int, ...] = GEMM_SIZES, repe
     return out
 
 
+def cuda_runtime_bytes() -> int | None:
+    """Memory the CUDA runtime itself takes on this host's first GPU (context, cuBLAS workspace after a
+    matmul), or None without one: the device's total minus what is free, minus what tensors hold."""
+    if not torch.cuda.is_available():
+        return None
+    a = torch.randn(256, 256, device="cuda")
+    (a @ a).sum().item()  # loads cuBLAS and its workspace
+    free, total = torch.cuda.mem_get_info()
+    return int(total - free - torch.cuda.memory_allocated())
+
+
 def _stage_timer(spec: ModelSpec, stage: Stage, index: int, stages: tuple[Stage, ...], mbs: int, seq_len: int):  # type: ignore[no-untyped-def]
     """A function running one forward and backward of one stage; returns (fwd_s, bwd_s) of that run."""
     module = build_stage(spec, stages, index, full=build_full(spec, 0))
