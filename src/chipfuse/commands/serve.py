@@ -46,3 +46,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         write_json(args.json, {**info, "lost_devices": engine.lost, "notes": engine.notes,
                                "final_plan": engine.plan.to_dict(), "stopped_at": time.time()})
     return 0
+
+
+def cmd_plan_serve(args: argparse.Namespace, pool) -> int:
+    """`chipfuse plan --serve`: the inference placement beside the even and memory-proportional splits."""
+    from pathlib import Path
+
+    from chipfuse.cluster.catalog import GiB
+    from chipfuse.model.spec import resolve_model
+    from chipfuse.plan.serve import plan_serve
+    from chipfuse.report.output import table
+
+    if args.model is None:
+        raise ChipfuseError("chipfuse plan --serve: --model is missing. Fix: give a preset, a config.json or a "
+                            "Hugging Face model folder")
+    m = Path(args.model)
+    spec = resolve_model(str(m / "config.json") if m.is_dir() else args.model)
+    ctx = args.context_len or args.seq_len or spec.seq_len
+    res = plan_serve(pool, spec, context_len=ctx, concurrency=args.concurrency, dtype=args.dtype,
+                     quantize=args.quantize)
+    plan, pred = res.best.plan, res.best.prediction
+    rows = [[i, s.device, f"{st.num_layers}", f"{s.first_layer}-{s.first_layer + s.num_layers - 1}", s.weight_dtype,
+             f"{st.memory_bytes / GiB:.2f}/{st.capacity_bytes / GiB:.1f}", f"{st.decode_step_s * 1e3:.3g}",
+             f"{st.prefill_s * 1e3:.3g}"]
+            for i, (s, st) in enumerate(zip(plan.stages, pred.stages, strict=True))]
+    console.print(table(f"serving plan for {spec.name} on {pool.name}: {ctx}-token context, {args.concurrency} "
+                        "request(s) in flight", ["stage", "device", "n", "layers", "weights", "GiB used/usable",
+                                                  "decode step ms", "prefill ms"], rows))
+    srows = [["chipfuse", len(plan.stages), f"{pred.ttft_s:.3g}", f"{pred.decode_tokens_per_s:,.1f}", "yes", "1.00"]]
+    for name, b in res.baselines.items():
+        if b is None:
+            srows.append([name, "-", "-", "-", "no plan", "-"])
+            continue
+        bp = b.prediction
+        srows.append([name, len(b.plan.stages), f"{bp.ttft_s:.3g}", f"{bp.decode_tokens_per_s:,.1f}",
+                      "yes" if bp.fits else "NO", f"{pred.decode_tokens_per_s / bp.decode_tokens_per_s:.2f}"])
+    console.print(table("predicted, chipfuse's placement beside the simple splits (x: chipfuse's tokens/s / its)",
+                        ["strategy", "devices", "first token s", "tokens/s", "fits", "x"], srows))
+    for e in plan.excluded:
+        console.print(f"left out {e.device}: {e.reason}", highlight=False)
+    console.print(f"searched {res.candidates} placements; predictions from catalog peak x default efficiency"
+                  + ("; the pool is EMULATED: figures describe the emulation" if pool.emulated else ""),
+                  highlight=False)
+    write_json(args.json, {**res.to_dict(), "emulated": pool.emulated})
+    return 0
