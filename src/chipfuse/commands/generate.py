@@ -49,7 +49,17 @@ def open_engine(args: argparse.Namespace):
     for e in plan.excluded:
         console.print(f"left out {e.device}: {e.reason}", highlight=False)
     cfg = ServeConfig(emulated_step_s=EMULATED_STEP_S if pool.emulated else 0.0)
-    return Engine(args.model, pool, plan, cfg).start(), pool
+    engine = Engine(args.model, pool, plan, cfg).start()
+    from chipfuse.serve.quant import quality_report
+
+    engine.quality = quality_report(args.model, plan)  # int8/int4 stages: what they cost, on a fixed text
+    if engine.quality:
+        q = engine.quality
+        console.print(f"quantised layers {sorted(set(q['quantised_layers'].values()))}: perplexity "
+                      f"{q['perplexity_quantised']:.4g} vs {q['perplexity_reference']:.4g} unquantised, max logit "
+                      f"difference {q['max_abs_logit_diff']:.3g}, next-token agreement {q['next_token_agreement']:.0%} "
+                      f"on a fixed {q['text_tokens']}-token text", highlight=False)
+    return engine, pool
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -113,7 +123,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     decode_s = total_s - (state["first_s"] or 0.0)
     out = {"text": text, "tokens": state["tokens"], "prompt_tokens": len(ids), "finish_reason": state["end"][1],
            "ttft_s": state["first_s"], "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
-           "plan": engine.plan.to_dict(), "lost_devices": engine.lost, "emulated": pool.emulated,
+           "plan": engine.plan.to_dict(), "lost_devices": engine.lost, "quantisation_check": engine.quality, "emulated": pool.emulated,
            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}
     write_json(args.json, out)
     return 0

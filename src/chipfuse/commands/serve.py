@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine, pool = open_engine(args)
     name = engine.plan.model.name
     info = {"url": f"http://{args.host}:{args.port}/v1", "model": name, "plan": engine.plan.to_dict(),
-            "emulated": pool.emulated, "started_at": time.time()}
+            "emulated": pool.emulated, "quantisation_check": engine.quality, "started_at": time.time()}
     write_json(args.json, info)
     console.print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI API; /health)", highlight=False)
     try:

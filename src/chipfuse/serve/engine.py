@@ -74,6 +74,8 @@ class Engine:
         self.lost: list[str] = []
         self.notes: list[str] = []
         self.failed: str | None = None
+        self.quality: dict[str, Any] | None = None
+        """The int8/int4 check (chipfuse.serve.quant.quality_report), when the frontend ran it."""
         self._ids = itertools.count()
         self._procs: list[subprocess.Popen] = []
         self._conn: Any = None
