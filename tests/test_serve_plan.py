@@ -99,3 +99,21 @@ def test_simple_splits_and_hand_written_plan_checked():
     with pytest.raises(PlanError, match="not in pool"):
         predict_serve(plan, pool_of([(1.0, 400.0)]).subset([]) if False else pool_from_dict(
             {"node": [{"name": "h", "device": [{"name": "zz", "chip": "cpu"}]}]}))
+
+
+def test_plan_serve_command_and_bad_model_folders(tmp_path, capsys):
+    import json
+
+    from chipfuse.cli import main
+
+    out = tmp_path / "p.json"
+    assert main(["plan", "--serve", "--pool", "examples/amp-v100-t4.toml", "--model", "llama-13b", "--context-len",
+                 "2048", "--concurrency", "4", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert set(got["baselines"]) == {"even", "memory-proportional"} and got["speedup"]["memory-proportional"] >= 1.0
+    ServePlan.from_dict(got["plan"])  # what --serve-plan reads back
+    capsys.readouterr()
+    for cmd in (["generate", "--prompt", "hi"], ["serve"]):
+        assert main([*cmd, "--model", str(tmp_path)]) == 2  # no config.json: one line, nothing started
+        err = capsys.readouterr().err.strip()
+        assert "config.json" in err and "Fix:" in err and len(err.splitlines()) == 1

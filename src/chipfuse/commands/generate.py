@@ -76,13 +76,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from chipfuse.serve.engine import Request
-    from chipfuse.serve.hf import load_tokenizer
+    from chipfuse.serve.hf import load_tokenizer, model_spec
 
     if args.max_new_tokens < 1:
         raise ChipfuseError(f"--max-new-tokens is {args.max_new_tokens}. Fix: ask for at least 1 token")
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         raise ChipfuseError(f"--temperature {args.temperature} / --top-p {args.top_p}. Fix: temperature >= 0, "
                             "0 < top-p <= 1")
+    model_spec(args.model)  # a folder without config.json: one line, before anything starts
     tok = load_tokenizer(args.model)
     ids = list(tok(args.prompt)["input_ids"])
     if not ids:

@@ -24,13 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from chipfuse.serve.hf import load_tokenizer
+    from chipfuse.serve.hf import load_tokenizer, model_spec
     from chipfuse.serve.http import make_app
 
     if not 0 < args.port < 65536:
         raise ChipfuseError(f"--port {args.port}. Fix: use a port in 1..65535")
     if args.concurrency < 1:
         raise ChipfuseError(f"--concurrency {args.concurrency}. Fix: use at least 1")
+    model_spec(args.model)
     tok = load_tokenizer(args.model)
     engine, pool = open_engine(args)
     name = engine.plan.model.name
