@@ -14,7 +14,7 @@ the split's), `slowest_device_effect` (tokens/s at 8 concurrent with the slowest
 without it: chipfuse's plan for each pool; 1.0 when the plan leaves it out), `emulated: true`,
 `machine_load` (the 1-minute load average when it ran: figures taken under load are smoke tests).
 
-    .venv/bin/python benchmarks/serve.py [--new-tokens 24] [--step-ms 4] [--json PATH]
+    .venv/bin/python benchmarks/serve.py [--new-tokens 24] [--step-ms 20] [--json PATH]
 """
 
 from __future__ import annotations
@@ -27,7 +27,15 @@ import time
 from pathlib import Path
 
 from chipfuse.cluster.pool import Pool, pool_from_dict
-from chipfuse.plan.serve import ServePlan, fixed_plan, plan_serve, split_by_memory, split_even
+from chipfuse.plan.serve import (
+    ServePlan,
+    fastest_layer_step_s,
+    fixed_plan,
+    plan_serve,
+    predict_serve,
+    split_by_memory,
+    split_even,
+)
 from chipfuse.report.output import console, table, write_json
 from chipfuse.serve.engine import Engine, Request, ServeConfig
 from chipfuse.serve.hf import model_spec
@@ -90,7 +98,7 @@ def measure(model: Path, pool: Pool, plan: ServePlan, step_s: float, new_tokens:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=24)
-    ap.add_argument("--step-ms", type=float, default=4.0,
+    ap.add_argument("--step-ms", type=float, default=20.0,
                     help="emulated ms of one layer's decode step for one sequence on the fastest device")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
@@ -125,6 +133,14 @@ def main() -> int:
         "model": {"layers": spec.num_layers, "width": spec.dim, "dtype": "fp32", "context_len": CONTEXT},
         "new_tokens": args.new_tokens, "step_ms": args.step_ms,
         "placements": {k: {s.device: s.num_layers for s in p.stages} for k, p in plans.items()},
+        "groups": {k: p.groups or min(CONCURRENCY, len(p.stages)) for k, p in plans.items()},
+        # The cost model's figures on the emulation's clock (what the pacing asks for), and whether each
+        # placement fits the devices' memory (the runtime does not refuse one that does not).
+        "predicted": {k: {"fits": (pr := predict_serve(p, pool)).fits,
+                          "decode_tokens_per_s": pr.decode_tokens_per_s * fastest_layer_step_s(p, pool)
+                          / (args.step_ms / 1e3),
+                          "ttft_s": pr.ttft_s / fastest_layer_step_s(p, pool) * (args.step_ms / 1e3)}
+                      for k, p in plans.items()},
         "results": {k: {str(n): r for n, r in v.items()} for k, v in results.items()},
         "speedup_vs_memory_split": tps["chipfuse"] / tps["memory-proportional"],
         "speedup_vs_even": tps["chipfuse"] / tps["even"],

@@ -16,9 +16,9 @@ Cost model (per device holding n decoder layers; costs from chipfuse.model.costs
              FLOP/s are (cluster.pool.Device.peak_flops).
   prefill of p tokens: p x FLOPs per token / (sustained FLOP/s x p / (p + 128)) + n launches (compute-bound).
   hop: hidden states (b x h in the compute dtype) over the link to the next stage (plan.hardware.p2p_s).
-Pipeline with B requests in flight over s stages: g = min(B, s) groups of ceil(B / g) sequences circulate,
-  so a token of every request takes max(sum_i (t_i + hop_i), g x max_i t_i) and
-  tokens/s = B / that. Time to first token = sum_i (prefill_i + hop_i) on an idle pipeline.
+Pipeline with B requests in flight over s stages: g groups (1 <= g <= min(B, s), chosen by the search)
+  of ceil(B / g) sequences circulate, so a token of every request takes max(sum_i (t_i + hop_i), g x max_i t_i)
+  and tokens/s = B / that. Time to first token = sum_i (prefill_i + hop_i) on an idle pipeline.
 
 Search: every subset of the pool (pools of up to EXHAUSTIVE devices; larger ones: the k fastest for each
 k), in pool order; each subset's layers by two rules, balanced (each layer to the device that keeps the
@@ -98,6 +98,9 @@ class ServePlan:
     """Prompt length the time to first token is predicted for."""
     dtype: Literal["fp32", "bf16"] = "bf16"
     """Compute dtype (and the precision of weights not quantised)."""
+    groups: int = 0
+    """Groups of sequences in flight around the pipeline (each stage steps every group once per token);
+    0 = one per stage, at most `concurrency`. Fewer groups read the weights fewer times per token."""
     excluded: tuple[Excluded, ...] = ()
     strategy: str = "manual"
     """chipfuse | even | memory-proportional | manual."""
@@ -167,6 +170,8 @@ class ServePlan:
                        "use 1..context_len")
         if not self.stages:
             raise fail("stages", "is empty", "give at least one stage")
+        if not 0 <= self.groups <= min(self.concurrency, len(self.stages)):
+            raise fail("groups", f"is {self.groups}", f"use 0..{min(self.concurrency, len(self.stages))}")
         nxt, seen = 0, set()
         for i, s in enumerate(self.stages):
             w = f"stages[{i}]"
@@ -289,10 +294,10 @@ class _Model:
         bw, lat = self.ix.link(a.node, b.node)
         return p2p_s(tokens * self.spec.dim * self.w, bw, lat)
 
-    def predict(self, stages: tuple[ServeStage, ...]) -> ServePrediction:
+    def predict(self, stages: tuple[ServeStage, ...], groups: int = 0) -> ServePrediction:
         devs = [self.ix.dev[s.device] for s in stages]
         k = len(stages)
-        groups = min(self.B, k)
+        groups = groups or min(self.B, k)
         b = math.ceil(self.B / groups)
         out = []
         for i, (s, d) in enumerate(zip(stages, devs, strict=True)):
@@ -406,9 +411,11 @@ def _key(stages: tuple[ServeStage, ...], p: ServePrediction, quantize: str) -> t
     return (p.fits, q, p.decode_tokens_per_s, -p.ttft_s)
 
 
-def _plan(m: _Model, stages: tuple[ServeStage, ...], strategy: str, excluded: tuple[Excluded, ...] = ()) -> ServePlan:
+def _plan(m: _Model, stages: tuple[ServeStage, ...], strategy: str, excluded: tuple[Excluded, ...] = (),
+          groups: int = 0) -> ServePlan:
     return ServePlan(model=m.spec, stages=stages, context_len=m.c, concurrency=m.B, prompt_tokens=m.T,
-                     dtype=m.dtype, excluded=excluded, strategy=strategy, pool=m.pool.name)  # type: ignore[arg-type]
+                     dtype=m.dtype, excluded=excluded, strategy=strategy, pool=m.pool.name,  # type: ignore[arg-type]
+                     groups=groups)
 
 
 def plan_serve(pool: Pool, spec: ModelSpec, *, context_len: int, concurrency: int = 1, prompt_tokens: int | None = None,
@@ -429,7 +436,7 @@ def plan_serve(pool: Pool, spec: ModelSpec, *, context_len: int, concurrency: in
     m = _Model(pool, spec, context_len=context_len, concurrency=concurrency, prompt_tokens=min(T, context_len),
                dtype=dtype)
     devices = list(pool.devices)
-    best: tuple[tuple[ServeStage, ...], ServePrediction, tuple] | None = None
+    best: tuple[tuple[ServeStage, ...], ServePrediction, tuple, int] | None = None
     with_dev: dict[str, tuple[ServePrediction, tuple]] = {}
     n = 0
     for devs in _candidate_sets(m, devices):
@@ -437,20 +444,21 @@ def plan_serve(pool: Pool, spec: ModelSpec, *, context_len: int, concurrency: in
         for layers, wds in (a for s0 in starts for a in _allocate(m, devs, s0)):
             n += 1
             st = _stages(devs, layers, wds)
-            pred = m.predict(st)
-            if not pred.fits:
-                continue
-            key = _key(st, pred, quantize)
-            if best is None or key > best[2]:
-                best = (st, pred, key)
-            for d in devs:
-                if d.name not in with_dev or key > with_dev[d.name][1]:
-                    with_dev[d.name] = (pred, key)
+            for g in range(1, min(concurrency, len(st)) + 1):
+                pred = m.predict(st, g)
+                if not pred.fits:
+                    continue
+                key = _key(st, pred, quantize)
+                if best is None or key > best[2]:
+                    best = (st, pred, key, g)
+                for d in devs:
+                    if d.name not in with_dev or key > with_dev[d.name][1]:
+                        with_dev[d.name] = (pred, key)
     if best is None:
         raise PlanError(f"model {spec.name!r} ({m.costs.total_params / 1e9:.2f}B parameters) with {concurrency} "
                         f"request(s) of {context_len} tokens does not fit pool {pool.name!r} even at int4. "
                         "Fix: add devices, lower --context-len or --concurrency")
-    stages, pred, _ = best
+    stages, pred, _, groups = best
     used = {s.device for s in stages}
     excluded = []
     for d in devices:
@@ -464,7 +472,7 @@ def plan_serve(pool: Pool, spec: ModelSpec, *, context_len: int, concurrency: in
                 f"only slows the job: the best placement using it serves {got.decode_tokens_per_s:.4g} tokens/s "
                 f"(first token {got.ttft_s:.3g} s), without it {pred.decode_tokens_per_s:.4g} tokens/s "
                 f"({pred.ttft_s:.3g} s)")))
-    plan = _plan(m, stages, "chipfuse", tuple(excluded))
+    plan = _plan(m, stages, "chipfuse", tuple(excluded), groups)
     plan.check(pool=pool)
     return ServeSearch(best=ServeScored(plan=plan, prediction=pred), baselines=serve_baselines(m, devices),
                        candidates=n)
@@ -499,7 +507,7 @@ def predict_serve(plan: ServePlan, pool: Pool) -> ServePrediction:
     plan.check(pool=pool)
     m = _Model(pool, plan.model, context_len=plan.context_len, concurrency=plan.concurrency,
                prompt_tokens=plan.prompt_tokens, dtype=plan.dtype)
-    return m.predict(plan.stages)
+    return m.predict(plan.stages, plan.groups)
 
 
 def fixed_plan(pool: Pool, spec: ModelSpec, layers: dict[str, int], *, context_len: int, concurrency: int = 1,

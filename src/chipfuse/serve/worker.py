@@ -207,6 +207,8 @@ class Scheduler:
         self.k = stage.k
         self.context_len = spec["plan"]["context_len"]
         self.max_seqs = spec["plan"]["concurrency"]
+        # Groups in flight (the plan's choice; 0: one per stage): each stage steps every group once per token.
+        self.groups = spec["plan"].get("groups") or min(self.k, self.max_seqs)
         self.seqs: dict[int, Seq] = {}
         self.waiting: list[int] = []  # admitted once a slot frees (the KV cache is sized for max_seqs)
         self.by_req: dict[str, int] = {}
@@ -253,9 +255,9 @@ class Scheduler:
             self.waiting.pop(0)
         act = self.active()
         ready = [sid for sid in act if not self.seqs[sid].in_flight]
-        if not ready or len(self.in_flight) >= self.k:
+        if not ready or len(self.in_flight) >= self.groups:
             return None
-        size = math.ceil(len(act) / min(len(act), self.k))
+        size = math.ceil(len(act) / min(len(act), self.groups))
         ids = ready[:size]
         meta, samp, payload = [], [], []
         for sid in ids:
