@@ -14,10 +14,14 @@ FROZEN = {
               "--no-progress", "--no-rebalance", "--on-device-loss", "--plan", "--pool", "--pool-node", "--profile",
               "--resume", "--run-dir", "--seed", "--seq-len", "--shares", "--slowdown", "--solo-samples", "--steps",
               "--timeline", "--unit-s"],
-    "plan": ["--dtype", "--evaluate", "--global-batch", "--json", "--max-model", "--micro-batch", "--model",
-             "--optimizer-dtype", "--pool", "--profile", "--runnable", "--schedule", "--seq-len", "--sync", "--time-budget",
-             "--timeline"],
+    "plan": ["--concurrency", "--context-len", "--dtype", "--evaluate", "--global-batch", "--json", "--max-model",
+             "--micro-batch", "--model", "--optimizer-dtype", "--pool", "--profile", "--quantize", "--runnable",
+             "--schedule", "--seq-len", "--serve", "--time-budget", "--timeline"],
     "profile": ["--json", "--micro-batch", "--model", "--no-links", "--pool", "--seq-len", "--slack"],
+    "generate": ["--concurrency", "--context-len", "--dtype", "--json", "--max-new-tokens", "--model", "--pool",
+                 "--prompt", "--seed", "--serve-plan", "--temperature", "--top-p"],
+    "serve": ["--api-key", "--concurrency", "--context-len", "--dtype", "--host", "--json", "--model", "--pool",
+              "--port", "--serve-plan"],
 }
 
 

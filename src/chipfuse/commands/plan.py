@@ -54,12 +54,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="no search: the largest model of --model's family (same depth, wider) the pool can train "
                         "under each memory strategy, and what limits it")
     p.add_argument("--micro-batch", type=int, default=1, help="with --max-model: samples per device (default 1)")
+    p.add_argument("--serve", action="store_true", help="plan inference instead (which devices hold which layers at "
+                   "what precision), beside the even and memory-proportional splits")
+    p.add_argument("--context-len", type=int, help="with --serve: tokens per request (default: --seq-len or the model's)")
+    p.add_argument("--concurrency", type=int, default=1, help="with --serve: requests in flight (default 1)")
+    p.add_argument("--quantize", choices=["when-needed", "allowed"], default="when-needed",
+                   help="with --serve: int8/int4 weights only where memory forces them (default), or wherever faster")
     p.set_defaults(func=cmd_plan)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()  # every second the command spends counts in what it reports
     pool = default_pool() if args.pool == "builtin" else load_pool(args.pool)
+    if args.serve:
+        from chipfuse.commands.serve import cmd_plan_serve
+
+        return cmd_plan_serve(args, pool)
     if args.max_model:
         return _max_model(args, pool)
     profile = Profile.load(args.profile) if args.profile else None

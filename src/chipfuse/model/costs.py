@@ -63,6 +63,11 @@ class ModelCosts:
         """Forward + backward FLOPs per trained token (no recomputation): the MFU numerator."""
         return 3 * (self.num_layers * self.block_fwd_flops_per_token + self.head_fwd_flops_per_token)
 
+    def kv_cache_bytes_per_token(self, dtype: str) -> float:
+        """Keys and values one block keeps per cached token when generating (inference), in `dtype`."""
+        kv = self.spec.kv_heads * (self.spec.dim // self.spec.num_heads)
+        return 2 * kv * DTYPE_BYTES[dtype]
+
     def logits_bytes_per_token(self, dtype: str) -> float:
         """Logits in the compute dtype plus their fp32 copy for the softmax/loss (transient, last stage)."""
         return self.spec.vocab_size * (DTYPE_BYTES[dtype] + 4)

@@ -1,0 +1,207 @@
+"""A Hugging Face decoder folder, cut into serving stages: each rank builds the model on the meta device
+and loads from the safetensors only the tensors of its own layers.
+
+`discover_parts` is the ONE place that knows where a transformers causal LM keeps its embedding, decoder
+layers, final norm, head and rotary/positional parts (the training side's model/hf.py does the same
+for training stages; the two are meant to merge into one).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from chipfuse.errors import ChipfuseError
+
+NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Parts:
+    """Dotted module names inside a transformers *ForCausalLM."""
+
+    embed: str
+    positions: str | None
+    """Learned absolute position embedding (GPT-2's wpe), added on the first stage."""
+    layers: str
+    norm: str
+    head: str
+    rotary: str | None
+    """Parameter-free rotary module; every stage keeps its own and computes (cos, sin) from positions."""
+
+
+def discover_parts(model: nn.Module, num_layers: int, source: str = "<model>") -> Parts:
+    """Find the parts of a decoder-only causal LM by structure, not by class name."""
+    names = {id(m): n for n, m in model.named_modules()}
+    emb = model.get_input_embeddings()  # type: ignore[operator]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    layers = next((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers), None)
+    if emb is None or head is None or layers is None:
+        raise ChipfuseError(f"{source}: cannot find the embedding, the {num_layers} decoder layers and the head of "
+                            f"{type(model).__name__}. Fix: use a decoder-only causal LM (Llama, Qwen2, Mistral, GPT-2...)")
+    parent_name = layers.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    prefix = parent_name + "." if parent_name else ""
+    children = dict(parent.named_children())
+    norm = next((prefix + k for k in NORM_NAMES if k in children), None)
+    if norm is None:
+        raise ChipfuseError(f"{source}: no final norm among {sorted(children)} of {type(model).__name__}. "
+                            "Fix: this architecture is not supported for serving yet")
+    rotary = prefix + "rotary_emb" if "rotary_emb" in children else None
+    pos = next((prefix + k for k, m in children.items() if isinstance(m, nn.Embedding) and m is not emb), None)
+    return Parts(embed=names[id(emb)], positions=pos, layers=layers, norm=norm, head=names[id(head)], rotary=rotary)
+
+
+def read_config(model_dir: str | Path) -> Any:
+    from transformers import AutoConfig
+
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise ChipfuseError(f"{d}: no config.json. Fix: give a Hugging Face model folder (config.json + safetensors)")
+    try:
+        return AutoConfig.from_pretrained(str(d))
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        raise ChipfuseError(f"{d / 'config.json'}: transformers cannot read it ({str(e).splitlines()[0]}). "
+                            "Fix: give the config.json of a transformers decoder model") from None
+
+
+def _weight_files(d: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the index of a sharded checkpoint or the one file."""
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            wm = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise ChipfuseError(f"{index}: no weight_map ({e}). Fix: re-save the model with save_pretrained") from None
+        return {k: d / v for k, v in wm.items()}
+    one = d / "model.safetensors"
+    if not one.is_file():
+        raise ChipfuseError(f"{d}: no model.safetensors nor model.safetensors.index.json. "
+                            "Fix: save the model with save_pretrained (safe_serialization)")
+    from safetensors import safe_open
+
+    with safe_open(str(one), framework="pt") as f:
+        return {k: one for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
+
+
+class StageModel(nn.Module):
+    """The part of a causal LM one serving stage runs: [embedding] + layers[first:last] + [norm + head]."""
+
+    def __init__(self, model_dir: str | Path, first_layer: int, num_layers: int, *, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        d = Path(model_dir)
+        self.config = read_config(d)
+        self.config._attn_implementation = "sdpa"  # one sequence at a time: no mask, causal in prefill
+        L = self.config.num_hidden_layers
+        if first_layer < 0 or num_layers < 1 or first_layer + num_layers > L:
+            raise ChipfuseError(f"{d}: stage layers {first_layer}..+{num_layers} outside the model's {L} layers. "
+                                "Fix: re-plan for this model")
+        with torch.device("meta"):
+            full = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
+        self.parts = parts = discover_parts(full, L, str(d))
+        self.first, self.last = first_layer == 0, first_layer + num_layers == L
+        self.layer_ids = list(range(first_layer, first_layer + num_layers))
+        blocks = full.get_submodule(parts.layers)
+        self.blocks = nn.ModuleList([blocks[i] for i in self.layer_ids])
+        self.embed = full.get_submodule(parts.embed) if self.first else None
+        self.pos = full.get_submodule(parts.positions) if self.first and parts.positions else None
+        self.norm = full.get_submodule(parts.norm) if self.last else None
+        self.head = full.get_submodule(parts.head) if self.last else None
+        self.rotary = None
+        if parts.rotary:
+            rot = full.get_submodule(parts.rotary)
+            self.rotary = type(rot)(config=self.config)  # its inv_freq buffer is computed, not stored
+        self._load(d, full, dtype)
+        self.eval()
+        sig = inspect.signature(self.blocks[0].forward).parameters
+        self._cache_kw = "cache" if "cache" in sig else "past_key_values"
+        self._kw = {k for k in ("position_ids", "position_embeddings") if k in sig}
+
+    def _load(self, d: Path, full: nn.Module, dtype: torch.dtype) -> None:
+        from safetensors import safe_open
+
+        files = _weight_files(d)
+        full_names = {id(m): n for n, m in full.named_modules()}
+        wanted: dict[str, nn.Module] = {}
+        for m in (self.embed, self.pos, self.norm, self.head, *self.blocks):
+            if m is not None:
+                wanted[full_names[id(m)]] = m
+        tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        handles: dict[Path, Any] = {}
+        for prefix, mod in wanted.items():
+            mod.to_empty(device="cpu")
+            for kind, tensors in (("parameter", mod.named_parameters()), ("buffer", mod.named_buffers())):
+                for name, t in tensors:
+                    key = f"{prefix}.{name}"
+                    src = key
+                    if src not in files and tied and prefix == self.parts.head:
+                        src = f"{self.parts.embed}.{name}"  # tied head: the embedding's matrix
+                    if src not in files:
+                        if kind == "buffer":
+                            raise ChipfuseError(f"{d}: buffer {key} is not in the safetensors and chipfuse cannot "
+                                                "rebuild it. Fix: this architecture is not supported for serving yet")
+                        raise ChipfuseError(f"{d}: tensor {key} is missing from the safetensors. "
+                                            "Fix: re-save the complete model with save_pretrained")
+                    f = handles.get(files[src]) or handles.setdefault(files[src], safe_open(str(files[src]), "pt"))
+                    got = f.get_tensor(src)
+                    if tuple(got.shape) != tuple(t.shape):
+                        raise ChipfuseError(f"{files[src]}: tensor {src} has shape {tuple(got.shape)}, the config "
+                                            f"makes {tuple(t.shape)}. Fix: use the config.json saved with these weights")
+                    with torch.no_grad():
+                        t.copy_(got.to(t.dtype))
+
+    def new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, start: int, cache: Any) -> torch.Tensor:
+        """One sequence: x is token ids [1, T] on the first stage, hidden states [1, T, h] after it.
+        Returns hidden states, or on the last stage the logits of the last position [V] in fp32."""
+        pos = torch.arange(start, start + x.shape[1]).unsqueeze(0)
+        if self.embed is not None:
+            x = self.embed(x)
+            if self.pos is not None:
+                x = x + self.pos(pos)
+        kw: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "attention_mask": None}
+        if "position_ids" in self._kw:
+            kw["position_ids"] = pos
+        if self.rotary is not None:
+            kw["position_embeddings"] = self.rotary(x, pos)
+        for blk in self.blocks:
+            out = blk(x, **kw)
+            x = out[0] if isinstance(out, tuple) else out
+        if self.head is None:
+            return x
+        assert self.norm is not None
+        return self.head(self.norm(x[:, -1:]))[0, -1].float()
+
+
+def model_spec(model_dir: str | Path):
+    """The planner's view of a model folder (chipfuse.model.spec reads its config.json)."""
+    from chipfuse.model.spec import from_hf_config
+
+    d = Path(model_dir)
+    if not (d / "config.json").is_file():
+        raise ChipfuseError(f"{d}: no config.json. Fix: give a Hugging Face model folder (config.json + safetensors)")
+    return from_hf_config(d / "config.json")
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    from transformers import AutoTokenizer
+
+    d = Path(model_dir)
+    try:
+        return AutoTokenizer.from_pretrained(str(d))
+    except (OSError, ValueError, TypeError) as e:
+        raise ChipfuseError(f"{d}: no usable tokenizer ({str(e).splitlines()[0][:120]}). Fix: put the model's "
+                            "tokenizer files (tokenizer.json, tokenizer_config.json) in the folder") from None
