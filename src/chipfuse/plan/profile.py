@@ -10,6 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from chipfuse import validate
 from chipfuse.errors import ChipfuseError
 
 
@@ -17,10 +18,10 @@ from chipfuse.errors import ChipfuseError
 class LayerTiming:
     """Measured seconds of one transformer block for one micro-batch on one device."""
 
-    micro_batch_size: int
-    seq_len: int
-    fwd_s: float
-    bwd_s: float
+    micro_batch_size: validate.Count
+    seq_len: validate.Count
+    fwd_s: validate.Positive
+    bwd_s: validate.Positive
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,14 +30,14 @@ class LinkMeasure:
 
     a: str
     b: str
-    bandwidth: float
+    bandwidth: validate.Positive
     """Bytes/s."""
     latency_s: float
 
 
 @dataclass(frozen=True, kw_only=True)
 class Profile:
-    flops: dict[str, dict[str, float]] = field(default_factory=dict)
+    flops: dict[str, dict[str, validate.Positive]] = field(default_factory=dict)
     """device name -> dtype -> sustained FLOP/s on transformer blocks."""
     layer_times: dict[str, tuple[LayerTiming, ...]] = field(default_factory=dict)
     """device name -> measured block timings (scaled linearly in tokens to other shapes)."""
@@ -68,16 +69,12 @@ class Profile:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "<profile>") -> Profile:
-        try:
-            return cls(
-                flops={k: {dt: float(v) for dt, v in per.items()} for k, per in d.get("flops", {}).items()},
-                layer_times={k: tuple(LayerTiming(**t) for t in ts) for k, ts in d.get("layer_times", {}).items()},
-                links=tuple(LinkMeasure(**ln) for ln in d.get("links", ())),
-                source=d.get("source", source), emulated=bool(d.get("emulated", False)),
-            )
-        except (TypeError, AttributeError) as e:
-            raise ChipfuseError(f"{source}: malformed profile ({e}). Fix: write it with `chipfuse profile --json`") from None
+    def from_dict(cls, d: object, source: str = "<profile>") -> Profile:
+        """A profile from its JSON form, every field checked by type and range (chipfuse.validate).
+        Extra top-level keys are allowed: `chipfuse profile --json` adds some for people and reports."""
+        kwargs = validate.fields(cls, d, source=source, open=True)
+        kwargs.setdefault("source", source)
+        return cls(**kwargs)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -89,7 +86,9 @@ class Profile:
             raw = json.loads(p.read_text())
         except FileNotFoundError:
             raise ChipfuseError(f"{p}: no such profile. Fix: measure one with `chipfuse profile --json {p}`") from None
-        except json.JSONDecodeError as e:
+        except OSError as e:
+            raise ChipfuseError(f"{p}: cannot read ({e.strerror}). Fix: give the path of a profile JSON") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ChipfuseError(f"{p}: not valid JSON ({e}). Fix: correct the syntax there") from None
         return cls.from_dict(raw, source=str(p))
 
