@@ -22,27 +22,7 @@ from chipfuse.model.spec import SPEC_PRESETS
 from chipfuse.plan.plan import SyncPlan, data_parallel_plan
 from chipfuse.runtime import checkpoint
 from tests.endure_util import ENV, TINY
-
-ISLAND_POOL = """
-name = "two-sites"
-[[node]]
-name = "A"
-[[node.device]]
-name = "a"
-chip = "cpu"
-count = 2
-emulate = { speed = 0.4 }
-[[node]]
-name = "B"
-[[node.device]]
-name = "b"
-chip = "cpu"
-emulate = { speed = 0.2 }
-[[link]]
-nodes = ["A", "B"]
-bandwidth_gbit_s = 10
-latency_ms = 1
-"""
+from tests.test_train_islands import POOL as ISLAND_POOL
 
 
 def _losses(path):
