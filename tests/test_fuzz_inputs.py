@@ -98,3 +98,16 @@ def _raise(call):  # type: ignore[no-untyped-def]
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_bad_command_line_values_end_in_one_line(capsys):
+    from chipfuse.cli import main
+
+    for argv in (["plan", "--pool", "builtin", "--model", "tiny", "--global-batch", str(2**63), "--seq-len", "32"],
+                 ["plan", "--pool", "builtin", "--model", "tiny", "--global-batch", "8", "--seq-len", "nan"],
+                 ["plan", "--pool", "builtin", "--model", "tiny", "--global-batch", "-3", "--seq-len", "32"],
+                 ["train", "--steps", "0"], ["train", "--unit-s", "inf"], ["pool", "show"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and "error:" in err and "Fix:" in err, (argv, err)
