@@ -66,16 +66,25 @@ def two_hosts():
 
 def train_on_two_hosts(hosts: list[tuple[str, str, str]], *, port: int, rdzv_id: str, train_args: list[str]) -> None:
     """`chipfuse train TRAIN_ARGS --pool-node <node>` on both hosts, one worker each; asserts both exit 0."""
+    procs = start_on_two_hosts(hosts, port=port, rdzv_id=rdzv_id, train_args=train_args)
+    logs = [p.communicate(timeout=180)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+
+
+def start_on_two_hosts(hosts: list[tuple[str, str, str]], *, port: int, rdzv_id: str, train_args: list[str],
+                       env: dict[str, str] | None = None, stdout: list | None = None) -> list[subprocess.Popen]:
+    """Start `chipfuse train` on both hosts (torchrun agents joined by c10d); returns the agents.
+    `stdout`: a file per host for their output (default: pipes)."""
     endpoint = f"{hosts[0][2]}:{port}"
     procs = []
-    for (ns, veth, addr), node, is_host in zip(hosts, NODES, ["true", "false"], strict=True):
-        env = dict(os.environ, GLOO_SOCKET_IFNAME=veth, OMP_NUM_THREADS="1")
+    for k, ((ns, veth, addr), node, is_host) in enumerate(zip(hosts, NODES, ["true", "false"], strict=True)):
+        host_env = dict(os.environ, **(env or {}), GLOO_SOCKET_IFNAME=veth, OMP_NUM_THREADS="1")
         cmd = ["ip", "netns", "exec", ns, sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
                "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", rdzv_id,
                # Which agent hosts the rendezvous store: inside a namespace the endpoint's address is not
                # recognised as local, so say it (on real hosts torchrun works this out itself).
                "--rdzv-conf", f"is_host={is_host}", "--local-addr", addr,
                "-m", "chipfuse.cli", "train", *train_args, "--pool-node", node]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    logs = [p.communicate(timeout=180)[0].decode() for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(log[-3000:] for log in logs)
+        out = stdout[k] if stdout else subprocess.PIPE
+        procs.append(subprocess.Popen(cmd, env=host_env, stdout=out, stderr=subprocess.STDOUT))
+    return procs

@@ -17,7 +17,7 @@ from tests.endure_util import TINY, plan_for
 def test_malformed_pool_file(tmp_path):
     f = tmp_path / "pool.toml"
     f.write_text('[[node]]\nname = "a"\n[[node.device]]\nname = "x"\nchip = "A100"\nemulate = { speed = "fast" }\n')
-    with pytest.raises(PoolError, match=r"pool.toml: node\[0\].device\[0\].emulate.speed: is 'fast', not a number.*Fix"):
+    with pytest.raises(PoolError, match=r"pool.toml: node\[0\].device\[0\].emulate.speed: found 'fast', expected a number.*Fix"):
         load_pool(f)
     f.write_text("[[node]\n")
     with pytest.raises(PoolError, match="not valid TOML.*Fix"):
@@ -36,7 +36,7 @@ def test_malformed_plan_files(tmp_path):
         Plan.from_json(f)
     del good["replicas"]
     f.write_text(json.dumps(good))
-    with pytest.raises(PlanError, match="'replicas' missing.*Fix"):
+    with pytest.raises(PlanError, match="plan.json: replicas: missing.*Fix"):
         Plan.from_json(f)
 
 

@@ -129,7 +129,7 @@ def test_profile_and_plan_refusals(tmp_path):
     with pytest.raises(ChipfuseError, match="not valid JSON.*Fix"):
         Profile.load(bad)
     bad.write_text('{"layer_times": {"a": [{"fwd": 1}]}}')
-    with pytest.raises(ChipfuseError, match="malformed profile.*Fix"):
+    with pytest.raises(ChipfuseError, match=r"bad.json: layer_times.a\[0\].fwd: unknown field.*Fix"):
         Profile.load(bad)
     plan = data_parallel_plan(MODEL, {"d0": 4, "elsewhere": 4}, seq_len=128, micro_batch_size=4)
     with pytest.raises(PlanError, match="'elsewhere' is not in pool.*Fix"):

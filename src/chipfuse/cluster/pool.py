@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import tomllib
 
@@ -27,6 +27,7 @@ from chipfuse.cluster.catalog import Chip, GiB, get_chip, in_catalog, load_catal
 from chipfuse.cluster.chips import pool_chips
 from chipfuse.cluster.wiring import Curve, NodeWiring, bandwidth_at, parse_curve, parse_wiring
 from chipfuse.errors import PoolError
+from chipfuse.validate import Range, build
 
 # Native collective library per vendor. Chips of different vendors never share one.
 NATIVE_BACKEND = {
@@ -162,131 +163,127 @@ class Pool:
 # Loading and checking
 
 
-class _Ctx:
-    def __init__(self, source: str):
-        self.source = source
-
-    def fail(self, where: str, problem: str, fix: str) -> PoolError:
-        return PoolError(f"{self.source}: {where}: {problem}. Fix: {fix}")
-
-
-def _number(ctx: _Ctx, d: dict, key: str, where: str, *, positive: bool = True, default: Any = None) -> float:
-    if key not in d:
-        if default is not None:
-            return default
-        raise ctx.fail(f"{where}.{key}", "missing", f"add `{key} = <number>`")
-    v = d[key]
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise ctx.fail(f"{where}.{key}", f"is {v!r}, not a number", f"write `{key} = <number>`")
-    if positive and v <= 0:
-        raise ctx.fail(f"{where}.{key}", f"is {v}, must be positive", f"give `{key}` a value above 0")
-    return float(v)
+# The pool file's tables, as chipfuse.validate checks them (types, ranges, unknown keys).
+_Gbit = Annotated[float, Range(0, 1e7, above=True)]
+_Gib = Annotated[float, Range(0, 1e7, above=True)]
+_Delay = Annotated[float, Range(0, 1e6)]
+MAX_DEVICES = 1 << 16
+"""Devices in one pool, counts expanded: more is a typo (count = 2**63), not a cluster to plan."""
 
 
-def _str(ctx: _Ctx, d: dict, key: str, where: str) -> str:
-    if key not in d:
-        raise ctx.fail(f"{where}.{key}", "missing", f'add `{key} = "..."`')
-    if not isinstance(d[key], str) or not d[key]:
-        raise ctx.fail(f"{where}.{key}", f"is {d[key]!r}, not a non-empty string", f'write `{key} = "..."`')
-    return d[key]
+@dataclass(frozen=True, kw_only=True)
+class _EmulateTable:
+    speed: Annotated[float, Range(0, 1e6, above=True)]
+    memory_gib: _Gib | None = None
 
 
-_NODE_KEYS = {"name", "device", "intra_gbs", "intra_latency_us", "wiring"}
-_DEVICE_KEYS = {"name", "chip", "count", "memory_gib", "emulate"}
-_EMULATE_KEYS = {"speed", "memory_gib"}
-_LINK_KEYS = {"nodes", "bandwidth_gbit_s", "latency_ms", "by_size"}
-_TOP_KEYS = {"name", "node", "link", "default_link", "description", "chip"}
+@dataclass(frozen=True, kw_only=True)
+class _DeviceTable:
+    name: str
+    chip: str
+    count: Annotated[int, Range(1, MAX_DEVICES)] = 1
+    memory_gib: _Gib | None = None
+    emulate: _EmulateTable | None = None
 
 
-def _unknown(ctx: _Ctx, d: dict, allowed: set[str], where: str) -> None:
-    extra = sorted(set(d) - allowed)
-    if extra:
-        raise ctx.fail(f"{where}.{extra[0]}", "unknown field", f"use one of {sorted(allowed)}")
+@dataclass(frozen=True, kw_only=True)
+class _DefaultLinkTable:
+    bandwidth_gbit_s: _Gbit
+    latency_ms: _Delay = 0.0
+    by_size: Any = None
+    """[[message bytes, Gbit/s], ...], checked by cluster.wiring.parse_curve."""
 
 
-def _link(ctx: _Ctx, raw: dict, where: str, a: str, b: str) -> Link:
-    _unknown(ctx, raw, _LINK_KEYS, where)
-    bw = _number(ctx, raw, "bandwidth_gbit_s", where)
-    lat = _number(ctx, raw, "latency_ms", where, positive=False, default=0.0)
-    if lat < 0:
-        raise ctx.fail(f"{where}.latency_ms", f"is {lat}, must not be negative", "give a latency of 0 or more")
-    curve = parse_curve(raw["by_size"], f"{where}.by_size", ctx.fail) if "by_size" in raw else ()
-    return Link(a=a, b=b, bandwidth=bw * 1e9 / 8, latency_s=lat / 1e3, curve=curve)
+@dataclass(frozen=True, kw_only=True)
+class _LinkTable(_DefaultLinkTable):
+    nodes: tuple[str, str]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _NodeTable:
+    name: str
+    device: tuple[_DeviceTable, ...]
+    intra_gbs: _Gbit | None = None
+    intra_latency_us: _Delay = 5.0
+    wiring: Any = None
+    """Checked by cluster.wiring.parse_wiring against the node's devices."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class _PoolTable:
+    name: str = ""
+    description: str = ""
+    node: tuple[_NodeTable, ...]
+    link: tuple[_LinkTable, ...] = ()
+    default_link: _DefaultLinkTable = _DefaultLinkTable(**DEFAULT_INTER_NODE)
+    chip: Any = None
+    """`[[chip]]` tables, checked by cluster.chips.pool_chips."""
 
 
 def pool_from_dict(raw: dict, source: str = "<pool>") -> Pool:
     """Build and check a pool from the parsed TOML. Errors name `source`, the field and the fix."""
-    ctx = _Ctx(source)
-    _unknown(ctx, raw, _TOP_KEYS, "pool")
-    nodes_raw = raw.get("node")
-    if not nodes_raw or not isinstance(nodes_raw, list):
-        raise ctx.fail("node", "no [[node]] table", 'add at least one `[[node]]` with `name = "..."` and a `[[node.device]]`')
-    own_chips = pool_chips(raw.get("chip"), ctx.fail, in_catalog)  # [[chip]] tables (cluster.chips)
+
+    def fail(where: str, problem: str, fix: str) -> PoolError:
+        return PoolError(f"{source}: {where}: {problem}. Fix: {fix}")
+
+    if isinstance(raw, dict) and not raw.get("node"):
+        raise fail("node", "no [[node]] table", 'add at least one `[[node]]` with `name = "..."` and a `[[node.device]]`')
+    table = build(_PoolTable, raw, source=source, error=PoolError)
+    own_chips = pool_chips(table.chip, fail, in_catalog)  # [[chip]] tables (cluster.chips)
     seen: set[str] = set()
     node_names: set[str] = set()
     nodes = []
-    for i, n in enumerate(nodes_raw):
+    for i, n in enumerate(table.node):
         where = f"node[{i}]"
-        _unknown(ctx, n, _NODE_KEYS, where)
-        nname = _str(ctx, n, "name", where)
-        if nname in node_names:
-            raise ctx.fail(f"{where}.name", f"duplicate node name {nname!r}", "give every node its own name")
-        node_names.add(nname)
-        devs_raw = n.get("device")
-        if not devs_raw or not isinstance(devs_raw, list):
-            raise ctx.fail(f"{where}.device", "node has no devices", "add `[[node.device]]` tables under it")
+        if n.name in node_names:
+            raise fail(f"{where}.name", f"duplicate node name {n.name!r}", "give every node its own name")
+        node_names.add(n.name)
+        if not n.device:
+            raise fail(f"{where}.device", "node has no devices", "add `[[node.device]]` tables under it")
         devices: list[Device] = []
-        for j, d in enumerate(devs_raw):
+        for j, d in enumerate(n.device):
             dwhere = f"{where}.device[{j}]"
-            _unknown(ctx, d, _DEVICE_KEYS, dwhere)
-            dname = _str(ctx, d, "name", dwhere)
-            chip_name = _str(ctx, d, "chip", dwhere)
             try:
-                chip = own_chips[chip_name] if chip_name in own_chips else get_chip(chip_name)
+                chip = own_chips[d.chip] if d.chip in own_chips else get_chip(d.chip)
             except KeyError:
-                raise ctx.fail(f"{dwhere}.chip", f"unknown chip {chip_name!r}",
-                               f"declare it in a [[chip]] table or use a catalog name: "
-                               f"{', '.join([*own_chips, *load_catalog()])}") from None
-            count = int(_number(ctx, d, "count", dwhere, default=1))
-            mem = int(_number(ctx, d, "memory_gib", dwhere, default=chip.memory_bytes / GiB) * GiB)
+                raise fail(f"{dwhere}.chip", f"unknown chip {d.chip!r}",
+                           f"declare it in a [[chip]] table or use a catalog name: "
+                           f"{', '.join([*own_chips, *load_catalog()])}") from None
+            if len(seen) + d.count > MAX_DEVICES:
+                raise fail(f"{dwhere}.count", f"{d.count} makes more than {MAX_DEVICES} devices in the pool",
+                           "lower the count")
+            mem = int((d.memory_gib if d.memory_gib is not None else chip.memory_bytes / GiB) * GiB)
             emu = None
-            if "emulate" in d:
-                e = d["emulate"]
-                ewhere = f"{dwhere}.emulate"
-                if not isinstance(e, dict):
-                    raise ctx.fail(ewhere, "is not a table", "write `emulate = { speed = 0.5, memory_gib = 2 }`")
-                _unknown(ctx, e, _EMULATE_KEYS, ewhere)
-                speed = _number(ctx, e, "speed", ewhere)
-                cap = int(_number(ctx, e, "memory_gib", ewhere) * GiB) if "memory_gib" in e else None
-                emu = Emulation(speed=speed, memory_bytes=cap)
-                if cap is not None:
-                    mem = cap
-            names = [dname] if count == 1 else [f"{dname}{k}" for k in range(count)]
+            if d.emulate is not None:
+                cap = int(d.emulate.memory_gib * GiB) if d.emulate.memory_gib is not None else None
+                emu = Emulation(speed=d.emulate.speed, memory_bytes=cap)
+                mem = cap if cap is not None else mem
+            names = [d.name] if d.count == 1 else [f"{d.name}{k}" for k in range(d.count)]
             for nm in names:
                 if nm in seen:
-                    raise ctx.fail(f"{dwhere}.name", f"duplicate device name {nm!r}", "give every device its own name")
+                    raise fail(f"{dwhere}.name", f"duplicate device name {nm!r}", "give every device its own name")
                 seen.add(nm)
-                devices.append(Device(name=nm, chip=chip, node=nname, memory_bytes=mem, emulation=emu))
-        wiring = parse_wiring(n.get("wiring"), [dv.name for dv in devices], f"{where}.wiring", ctx.fail)
-        intra_lat = n.get("intra_latency_us", 5.0) / 1e6
-        intra = (n["intra_gbs"] * 1e9 if "intra_gbs" in n
+                devices.append(Device(name=nm, chip=chip, node=n.name, memory_bytes=mem, emulation=emu))
+        wiring = parse_wiring(n.wiring, [dv.name for dv in devices], f"{where}.wiring", fail)
+        intra_lat = n.intra_latency_us / 1e6
+        intra = (n.intra_gbs * 1e9 if n.intra_gbs is not None
                  else wiring.ring([dv.name for dv in devices], intra_lat)[0] if wiring and len(devices) > 1
                  else min(dv.chip.link_bw for dv in devices))
-        nodes.append(Node(name=nname, devices=tuple(devices), intra_bandwidth=intra, intra_latency_s=intra_lat,
+        nodes.append(Node(name=n.name, devices=tuple(devices), intra_bandwidth=intra, intra_latency_s=intra_lat,
                           wiring=wiring))
     links = []
-    for i, ln in enumerate(raw.get("link", [])):
-        where = f"link[{i}]"
-        ends = ln.get("nodes")
-        if not (isinstance(ends, list) and len(ends) == 2):
-            raise ctx.fail(f"{where}.nodes", "must name two nodes", 'write `nodes = ["host0", "host1"]`')
-        for e in ends:
+    for i, ln in enumerate(table.link):
+        for e in ln.nodes:
             if e not in node_names:
-                raise ctx.fail(f"{where}.nodes", f"unknown node {e!r}", f"use one of {sorted(node_names)}")
-        links.append(_link(ctx, ln, where, ends[0], ends[1]))
-    dl = _link(ctx, raw.get("default_link", DEFAULT_INTER_NODE), "default_link", "*", "*")
-    return Pool(name=str(raw.get("name", Path(source).stem)), nodes=tuple(nodes), links=tuple(links),
-                default_link=dl, source=source)
+                raise fail(f"link[{i}].nodes", f"unknown node {e!r}", f"use one of {sorted(node_names)}")
+        links.append(_link(ln, *ln.nodes, fail, f"link[{i}]"))
+    return Pool(name=table.name or Path(source).stem, nodes=tuple(nodes), links=tuple(links),
+                default_link=_link(table.default_link, "*", "*", fail, "default_link"), source=source)
+
+
+def _link(t: _DefaultLinkTable, a: str, b: str, fail: Any, where: str) -> Link:
+    curve = parse_curve(t.by_size, f"{where}.by_size", fail) if t.by_size is not None else ()
+    return Link(a=a, b=b, bandwidth=t.bandwidth_gbit_s * 1e9 / 8, latency_s=t.latency_ms / 1e3, curve=curve)
 
 
 def load_pool(path: str | Path) -> Pool:
@@ -295,7 +292,9 @@ def load_pool(path: str | Path) -> Pool:
         raise PoolError(f"{p}: no such pool file. Fix: give the path of a pool TOML (see examples/)")
     try:
         raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
+    except OSError as e:
+        raise PoolError(f"{p}: cannot read ({e.strerror}). Fix: give the path of a pool TOML (see examples/)") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise PoolError(f"{p}: not valid TOML ({e}). Fix: correct the syntax at that line") from None
     return pool_from_dict(raw, source=str(p))
 

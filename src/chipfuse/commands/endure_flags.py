@@ -18,14 +18,15 @@ from chipfuse.plan.plan import Plan
 from chipfuse.runtime import checkpoint
 from chipfuse.runtime.endure import EndureConfig
 from chipfuse.runtime.guard import NAN_POLICIES
+from chipfuse.validate import arg_float, arg_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("enduring failures (docs/endure.md)")
     g.add_argument("--checkpoint-dir", help="write checkpoints here (DIR/step_NNNNNN/), and survive a lost device")
-    g.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
+    g.add_argument("--checkpoint-every", type=arg_int(0, 10**7), default=0, metavar="STEPS",
                    help="steps between checkpoints (default 0: only on a clean stop and at the end)")
-    g.add_argument("--checkpoint-keep", type=int, default=3, metavar="K", help="complete checkpoints kept")
+    g.add_argument("--checkpoint-keep", type=arg_int(1, 1000), default=3, metavar="K", help="complete checkpoints kept")
     g.add_argument("--resume", metavar="DIR", help="continue from the newest good checkpoint in DIR (re-planned "
                    "over the pool when its devices changed)")
     g.add_argument("--exclude", default="", metavar="DEV[,DEV]", help="leave these pool devices out (lost ones)")
@@ -37,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "to resume (needs --checkpoint-dir)")
     g.add_argument("--slowdown", default="", metavar="DEV@STEP:FACTOR",
                    help="emulation: multiply DEV's speed by FACTOR from step STEP (a straggler)")
-    g.add_argument("--unit-s", type=float, default=None, metavar="SECONDS",
+    g.add_argument("--unit-s", type=arg_float(0, 60, above=True), default=None, metavar="SECONDS",
                    help="emulation: seconds per sample of an unslowed worker (default: measured at start-up); "
                    "the same value makes runs comparable on a busy machine")
 

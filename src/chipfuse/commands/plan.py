@@ -21,6 +21,7 @@ from chipfuse.plan.plan import DTYPES, OPTIMIZER_DTYPES, SCHEDULES, Plan
 from chipfuse.plan.profile import Profile
 from chipfuse.plan.search import SearchResult, search
 from chipfuse.report.output import console, table, write_json
+from chipfuse.validate import arg_float, arg_int
 
 # The plan table has nine columns: never squeeze it below 130 characters (a pipe gets 80 by default).
 wide = Console(highlight=False, width=max(console.width, 130))
@@ -30,11 +31,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="search the best plan for a pool and a model (no devices needed)")
     p.add_argument("--pool", required=True, help="pool TOML file (see examples/), or 'builtin' (the emulated 4:2:1 pool)")
     p.add_argument("--model", help="model preset or Hugging Face config.json")
-    p.add_argument("--global-batch", type=int, help="samples per optimizer step")
-    p.add_argument("--seq-len", type=int, help="tokens per sample")
+    p.add_argument("--global-batch", type=arg_int(1, 1 << 20), help="samples per optimizer step")
+    p.add_argument("--seq-len", type=arg_int(1, 1 << 20), help="tokens per sample")
     p.add_argument("--evaluate", metavar="PLAN_JSON",
                    help="no search: predict (and --timeline: simulate) this plan, e.g. a hand-written one")
-    p.add_argument("--time-budget", type=float, default=5.0, help="seconds the search may take (default 5)")
+    p.add_argument("--time-budget", type=arg_float(0, 3600, above=True), default=5.0, help="seconds the search may take (default 5)")
     p.add_argument("--dtype", choices=DTYPES, default="bf16",
                    help="compute dtype (default bf16; chips without bf16 compute a bf16 plan in fp32, and the plan "
                         "says so; fp16 is predicted but not yet run by chipfuse train)")
@@ -53,11 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-model", action="store_true",
                    help="no search: the largest model of --model's family (same depth, wider) the pool can train "
                         "under each memory strategy, and what limits it")
-    p.add_argument("--micro-batch", type=int, default=1, help="with --max-model: samples per device (default 1)")
+    p.add_argument("--micro-batch", type=arg_int(1, 1 << 20), default=1, help="with --max-model: samples per device (default 1)")
     p.add_argument("--serve", action="store_true", help="plan inference instead (which devices hold which layers at "
                    "what precision), beside the even and memory-proportional splits")
-    p.add_argument("--context-len", type=int, help="with --serve: tokens per request (default: --seq-len or the model's)")
-    p.add_argument("--concurrency", type=int, default=1, help="with --serve: requests in flight (default 1)")
+    p.add_argument("--context-len", type=arg_int(1, 1 << 24), help="with --serve: tokens per request (default: --seq-len or the model's)")
+    p.add_argument("--concurrency", type=arg_int(1, 1 << 16), default=1, help="with --serve: requests in flight (default 1)")
     p.add_argument("--quantize", choices=["when-needed", "allowed"], default="when-needed",
                    help="with --serve: int8/int4 weights only where memory forces them (default), or wherever faster")
     p.set_defaults(func=cmd_plan)

@@ -7,15 +7,16 @@ import argparse
 import socket
 
 from chipfuse.report.output import console, human_bytes, table, write_json
+from chipfuse.validate import arg_float, arg_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("profile", help="measure devices, links and per-layer times; save a profile for the planner")
     p.add_argument("--pool", default="builtin", help="pool TOML file (default: built-in emulated pool)")
     p.add_argument("--model", default="small", help="model preset or Hugging Face config.json")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model's context length")
+    p.add_argument("--seq-len", type=arg_int(1, 1 << 20), default=None, help="default: the model's context length")
     p.add_argument("--micro-batch", default="1,4", help="micro-batch sizes to time, comma-separated")
-    p.add_argument("--slack", type=float, default=1.1, help="emulated pacing slack, as `chipfuse train` uses")
+    p.add_argument("--slack", type=arg_float(1, 100), default=1.1, help="emulated pacing slack, as `chipfuse train` uses")
     p.add_argument("--no-links", action="store_true", help="skip the two-process link measurement")
     p.add_argument("--json", metavar="PATH", default="profile.json", help="where to save the profile")
     p.set_defaults(func=cmd_profile)

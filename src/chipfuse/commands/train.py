@@ -20,6 +20,7 @@ from chipfuse.model.spec import resolve_model
 from chipfuse.plan.plan import Plan
 from chipfuse.report.output import console, table, write_json
 from chipfuse.runtime.dist import launched_by_torchrun
+from chipfuse.validate import arg_float, arg_int
 
 BUILTIN = "builtin"
 
@@ -29,16 +30,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pool", default=BUILTIN, help="pool TOML file (default: built-in emulated pool)")
     p.add_argument("--plan", help="plan JSON (from `chipfuse plan --json`); default: unequal data parallel")
     p.add_argument("--model", default="small", help="model preset or Hugging Face config.json (default: small)")
-    p.add_argument("--steps", type=int, default=60)
-    p.add_argument("--global-batch", type=int, default=56)
-    p.add_argument("--seq-len", type=int, default=None, help="default: the model's context length")
-    p.add_argument("--micro-batch", type=int, default=8, help="preferred micro-batch size (memory may lower it)")
+    p.add_argument("--steps", type=arg_int(1, 10**7), default=60)
+    p.add_argument("--global-batch", type=arg_int(1, 1 << 20), default=56)
+    p.add_argument("--seq-len", type=arg_int(1, 1 << 20), default=None, help="default: the model's context length")
+    p.add_argument("--micro-batch", type=arg_int(1, 1 << 20), default=8, help="preferred micro-batch size (memory may lower it)")
     p.add_argument("--even", action="store_true", help="split the batch evenly (the simple baseline)")
     p.add_argument("--shares", choices=["plan", "measured"], default=None,
                    help="'measured': re-split by speeds measured in a warm-up (default for real devices)")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--solo-samples", type=int, default=16,
+    p.add_argument("--lr", type=arg_float(0, 1e32), default=3e-3)
+    p.add_argument("--seed", type=arg_int(0, 2**32 - 1), default=0)
+    p.add_argument("--solo-samples", type=arg_int(0, 1 << 16), default=16,
                    help="samples each device runs alone at start, for fusion efficiency (0: skip)")
     p.add_argument("--run-dir", default=None, help="where the plan, metrics and summary go (default: runs/<time>)")
     p.add_argument("--metrics", default=None, help="per-step JSON lines (default: RUN_DIR/metrics.jsonl)")
@@ -215,5 +216,6 @@ def print_summary(s: dict) -> None:
         f"[bold]{s['model']}[/] ({s['num_params'] / 1e6:.2f}M params), {s['steps']} steps of {s['global_batch']} x "
         f"{s['seq_len']} tokens: loss {s['initial_loss']:.3f} -> {s['final_loss']:.3f}; "
         f"{s['tokens_per_s']:.0f} tok/s{label}; fusion efficiency "
-        + (f"{eff:.2f}" if eff is not None else "n/a") + " (job / sum of each device alone)"
+        + (f"{eff:.2f}" if eff is not None else f"n/a ({s.get('fusion_efficiency_fault', 'not measured')})")
+        + " (job / sum of each device alone)"
     )

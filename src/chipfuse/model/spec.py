@@ -75,22 +75,28 @@ def from_hf_config(path: str | Path) -> ModelSpec:
     p = Path(path)
     try:
         c = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
         raise ChipfuseError(f"{p}: cannot read a Hugging Face config ({e}). Fix: give a config.json path") from None
+    if not isinstance(c, dict):
+        raise ChipfuseError(f"{p}: found {type(c).__name__}, not a JSON object. Fix: give a config.json path")
     mt = c.get("model_type", "")
     try:
         if mt == "gpt2" or "n_embd" in c:
-            return ModelSpec(name=p.parent.name or mt, family="gpt", num_layers=c["n_layer"], dim=c["n_embd"],
+            spec = ModelSpec(name=p.parent.name or mt, family="gpt", num_layers=c["n_layer"], dim=c["n_embd"],
                              num_heads=c["n_head"], vocab_size=c["vocab_size"],
                              seq_len=c.get("n_positions", 1024), ffn_dim=c.get("n_inner"),
                              tie_embeddings=c.get("tie_word_embeddings", True))
-        return ModelSpec(name=p.parent.name or mt or "hf", family="llama", num_layers=c["num_hidden_layers"],
-                         dim=c["hidden_size"], num_heads=c["num_attention_heads"],
-                         num_kv_heads=c.get("num_key_value_heads"), ffn_dim=c["intermediate_size"],
-                         vocab_size=c["vocab_size"], seq_len=c.get("max_position_embeddings", 4096),
-                         tie_embeddings=c.get("tie_word_embeddings", False))
+        else:
+            spec = ModelSpec(name=p.parent.name or mt or "hf", family="llama", num_layers=c["num_hidden_layers"],
+                             dim=c["hidden_size"], num_heads=c["num_attention_heads"],
+                             num_kv_heads=c.get("num_key_value_heads"), ffn_dim=c["intermediate_size"],
+                             vocab_size=c["vocab_size"], seq_len=c.get("max_position_embeddings", 4096),
+                             tie_embeddings=c.get("tie_word_embeddings", False))
     except KeyError as e:
         raise ChipfuseError(f"{p}: field {e} missing. Fix: a decoder-only config needs it") from None
+    from chipfuse.validate import model_spec
+
+    return model_spec(spec, source=str(p), where="config (as chipfuse reads it)")  # type and range of every field
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+from chipfuse import validate
 from chipfuse.errors import PlanError
 from chipfuse.model.spec import ModelSpec
 
@@ -30,15 +31,18 @@ OFFLOAD_MODES = ("none", "optimizer", "params")
 SCHEDULES = ("gpipe", "1f1b", "interleaved")
 DTYPES = ("fp32", "bf16", "fp16")
 OPTIMIZER_DTYPES = ("fp32", "bf16", "int8", "int4")
+COMPRESSIONS = ("none", "bf16", "fp16")
+MAX_MICRO_BATCHES = 10_000
+"""Per replica and step: the schedule, the simulator and the trainer loop over each one."""
 
 
 @dataclass(frozen=True, kw_only=True)
 class Stage:
     devices: tuple[str, ...]
     """Device names; several form one group (tensor-parallel or sharded) inside a node."""
-    first_layer: int
-    num_layers: int
-    tp_degree: int = 1
+    first_layer: validate.Index
+    num_layers: validate.Count
+    tp_degree: validate.Count = 1
     checkpoint: str = "none"
     """Activation checkpointing: none | selective | full."""
     shard: str = "none"
@@ -54,9 +58,9 @@ class Stage:
 @dataclass(frozen=True, kw_only=True)
 class Replica:
     stages: tuple[Stage, ...]
-    batch_share: int
+    batch_share: validate.Index
     """Samples of every global batch this replica computes."""
-    micro_batch_size: int
+    micro_batch_size: validate.Count
     """Samples per micro-batch (the last micro-batch may be smaller)."""
 
     @property
@@ -74,10 +78,10 @@ class SyncPlan:
 
     islands: tuple[tuple[str, ...], ...] = ()
     """Groups of well-connected devices; synchronous inside, DiLoCo between."""
-    outer_every: int = 1
+    outer_every: validate.Count = 1
     """H: inner steps between outer (cross-island) steps."""
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
+    outer_lr: Annotated[float, validate.Range(0, 100, above=True)] = 0.7
+    outer_momentum: Annotated[float, validate.Range(0, 0.999)] = 0.9
     compression: str = "none"
     """Cross-island payload: none | bf16 | fp16."""
 
@@ -85,9 +89,9 @@ class SyncPlan:
 @dataclass(frozen=True, kw_only=True)
 class Plan:
     model: ModelSpec
-    global_batch: int
+    global_batch: validate.Count
     """Samples per optimizer step, over all replicas."""
-    seq_len: int
+    seq_len: validate.Count
     replicas: tuple[Replica, ...]
     schedule: str = "1f1b"
     dtype: str = "fp32"
@@ -100,7 +104,7 @@ class Plan:
     strategy: str = "manual"
     """Who made it: chipfuse | even | fastest-only | proportional-dp | manual."""
     pool: str = ""
-    version: int = 1
+    version: Annotated[int, validate.Range(1, 1)] = 1
 
     # ------------------------------------------------------------------ derived views
     @property
@@ -127,30 +131,12 @@ class Plan:
         return text
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "<plan>") -> Plan:
-        try:
-            _known(d, cls, source, "plan")
-            model = ModelSpec.from_dict(d["model"])
-            replicas = []
-            for i, r in enumerate(d["replicas"]):
-                _known(r, Replica, source, f"replicas[{i}]")
-                stages = []
-                for j, s in enumerate(r["stages"]):
-                    _known(s, Stage, source, f"replicas[{i}].stages[{j}]")
-                    stages.append(Stage(**{**s, "devices": tuple(s["devices"])}))
-                replicas.append(Replica(**{**r, "stages": tuple(stages)}))
-            sync_raw = d.get("sync", {})
-            _known(sync_raw, SyncPlan, source, "sync")
-            sync = SyncPlan(**{**sync_raw, "islands": tuple(tuple(x) for x in sync_raw.get("islands", ()))})
-            rest = {k: v for k, v in d.items() if k not in ("model", "replicas", "sync")}
-            if "excluded" in rest:
-                rest["excluded"] = tuple(rest["excluded"])
-            plan = cls(model=model, replicas=tuple(replicas), sync=sync, **rest)
-        except KeyError as e:
-            raise PlanError(f"{source}: field {e} missing. Fix: add it (see `chipfuse plan --json` output)") from None
-        except TypeError as e:
-            raise PlanError(f"{source}: {e}. Fix: check the field names and types") from None
-        plan.check()
+    def from_dict(cls, d: Any, source: str = "<plan>") -> Plan:
+        """A plan from its JSON form, every field checked by type and range (chipfuse.validate), then
+        checked as a whole; a bad field is one PlanError naming it."""
+        plan = validate.build(cls, d, source=source, error=PlanError)
+        validate.model_spec(plan.model, source=source, error=PlanError)
+        plan.check(source)
         return plan
 
     @classmethod
@@ -160,7 +146,9 @@ class Plan:
             raw = json.loads(p.read_text())
         except FileNotFoundError:
             raise PlanError(f"{p}: no such plan file. Fix: write one with `chipfuse plan --json {p}`") from None
-        except json.JSONDecodeError as e:
+        except OSError as e:
+            raise PlanError(f"{p}: cannot read ({e.strerror}). Fix: give the path of a plan JSON file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise PlanError(f"{p}: not valid JSON ({e}). Fix: correct the syntax there") from None
         if isinstance(raw, dict) and "plan" in raw and "replicas" not in raw:
             raw = raw["plan"]  # accept the whole output of `chipfuse plan --json`
@@ -183,6 +171,8 @@ class Plan:
                 raise fail(name, f"is {val!r}", f"use one of {allowed}")
         if not self.replicas:
             raise fail("replicas", "is empty", "give at least one replica")
+        if self.sync.compression not in COMPRESSIONS:
+            raise fail("sync.compression", f"is {self.sync.compression!r}", f"use one of {COMPRESSIONS}")
         total = sum(r.batch_share for r in self.replicas)
         if total != self.global_batch:
             raise fail("replicas[*].batch_share", f"sum to {total}, global_batch is {self.global_batch}",
@@ -196,6 +186,9 @@ class Plan:
                            "use batch_share >= 0 and micro_batch_size >= 1")
             if not r.stages:
                 raise fail(f"{w}.stages", "is empty", "give at least one stage")
+            if r.num_micro_batches > MAX_MICRO_BATCHES:
+                raise fail(f"{w}.micro_batch_size", f"{r.num_micro_batches} micro-batches of {r.micro_batch_size} "
+                           f"per step", f"use larger micro-batches (at most {MAX_MICRO_BATCHES} per step)")
             nxt = 0
             for j, s in enumerate(r.stages):
                 sw = f"{w}.stages[{j}]"
@@ -218,6 +211,10 @@ class Plan:
                     seen.add(dv)
             if nxt != L:
                 raise fail(f"{w}.stages", f"cover {nxt} layers, the model has {L}", "cover every layer once")
+        named = [d for isl in self.sync.islands for d in isl]
+        if self.sync.islands and sorted(named) != sorted(seen):
+            raise fail("sync.islands", f"name {sorted(named)}, the plan's devices are {sorted(seen)}",
+                       "put every device of the plan in exactly one island")
 
     def check_against_pool(self, pool: Any, source: str = "<plan>") -> None:
         """The plan names only devices of `pool`, and none of them twice (pool: cluster.Pool)."""
@@ -226,13 +223,6 @@ class Plan:
             if dv not in names:
                 raise PlanError(f"{source}: device {dv!r} is not in pool {pool.name!r} "
                                 f"(it has {sorted(names)}). Fix: re-plan for this pool with `chipfuse plan`")
-
-
-def _known(d: dict, cls: type, source: str, where: str) -> None:
-    allowed = {f.name for f in fields(cls)}
-    extra = sorted(set(d) - allowed)
-    if extra:
-        raise PlanError(f"{source}: {where}.{extra[0]}: unknown field. Fix: use one of {sorted(allowed)}")
 
 
 def data_parallel_plan(model: ModelSpec, shares: dict[str, int], *, seq_len: int, micro_batch_size: int | dict[str, int],

@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated
 
+from chipfuse import validate
 from chipfuse.cluster.wiring import log_interp
 from chipfuse.errors import ChipfuseError
 
@@ -18,10 +20,10 @@ from chipfuse.errors import ChipfuseError
 class LayerTiming:
     """Measured seconds of one transformer block for one micro-batch on one device."""
 
-    micro_batch_size: int
-    seq_len: int
-    fwd_s: float
-    bwd_s: float
+    micro_batch_size: validate.Count
+    seq_len: validate.Count
+    fwd_s: validate.Positive
+    bwd_s: validate.Positive
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,7 +32,7 @@ class LinkMeasure:
 
     a: str
     b: str
-    bandwidth: float
+    bandwidth: validate.Positive
     """Bytes/s."""
     latency_s: float
     curve: tuple[tuple[float, float], ...] = ()
@@ -39,14 +41,14 @@ class LinkMeasure:
 
 @dataclass(frozen=True, kw_only=True)
 class Profile:
-    flops: dict[str, dict[str, float]] = field(default_factory=dict)
+    flops: dict[str, dict[str, validate.Positive]] = field(default_factory=dict)
     """device name -> dtype -> sustained FLOP/s on transformer blocks."""
     layer_times: dict[str, tuple[LayerTiming, ...]] = field(default_factory=dict)
     """device name -> measured block timings (scaled linearly in tokens to other shapes)."""
     links: tuple[LinkMeasure, ...] = ()
     gemm: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)
     """device name -> (GEMM size n of an n x n x n product, FLOP/s) measured: the efficiency curve."""
-    runtime_bytes: dict[str, int] = field(default_factory=dict)
+    runtime_bytes: dict[str, Annotated[int, validate.Range(0, 1 << 50)]] = field(default_factory=dict)
     """device name -> memory the runtime itself holds there (context, BLAS workspaces, communication
     buffers), measured; replaces plan.memory's default for that device in predict()'s fit check."""
     source: str = ""
@@ -76,19 +78,12 @@ class Profile:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "<profile>") -> Profile:
-        try:
-            return cls(
-                flops={k: {dt: float(v) for dt, v in per.items()} for k, per in d.get("flops", {}).items()},
-                layer_times={k: tuple(LayerTiming(**t) for t in ts) for k, ts in d.get("layer_times", {}).items()},
-                links=tuple(LinkMeasure(**{**ln, "curve": tuple(tuple(p) for p in ln.get("curve", ()))})
-                            for ln in d.get("links", ())),
-                gemm={k: tuple((float(a), float(b)) for a, b in pts) for k, pts in d.get("gemm", {}).items()},
-                runtime_bytes={k: int(v) for k, v in d.get("runtime_bytes", {}).items()},
-                source=d.get("source", source), emulated=bool(d.get("emulated", False)),
-            )
-        except (TypeError, AttributeError) as e:
-            raise ChipfuseError(f"{source}: malformed profile ({e}). Fix: write it with `chipfuse profile --json`") from None
+    def from_dict(cls, d: object, source: str = "<profile>") -> Profile:
+        """A profile from its JSON form, every field checked by type and range (chipfuse.validate).
+        Extra top-level keys are allowed: `chipfuse profile --json` adds some for people and reports."""
+        kwargs = validate.fields(cls, d, source=source, open=True)
+        kwargs.setdefault("source", source)
+        return cls(**kwargs)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -100,7 +95,9 @@ class Profile:
             raw = json.loads(p.read_text())
         except FileNotFoundError:
             raise ChipfuseError(f"{p}: no such profile. Fix: measure one with `chipfuse profile --json {p}`") from None
-        except json.JSONDecodeError as e:
+        except OSError as e:
+            raise ChipfuseError(f"{p}: cannot read ({e.strerror}). Fix: give the path of a profile JSON") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ChipfuseError(f"{p}: not valid JSON ({e}). Fix: correct the syntax there") from None
         return cls.from_dict(raw, source=str(p))
 

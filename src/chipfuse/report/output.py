@@ -24,12 +24,19 @@ def write_json(path: str | Path | None, obj: Any) -> None:
     os.replace(tmp, p)
 
 
+MAX_ROWS = 200
+"""Rows a terminal table shows; the rest are counted in a last row (--json has them all). A pool of
+65,536 devices must not take minutes to print."""
+
+
 def table(title: str, columns: list[str], rows: list[list[Any]]) -> Table:
     t = Table(title=title, title_justify="left")
     for c in columns:
         t.add_column(c, justify="left" if c == columns[0] else "right")
-    for r in rows:
+    for r in rows[:MAX_ROWS]:
         t.add_row(*[f"{v:.3g}" if isinstance(v, float) else str(v) for v in r])
+    if len(rows) > MAX_ROWS:
+        t.add_row(f"... {len(rows) - MAX_ROWS} more rows (all in --json)", *[""] * (len(columns) - 1))
     return t
 
 

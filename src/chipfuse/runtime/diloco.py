@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -160,6 +161,33 @@ class DiLoCo:
         self.steps_done = 0
         self.round_samples = 0.0
         self.outer_steps = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The outer state, as tensors for torch.distributed.checkpoint: the last synchronised weights,
+        the outer momentum, and where the round stands. Keys shared by every island (`outer`) hold the
+        same values on every rank; `island{k}` holds what only island k knows (its round's samples).
+        A fresh copy: pass it back to `load_state_dict` after DCP filled it."""
+        buffers = []
+        for g in self.global_params:
+            buf = self.outer_opt.state.get(g, {}).get("momentum_buffer")
+            # No buffer before the first outer step: zeros then act the same (SGD's first step sets
+            # buf = grad, and 0 * momentum + grad is grad).
+            buffers.append(torch.zeros_like(g) if buf is None else buf.detach().clone())
+        outer = {"global": {str(i): g.detach().clone() for i, g in enumerate(self.global_params)},
+                 "momentum": {str(i): b for i, b in enumerate(buffers)},
+                 "counters": torch.tensor([self.steps_done, self.outer_steps], dtype=torch.int64)}
+        island = {"round_samples": torch.tensor([self.round_samples], dtype=torch.float64)}
+        return {"outer": outer, f"island{self.groups.index}": island}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        outer = sd["outer"]
+        for i, g in enumerate(self.global_params):
+            g.copy_(outer["global"][str(i)])
+            self.outer_opt.state[g]["momentum_buffer"] = outer["momentum"][str(i)].clone()
+        self.steps_done, self.outer_steps = (int(x) for x in outer["counters"].tolist())
+        self.round_samples = float(sd[f"island{self.groups.index}"]["round_samples"][0])
 
     def sync_inner_grads(self) -> None:
         """Island mean gradient on every rank of the island (no traffic on the slow link).

@@ -58,6 +58,9 @@ def init(*, device_kind: str = "cpu", backend: str | None = None, timeout_s: flo
     # NCCL only when every rank is a CUDA device; a fused CPU+GPU job talks gloo over host memory.
     be = backend or ("nccl" if device.type == "cuda" else "gloo")
     if world > 1 and not dist.is_initialized():
+        # Every collective gives up after this long (a link down, a peer hung): the run then stops,
+        # named, instead of waiting forever (docs/endure.md). Tests shorten it.
+        timeout_s = float(os.environ.get("CHIPFUSE_COLLECTIVE_TIMEOUT_S", timeout_s))
         dist.init_process_group(be, timeout=datetime.timedelta(seconds=timeout_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local, backend=be, device=device)
 

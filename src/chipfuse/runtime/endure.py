@@ -23,16 +23,18 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from chipfuse.errors import ChipfuseError
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime import checkpoint
 from chipfuse.runtime.balance import BalanceConfig, Rebalancer, with_shares
-from chipfuse.runtime.guard import CleanStop, LossGuard, NonFiniteLossError
+from chipfuse.runtime.guard import CleanStop, LossGuard, NonFiniteLossError, die_with_parent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,6 +91,8 @@ class Endurance:
                            if cfg.rebalance and movable else None)
         self.guard = LossGuard(policy=cfg.nan_policy, log=self.log, checkpoint_hint=self._last_hint())
         self.stop = CleanStop().install()
+        if dist.is_initialized():  # a worker (not an in-process test): never outlive its launcher
+            die_with_parent()
         self.stopping = False
         self.resumed_from: str | None = None
         self.saved: list[str] = []
@@ -99,6 +103,7 @@ class Endurance:
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> int:
         """Load the checkpoint named by `resume` (if any); return the first step to train (< steps)."""
         self._model, self._optimizer = model, optimizer
+        self._resumed_path: Path | None = None
         if not self.cfg.resume:
             return 0
         r = checkpoint.load(self.cfg.resume, model=model, optimizer=optimizer, log=self.log)
@@ -107,8 +112,40 @@ class Endurance:
             raise ChipfuseError(f"{r.path} is at step {r.step} and --steps is {steps}: nothing to train. "
                                 f"Fix: give --steps above {r.step}")
         self.resumed_from = str(r.path)
+        self._resumed_path = r.path
         self.log(f"chipfuse: resumed from {r.path} at step {r.step} (plan over {list(self.plan.devices)})")
         return r.step
+
+    def attach(self, sync: Any) -> None:
+        """The gradient sync (runtime.grad_sync) whose own state checkpoints keep: DiLoCo's outer
+        momentum and last synchronised weights, and each island's own weights and inner optimizer
+        (islands differ between outer steps). Call after `resume` and after building the sync; a
+        resumed run then continues the round exactly where it was saved."""
+        self._sync = sync
+        if self._resumed_path is None:
+            return
+        state = self._sync_state()
+        if state and checkpoint.load_state(self._resumed_path, state):
+            own = state.get("replica")
+            if own:
+                (sd,) = own.values()
+                set_state_dict(self._model, self._optimizer, model_state_dict=sd["model"],
+                               optim_state_dict=sd["optim"], options=checkpoint.OPTIONS)
+            sync.load_state_dict(state["sync"])
+        elif state:
+            self.log(f"chipfuse: {self._resumed_path} holds no island state (written without islands): the "
+                     "outer loop starts afresh from the loaded weights")
+
+    def _sync_state(self) -> dict[str, Any]:
+        sync = getattr(self, "_sync", None)
+        sd = sync.state_dict() if sync is not None else {}
+        if sync is None or not sd:
+            return {}
+        out: dict[str, Any] = {"sync": sd}
+        if sync.replica_key:
+            model_sd, optim_sd = get_state_dict(self._model, self._optimizer, options=checkpoint.OPTIONS)
+            out["replica"] = {sync.replica_key: {"model": model_sd, "optim": optim_sd}}
+        return out
 
     def before_update(self, step: int, local_loss_sum: float) -> bool:
         """Agree on the global loss and on a stop request (one all-reduce); apply the NaN policy."""
@@ -189,7 +226,8 @@ class Endurance:
         assert self.cfg.checkpoint_dir is not None
         plan = with_shares(self.plan, [self.shares[d] for d in self.order])
         path = checkpoint.save(self.cfg.checkpoint_dir, step=step, model=self._model, optimizer=self._optimizer,
-                               plan=plan.to_dict(), extra={"shares": self.shares}, keep=self.cfg.checkpoint_keep)
+                               plan=plan.to_dict(), extra={"shares": self.shares}, keep=self.cfg.checkpoint_keep,
+                               state=self._sync_state())
         self.saved.append(str(path))
         self.guard.checkpoint_hint = str(path)
         return str(path)

@@ -43,6 +43,19 @@ class GradientSync:
     def finish(self) -> None:
         pass
 
+    def state_dict(self) -> dict:
+        """State a checkpoint must keep beyond the model and optimizer (none for synchronous sync)."""
+        return {}
+
+    def load_state_dict(self, sd: dict) -> None:
+        pass
+
+    @property
+    def replica_key(self) -> str | None:
+        """When replicas hold different weights between syncs (islands), the checkpoint key under
+        which this rank's own model and optimizer go; None when every replica holds the same."""
+        return None
+
     def describe(self) -> dict:
         out: dict = {"mode": "sync"}
         if self.link is not None:
@@ -82,6 +95,16 @@ class IslandSync(HierarchicalSync):
 
     def finish(self) -> None:
         self.diloco.finish()
+
+    def state_dict(self) -> dict:
+        return self.diloco.state_dict()
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.diloco.load_state_dict(sd)
+
+    @property
+    def replica_key(self) -> str | None:
+        return f"island{self.groups.index}"
 
     def describe(self) -> dict:
         return {**super().describe(), "mode": "islands", "outer_every": self.diloco.inner_steps,

@@ -95,3 +95,20 @@ class CleanStop:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send `sig` to this process when the process that started it dies (prctl
+    PR_SET_PDEATHSIG), so a supervisor or launcher killed with SIGKILL leaves no worker behind,
+    holding a port and a device. Used as `preexec_fn` (the flag survives exec) and by workers
+    started by another launcher. False where the call does not exist (not Linux)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return int(libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)) == 0

@@ -34,6 +34,7 @@ from chipfuse.plan.plan import Plan
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.runtime import checkpoint
 from chipfuse.runtime.balance import with_shares
+from chipfuse.runtime.guard import die_with_parent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +75,7 @@ def launch(argv: list[str], devices: tuple[str, ...] | list[str], *,
              "WORLD_SIZE": str(len(devices)), "LOCAL_WORLD_SIZE": str(len(devices)),
              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
              "CHIPFUSE_DEVICE_NAME": name}
-        procs.append(subprocess.Popen(argv, env=e))
+        procs.append(subprocess.Popen(argv, env=e, preexec_fn=die_with_parent))
     return procs, store
 
 

@@ -16,6 +16,7 @@ from chipfuse.errors import ChipfuseError
 from chipfuse.model.gpt import build_model
 from chipfuse.plan.plan import Plan, Replica
 from chipfuse.plan.shares import proportional_shares
+from chipfuse.report.figures import checked_fields, checked_ratio
 from chipfuse.runtime import dist as cfdist
 from chipfuse.runtime.data_parallel import DataParallelWorker
 from chipfuse.runtime.emulate import MemoryMeter, Pacer, solo_time
@@ -28,6 +29,7 @@ from chipfuse.runtime.memory import (
     prepare_replica,
 )
 from chipfuse.runtime.metrics import StepLog, gather_row
+from chipfuse.runtime.standalone import standalone_tokens_per_s
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,18 +161,12 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     # ---- standalone throughput of each device, same recipe, measured in turns (no weight update)
     solo_tps = 0.0
     if cfg.solo_samples:
-        def _solo() -> float:
-            t0 = time.perf_counter()
-            done = 0
-            while done < cfg.solo_samples:
-                n = min(mbs, cfg.solo_samples - done)
-                t_mb = time.perf_counter()
-                worker.micro_batch_forward_backward(0, 0, n)
-                if worker.pacer:
-                    worker.pacer.pad(t_mb, n)
-                done += n
+        def _solo() -> float:  # measured as the job runs a micro-batch (runtime/standalone.py)
+            tps = standalone_tokens_per_s(lambda n: worker.micro_batch_forward_backward(0, 0, n),
+                                          micro_batch_size=mbs, seq_len=plan.seq_len, samples=cfg.solo_samples,
+                                          pacer=worker.pacer)
             model.zero_grad(set_to_none=True)
-            return cfg.solo_samples * plan.seq_len / (time.perf_counter() - t0)
+            return tps
 
         solo_tps = _in_turns(info, _solo) or 0.0
     gathered = _all_gather_floats([eff_s, solo_tps])
@@ -192,6 +188,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     # plan.sync: one all-reduce per step, or islands with DiLoCo between them (docs/slow_links.md)
     grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank,
                                     share_fn=lambda: worker.share)
+    endure.attach(grad_sync)  # checkpoints keep its state (DiLoCo's outer loop); a resume restores it
     log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     progress = _Progress(enabled=info.is_main and cfg.progress, steps=cfg.steps, devices=list(plan.devices))
@@ -242,7 +239,8 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         "tokens_per_s": tps,
         "measured_step_s": log.steady_step_s(),
         "solo_tokens_per_s": solo,
-        "fusion_efficiency": tps / solo_sum if solo_sum else None,
+        **checked_fields("fusion_efficiency", checked_ratio(tps, solo_sum, hi=1.0, what="fusion efficiency",
+                                                            why="a job cannot outrun its devices alone")),
         "devices": {
             d: {"chip": pool.device(d).chip.name,
                 "speed": _speed(pool.device(d)),
