@@ -16,7 +16,7 @@ FROZEN = {
               "--timeline", "--unit-s"],
     "plan": ["--concurrency", "--context-len", "--dtype", "--evaluate", "--global-batch", "--json", "--max-model",
              "--micro-batch", "--model", "--optimizer-dtype", "--pool", "--profile", "--quantize", "--runnable",
-             "--schedule", "--seq-len", "--serve", "--time-budget", "--timeline"],
+             "--schedule", "--seq-len", "--serve", "--sync", "--time-budget", "--timeline"],
     "profile": ["--json", "--micro-batch", "--model", "--no-links", "--pool", "--seq-len", "--slack"],
     "generate": ["--concurrency", "--context-len", "--dtype", "--json", "--max-new-tokens", "--model", "--pool",
                  "--prompt", "--seed", "--serve-plan", "--temperature", "--top-p"],

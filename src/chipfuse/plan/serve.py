@@ -37,13 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from chipfuse import validate
 from chipfuse.cluster.pool import Device, Pool
 from chipfuse.errors import PlanError
 from chipfuse.model.costs import DTYPE_BYTES, ModelCosts, model_costs
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.hardware import BLOCK_LAUNCH_S, TOKENS_HALF, PoolIndex, p2p_s, sustained_flops
-from chipfuse.plan.memory import usable
-from chipfuse.plan.plan import _known
+from chipfuse.plan.memory import usable_bytes
 from chipfuse.plan.shares import proportional_shares
 
 WeightDtype = Literal["fp32", "bf16", "int8", "int4"]
@@ -121,23 +121,11 @@ class ServePlan:
         return text
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], source: str = "<serve plan>") -> ServePlan:
-        try:
-            _known(d, cls, source, "serve plan")
-            stages = []
-            for i, s in enumerate(d["stages"]):
-                _known(s, ServeStage, source, f"stages[{i}]")
-                stages.append(ServeStage(**s))
-            excluded = []
-            for i, e in enumerate(d.get("excluded", ())):
-                _known(e, Excluded, source, f"excluded[{i}]")
-                excluded.append(Excluded(**e))
-            rest = {k: v for k, v in d.items() if k not in ("model", "stages", "excluded")}
-            plan = cls(model=ModelSpec.from_dict(d["model"]), stages=tuple(stages), excluded=tuple(excluded), **rest)
-        except KeyError as e:
-            raise PlanError(f"{source}: field {e} missing. Fix: add it (see `chipfuse plan --serve --json`)") from None
-        except TypeError as e:
-            raise PlanError(f"{source}: {e}. Fix: check the field names and types") from None
+    def from_dict(cls, d: Any, source: str = "<serve plan>") -> ServePlan:
+        """A serve plan from its JSON form, every field checked by type and range (chipfuse.validate,
+        the same rules as a training plan), then checked as a whole."""
+        plan = validate.build(cls, d, source=source, error=PlanError)
+        validate.model_spec(plan.model, source=source, error=PlanError)
         plan.check(source)
         return plan
 
@@ -274,7 +262,7 @@ class _Model:
         return int(self.static_bytes(n, wd, first, last) + kv + work)
 
     def layers_fitting(self, dev: Device, wd: str, first: bool, last: bool) -> int:
-        room = usable(dev.memory_bytes) - self.memory(0, wd, first, last)
+        room = usable_bytes(dev) - self.memory(0, wd, first, last)
         per = self.memory(1, wd, first, last) - self.memory(0, wd, first, last)
         return max(0, int(room // per)) if room > 0 else 0
 
@@ -311,7 +299,7 @@ class _Model:
                 prefill_s=self.prefill_s(d, s.num_layers, last),
                 hop_s=hop if last else self.hop_s(d, nxt, b),
                 memory_bytes=self.memory(s.num_layers, s.weight_dtype, first, last),
-                capacity_bytes=usable(d.memory_bytes)))
+                capacity_bytes=usable_bytes(d)))
         loop = sum(s.decode_step_s + s.hop_s for s in out)
         interval = max(loop, groups * max(s.decode_step_s for s in out))
         ttft = sum(s.prefill_s for s in out) + sum(self.hop_s(devs[i], devs[i + 1], self.T) for i in range(k - 1))
