@@ -188,3 +188,25 @@ def test_checkpoint_index_with_a_malicious_pickle_is_refused(tmp_path, monkeypat
     with pytest.raises(checkpoint.CheckpointError, match=r"\.metadata: refused .*posix.system|\.metadata: refused"):
         checkpoint.load(ck, model=model, optimizer=opt, log=lambda m: None)
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_no_loader_unpickles_arbitrary_objects():
+    """A guard over the source: every torch.load is weights_only=True, no pickle.load of a file,
+    and pretrained weights come from safetensors only. Allowed: the restricted unpickler of DCP's
+    index (checkpoint.py) and memory_probe.py, which unpickles what its own child process sent."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parents[1] / "src" / "chipfuse"
+    found = []
+    for f in sorted(src.rglob("*.py")):
+        text = f.read_text()
+        for m in re.finditer(r"torch\.load\(([^)]*)\)", text):
+            if "weights_only=True" not in m.group(1):
+                found.append(f"{f.name}: torch.load without weights_only=True")
+        if f.name not in ("checkpoint.py", "memory_probe.py") and re.search(r"pickle\.(load|loads|Unpickler)\b", text):
+            found.append(f"{f.name}: pickle load")
+        for m in re.finditer(r"from_pretrained\(([^)]*)\)", text):
+            if "use_safetensors=True" not in m.group(1):
+                found.append(f"{f.name}: from_pretrained without use_safetensors=True")
+    assert not found, found

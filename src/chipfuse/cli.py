@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad flag (one line already printed) or --help: an exit code, not an exit
+        return e.code if isinstance(e.code, int) else 2
     try:
         return int(args.func(args) or 0)
     except ChipfuseError as e:

@@ -15,6 +15,7 @@ from typing import Any
 from chipfuse.cluster.pool import Pool
 from chipfuse.plan.plan import Plan
 from chipfuse.plan.profile import Profile
+from chipfuse.report.figures import Checked, checked_fields, checked_ratio
 
 COLORS = {"fwd": "#4C72B0", "bwd": "#DD8452", "compute": "#8172B2", "sync": "#55A868", "optimizer": "#8C8C8C"}
 """compute: forward and backward together, where a run records only per-step totals (data parallel)."""
@@ -30,8 +31,12 @@ def prediction_fields(plan: Plan, pool: Pool, profile: Profile | None, measured_
     except Exception as e:  # a run that trained must still report; say why there is no prediction
         return {"predicted_step_s": None, "measured_step_s": measured_step_s, "prediction_error": None,
                 "prediction_source": f"none ({type(e).__name__}: {e})"}
+    # predicted / measured is a ratio of two times: never negative (report/figures.py).
+    ratio = checked_ratio(pred, measured_step_s, what="predicted / measured step time", lo=0.0,
+                          why="a step time is never negative")
     return {"predicted_step_s": pred, "measured_step_s": measured_step_s,
-            "prediction_error": (pred - measured_step_s) / measured_step_s if measured_step_s else None,
+            **checked_fields("prediction_error", Checked(value=None if ratio.value is None else ratio.value - 1,
+                                                         fault=ratio.fault)),
             "prediction_source": "profile" if profile is not None else "catalog"}
 
 
@@ -124,4 +129,4 @@ def prediction_line(s: dict) -> str:
         return f"step time: measured {s['measured_step_s'] * 1e3:.1f} ms{label}; no prediction: {s['prediction_source']}"
     return (f"step time: predicted {s['predicted_step_s'] * 1e3:.1f} ms ({s['prediction_source']}), measured "
             f"{s['measured_step_s'] * 1e3:.1f} ms{label}, relative error "
-            + (f"{err:+.1%}" if err is not None else "n/a"))
+            + (f"{err:+.1%}" if err is not None else f"n/a ({s.get('prediction_error_fault', 'not measured')})"))

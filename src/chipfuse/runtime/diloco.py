@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from chipfuse.errors import PlanError
+from chipfuse.runtime.dist import collective_timeout
 from chipfuse.runtime.links import EmulatedLink
 
 COMPRESSION_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,8 +70,9 @@ def make_island_groups(islands: Sequence[Sequence[int]], *, rank: int, world_siz
     if flat != list(range(world_size)) or any(not i for i in isl):
         raise PlanError(f"sync.islands: ranks {[list(i) for i in isl]} do not cover ranks 0..{world_size - 1} "
                         "exactly once. Fix: put every device of the plan in exactly one island")
-    groups = [dist.new_group(list(i)) if len(i) > 1 else None for i in isl]
-    leaders = dist.new_group([i[0] for i in isl]) if len(isl) > 1 else None
+    # Each with the job's collective timeout: a slow link that goes down is noticed, not waited on.
+    groups = [dist.new_group(list(i), timeout=collective_timeout()) if len(i) > 1 else None for i in isl]
+    leaders = dist.new_group([i[0] for i in isl], timeout=collective_timeout()) if len(isl) > 1 else None
     index = next(k for k, i in enumerate(isl) if rank in i)
     return IslandGroups(islands=isl, index=index, rank=rank, group=groups[index],
                         leaders=leaders if rank == isl[index][0] else None)

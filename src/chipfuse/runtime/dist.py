@@ -39,6 +39,14 @@ def torch_device_kind(device: object) -> str:
     return "cuda" if not emulated and vendor in ("nvidia", "amd") and torch.cuda.is_available() else "cpu"
 
 
+def collective_timeout(default_s: float = 60.0) -> datetime.timedelta:
+    """How long any collective waits before giving up (a link down, a peer hung): the run then
+    stops, named, instead of waiting forever (docs/endure.md). Give it to every group created
+    (`dist.new_group` does not inherit the default group's timeout). Tests shorten it with
+    CHIPFUSE_COLLECTIVE_TIMEOUT_S."""
+    return datetime.timedelta(seconds=float(os.environ.get("CHIPFUSE_COLLECTIVE_TIMEOUT_S", default_s)))
+
+
 def init(*, device_kind: str = "cpu", backend: str | None = None, timeout_s: float = 60.0,
          threads: int | None = 1) -> DistInfo:
     """Join the job. With no RANK in the environment this is a one-process job (no group).
@@ -58,10 +66,7 @@ def init(*, device_kind: str = "cpu", backend: str | None = None, timeout_s: flo
     # NCCL only when every rank is a CUDA device; a fused CPU+GPU job talks gloo over host memory.
     be = backend or ("nccl" if device.type == "cuda" else "gloo")
     if world > 1 and not dist.is_initialized():
-        # Every collective gives up after this long (a link down, a peer hung): the run then stops,
-        # named, instead of waiting forever (docs/endure.md). Tests shorten it.
-        timeout_s = float(os.environ.get("CHIPFUSE_COLLECTIVE_TIMEOUT_S", timeout_s))
-        dist.init_process_group(be, timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(be, timeout=collective_timeout(timeout_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local, backend=be, device=device)
 
 
