@@ -15,7 +15,7 @@ FROZEN = {
               "--resume", "--run-dir", "--seed", "--seq-len", "--shares", "--slowdown", "--solo-samples", "--steps",
               "--timeline", "--unit-s"],
     "plan": ["--dtype", "--evaluate", "--global-batch", "--json", "--max-model", "--micro-batch", "--model",
-             "--optimizer-dtype", "--pool", "--profile", "--runnable", "--schedule", "--seq-len", "--time-budget",
+             "--optimizer-dtype", "--pool", "--profile", "--schedule", "--seq-len", "--time-budget",
              "--timeline"],
     "profile": ["--json", "--micro-batch", "--model", "--no-links", "--pool", "--seq-len", "--slack"],
 }

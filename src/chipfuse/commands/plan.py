@@ -37,9 +37,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help="measured profile JSON (from `chipfuse profile`) overriding catalog figures")
     p.add_argument("--json", metavar="PATH", help="write plan, prediction and baselines (read by `chipfuse train --plan`)")
     p.add_argument("--timeline", metavar="PNG", help="draw the simulated step of the chosen plan")
-    p.add_argument("--runnable", action="store_true",
-                   help="only plans `chipfuse train` runs today (one device per stage, no offload); "
-                        "without it the search covers tensor-parallel and sharded stage groups too")
     p.add_argument("--max-model", action="store_true",
                    help="no search: the largest model of --model's family (same depth, wider) the pool can train "
                         "under each memory strategy, and what limits it")
@@ -67,7 +64,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 raise ChipfuseError(f"chipfuse plan: {flag} is missing. Fix: give {flag} (or --evaluate PLAN_JSON)")
         res = search(pool, resolve_model(args.model), global_batch=args.global_batch, seq_len=args.seq_len,
                      time_budget_s=args.time_budget, profile=profile, dtype=args.dtype,
-                     optimizer_dtype=args.optimizer_dtype, schedule=args.schedule, runnable=args.runnable)
+                     optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
         # Slow links (docs/slow_links.md): DiLoCo islands and H when a link is too slow for sync training.
         res, advice = best_with_islands(res, pool, profile)
         plan, pred = res.plan, res.prediction

@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 
 from chipfuse.runtime.emulate import Pacer
-from chipfuse.runtime.stages import StageModule
 
 
 @dataclass(kw_only=True)
@@ -53,19 +52,29 @@ class _OnBackward(torch.autograd.Function):
 
 
 class PacedStage(nn.Module):
-    """Wraps a StageModule; forward and backward of each call take the emulated device's time."""
+    """Wraps a stage module; forward and backward of each call take the emulated device's time.
 
-    def __init__(self, inner: StageModule, clock: Clock):
+    The module is called whole (so hooks on it, FSDP2's among them, run); the end of its backward is
+    marked at the input of its first block (a forward pre-hook), which is where the stage's own
+    input, token ids on a first stage, has no gradient to mark."""
+
+    def __init__(self, inner: nn.Module, clock: Clock):
         super().__init__()
         self.inner = inner
         self.clock = clock
+        from chipfuse.runtime.parallel.checkpointing import block_modules
+
+        block_modules(inner)[0].register_forward_pre_hook(self._mark_input, with_kwargs=True)
+
+    def _mark_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        h = args[0]
+        if not (torch.is_grad_enabled() and h.requires_grad):
+            return None
+        return (_OnBackward.apply(h, self.clock.bwd_done), *args[1:]), kwargs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        h = self.inner.pre(x)
-        if h.requires_grad:
-            h = _OnBackward.apply(h, self.clock.bwd_done)
-        y = self.inner.body(h)
+        y = self.inner(x)
         if y.requires_grad:
             y = _OnBackward.apply(y, self.clock.bwd_started)
         if self.clock.fwd is not None:
@@ -74,7 +83,7 @@ class PacedStage(nn.Module):
         return y
 
 
-def measure_solo(module: StageModule, x: torch.Tensor, backward_fn, *, repeats: int = 5) -> tuple[float, float]:
+def measure_solo(module: nn.Module, x: torch.Tensor, backward_fn, *, repeats: int = 5) -> tuple[float, float]:
     """Best-of-`repeats` forward and backward seconds of one micro-batch (after one warm-up)."""
     best_f = best_b = float("inf")
     for k in range(repeats + 1):
