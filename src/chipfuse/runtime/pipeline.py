@@ -135,6 +135,7 @@ class PipelineWorker:
         elif config.pace and emu is not None:
             self.clock = Clock(fwd=Pacer(speed=emu.speed, unit_s=self.solo_fwd_s, slack=config.slack),
                                bwd=Pacer(speed=emu.speed, unit_s=self.solo_bwd_s, slack=config.slack))
+        self.clock.rows = self._rows()
         self.paced = PacedStage(module, self.clock)
         self.group_stage: GroupStage | None = None
         runner: nn.Module = self.paced
@@ -235,15 +236,16 @@ class PipelineWorker:
             self._build_schedule()
 
     # ------------------------------------------------------------------ one step
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This replica's samples of global step `step`, padded to n_mb full micro-batches."""
+    def batch(self, step: int, pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's samples of global step `step`, padded to n_mb full micro-batches (pipelines
+        need one shape; a one-stage replica computes its short last micro-batch as it is)."""
         rep, T = self.replica, self.plan.seq_len
         x, y = get_batch(step, self.plan.global_batch, T, start=self.offset, count=self.share,
                          seed=self.cfg.data_seed)
-        pad = self.n_mb * rep.micro_batch_size - self.share
-        if pad:
-            x = torch.cat([x, torch.zeros(pad, T, dtype=x.dtype)])
-            y = torch.cat([y, torch.full((pad, T), IGNORE, dtype=y.dtype)])
+        n_pad = self.n_mb * rep.micro_batch_size - self.share if pad else 0
+        if n_pad > 0:
+            x = torch.cat([x, torch.zeros(n_pad, T, dtype=x.dtype)])
+            y = torch.cat([y, torch.full((n_pad, T), IGNORE, dtype=y.dtype)])
         return x, y
 
     def forward_backward(self, step: int) -> torch.Tensor:
@@ -256,7 +258,8 @@ class PipelineWorker:
                 assert self.group_stage is not None
                 self.group_stage.follow()
                 return torch.zeros(())
-            x, y = self.batch(step)
+            # Padding only where shapes must agree: pipelines, and a sharded group's row split.
+            x, y = self.batch(step, pad=self.schedule is not None or role.kind == "fsdp")
             if self.schedule is None:
                 x, y = x.to(self.torch_device), y.to(self.torch_device)
                 mbs = self.replica.micro_batch_size

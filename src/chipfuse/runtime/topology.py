@@ -9,7 +9,8 @@ One object, built once from the plan, the pool and the ranks, in two parts:
 - `Topology.create_groups(rank)` is collective: every rank calls it at the same point and it makes
   every process group and device mesh of the job, in one fixed order (torch.distributed.new_group
   must be called by every rank, for every group, even the ones it is not in):
-    1. one group (and 1-D DeviceMesh) per stage group of several devices;
+    1. one group (and 1-D DeviceMesh) per stage group of several devices, and a mesh of one for
+       a lone device whose stage offloads its parameters (FSDP2 runs there too);
     2. one pipeline group per replica of several stages (the groups' leaders, in stage order);
     3. one gradient reducer per distinct set of ranks holding the same layers across replicas,
        each by chip vendor plus a gloo bridge (runtime/groups.py).
@@ -263,6 +264,14 @@ class Topology:
 
                 out.stage = g
                 out.mesh = DeviceMesh.from_group(g, mesh_device_type(pool.device(self.by_rank[rank])))
+        # A lone device with parameter offload runs FSDP2 too: on a mesh of itself, not the world.
+        for r in self.roles:
+            if r.group_size == 1 and self.stage_of(r).offload == "params":
+                g = dist.new_group([r.rank], backend=link_backend({vendor_of[r.rank]}, native_of))
+                if r.rank == rank:
+                    from torch.distributed.device_mesh import DeviceMesh
+
+                    out.mesh = DeviceMesh.from_group(g, mesh_device_type(pool.device(r.device)))
         for i in range(len(self.plan.replicas)):
             leaders = next(r.pipeline_ranks for r in self.roles if r.replica == i)
             if len(leaders) > 1:
