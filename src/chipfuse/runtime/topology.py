@@ -199,10 +199,14 @@ class Topology:
                         if val % st.tp_degree:
                             raise PlanError(f"{where}.tp_degree: {st.tp_degree} does not divide the model's {what} "
                                             f"({val}). Fix: use a tp_degree that divides it")
-                    if st.shard != "none" or st.offload == "params":
-                        raise PlanError(f"{where}: a tensor-parallel group with shard={st.shard!r}, offload="
-                                        f"{st.offload!r} is not run (TP and FSDP2 in one group). Fix: shard = \"none\" "
-                                        "and offload other than \"params\" for a tensor-parallel stage")
+                    if st.shard != "none":
+                        raise PlanError(f"{where}: a tensor-parallel group with shard={st.shard!r} is not run (TP "
+                                        "and FSDP2 in one group). Fix: shard = \"none\" for a tensor-parallel stage")
+                    real = [d for d in st.devices if not pool.device(d).emulated]
+                    if st.offload == "params" and real:
+                        raise PlanError(f"{where}.offload: 'params' on tensor-parallel chips {real} needs FSDP2 and "
+                                        "tensor parallel on one 2-D mesh, which is not run (on emulated devices the "
+                                        "offload is counted, not moved). Fix: offload = \"optimizer\" or \"none\"")
                 if n > 1 and st.tp_degree == 1 and rep.micro_batch_size < n:
                     raise PlanError(f"{source}: replicas[{i}].micro_batch_size: {rep.micro_batch_size} samples split "
                                     f"over a sharded group of {n} devices leaves some idle. Fix: micro_batch_size >= {n}")
