@@ -3,7 +3,8 @@ caps keep the whole model off any one device, the planner's best plan (which may
 or sharded stage groups) against its best plan restricted to single-device stages (pipelines and
 replicas only), both trained with `chipfuse train --plan` in one run.
 
-Pool: four emulated CPU devices of equal speed (`--speed-scale` of one core each; pacing holds only
+Pool: four emulated CPU devices (a CPU cannot offload to host memory, so memory has to come from
+splitting the model) of equal speed (`--speed-scale` of one core each; pacing holds only
 while every worker gets the CPU its speed asks for), each capped at 60% of what training the whole
 model needs. In one run: profile the pool (`chipfuse profile`), search both spaces over the profile
 (chipfuse.plan.search.search, `max_group=1` for the restricted one), train both plans, and compare
@@ -32,7 +33,7 @@ GLOBAL_BATCH, SEQ_LEN = 16, 64
 
 
 def pool_toml(cap_gib: float, scale: float) -> str:
-    devs = "".join(f'[[node.device]]\nname = "{n}"\nchip = "L4"\nemulate = {{ speed = {scale:g}, '
+    devs = "".join(f'[[node.device]]\nname = "{n}"\nchip = "cpu"\nemulate = {{ speed = {scale:g}, '
                    f'memory_gib = {cap_gib:.6f} }}\n' for n in DEVICES)
     return f'name = "emulated-4-capped"\n[[node]]\nname = "host0"\n{devs}'
 
@@ -48,6 +49,7 @@ def cap_gib(model_path: Path) -> float:
 def layout(plan) -> str:  # type: ignore[no-untyped-def]
     def st(s) -> str:  # type: ignore[no-untyped-def]
         kind = f"tp{s.tp_degree}" if s.tp_degree > 1 else (f"{s.shard}" if len(s.devices) > 1 else "")
+        kind += f",offload={s.offload}" if s.offload != "none" else ""
         return "+".join(s.devices) + (f"[{kind}]" if kind else "") + f":{s.num_layers}"
     return " | ".join(" > ".join(st(s) for s in r.stages) + f" x{r.batch_share}" for r in plan.replicas)
 
