@@ -53,7 +53,8 @@ def run_steps(rank: int, world: int, plan: Plan, pool: Pool, steps: int, cfg: Wo
             grads = w.grads()
             w.opt.zero_grad(set_to_none=True)
         losses.append(w.step(s)["loss"])
-    return {"losses": losses, "grads": grads, "describe": w.describe()}
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in w.module.parameters())
+    return {"losses": losses, "grads": grads, "describe": w.describe(), "local_numel": local}
 
 
 def reference(spec: ModelSpec, plan: Plan, steps: int, cfg: WorkerConfig) -> dict:

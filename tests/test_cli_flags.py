@@ -15,7 +15,7 @@ FROZEN = {
               "--resume", "--run-dir", "--seed", "--seq-len", "--shares", "--slowdown", "--solo-samples", "--steps",
               "--timeline", "--unit-s"],
     "plan": ["--concurrency", "--context-len", "--dtype", "--evaluate", "--global-batch", "--json", "--max-model",
-             "--micro-batch", "--model", "--optimizer-dtype", "--pool", "--profile", "--quantize", "--runnable",
+             "--micro-batch", "--model", "--optimizer-dtype", "--pool", "--profile", "--quantize",
              "--schedule", "--seq-len", "--serve", "--sync", "--time-budget", "--timeline"],
     "profile": ["--json", "--micro-batch", "--model", "--no-links", "--pool", "--seq-len", "--slack"],
     "generate": ["--concurrency", "--context-len", "--dtype", "--json", "--max-new-tokens", "--model", "--pool",

@@ -52,14 +52,18 @@ def test_train_refuses_a_plan_over_the_memory_cap_before_it_starts(tmp_path, cap
     assert not (tmp_path / "over").exists()  # nothing started, nothing written
 
 
-def test_trainer_refuses_sharded_groups_it_cannot_run_yet():
-    from chipfuse.errors import ChipfuseError
-    from chipfuse.model.gpt import build_model
-    from chipfuse.runtime.memory import MemoryConfig, prepare_replica
+def test_sharded_groups_run_and_offload_on_a_cpu_is_refused():
+    from chipfuse.errors import PlanError
+    from chipfuse.plan.plan import Replica, Stage
+    from chipfuse.runtime.topology import check_runnable
+    from tests.pipeline_helpers import pool_of
 
-    model = build_model(SPEC_PRESETS["tiny"])
-    with pytest.raises(ChipfuseError, match="needs FSDP2 over a stage group.*Fix:"):
-        prepare_replica(model, MemoryConfig(shard="full", group_size=2), device_name="a")
-    with pytest.raises(ChipfuseError, match="is a CPU.*Fix:"):
-        prepare_replica(model, MemoryConfig(offload="optimizer", host_is_device=True), device_name="a")
-    prepare_replica(model, MemoryConfig(shard="full", group_size=1), device_name="a")  # nothing to shard: no-op
+    pool = pool_of({"a": ("cpu", 1.0), "b": ("cpu", 1.0)})
+    base = data_parallel_plan(SPEC_PRESETS["tiny"], {"a": 4}, seq_len=32, micro_batch_size=4)
+    group = replace(base, replicas=(Replica(stages=(Stage(devices=("a", "b"), first_layer=0, num_layers=base.model.num_layers,
+                                                          shard="full"),), batch_share=4, micro_batch_size=4),))
+    check_runnable(group, pool)  # a sharded group over two devices runs (tests/test_stage_groups.py)
+    off = replace(group, replicas=(replace(group.replicas[0], stages=(replace(group.replicas[0].stages[0],
+                                                                              offload="optimizer"),)),))
+    with pytest.raises(PlanError, match="is a CPU.*Fix:"):
+        check_runnable(off, pool)

@@ -7,8 +7,8 @@ import torch
 
 from chipfuse.errors import PlanError
 from chipfuse.plan.plan import Plan, Replica, Stage
-from chipfuse.runtime.layout import check_runnable, layout, unit_ranks
 from chipfuse.runtime.pipeline import WorkerConfig
+from chipfuse.runtime.topology import check_runnable, layout, unit_ranks
 from tests.distributed import run_ranks
 from tests.pipeline_helpers import TINY_GPT, plan_of, pool_of, reference, run_steps
 
@@ -24,8 +24,9 @@ def _check_parity(results: list[dict], ref: dict, *, curve_atol: float) -> None:
         for name, g in r["grads"].items():
             torch.testing.assert_close(g, ref["grads"][name], atol=1e-6, rtol=1e-5, msg=name)
     # The loss curve: identical data and weights, so only rounding differs; AdamW divides by
-    # sqrt(v), which amplifies rounding on tiny gradients: over 50 steps we measured up to 1.5e-4
-    # (relative 5e-5 of a loss near 3); 5e-4 leaves room and still catches any wrong sample or share.
+    # sqrt(v), which amplifies rounding on tiny gradients: over 50 steps we measured up to 1.5e-4, and
+    # 6.3e-4 with torch 2.13 at step 48 (relative 2e-4 of a loss near 3; the same before and after the
+    # one-worker merge); 1e-3 leaves room and still catches any wrong sample or share (>= 1e-2).
     for r in results:
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]),
                                    atol=curve_atol, rtol=0)
@@ -39,7 +40,7 @@ def test_two_unequal_stages_times_two_unequal_replicas_match_one_device():
     pool = pool_of({"a0": ("cpu", 1.0), "a1": ("cpu", 1.0), "b0": ("cpu", 1.0), "b1": ("cpu", 1.0)})
     plan = plan_of(TINY_GPT, [([("a0", 1), ("a1", 2)], 5, 2), ([("b0", 2), ("b1", 1)], 3, 1)], schedule="1f1b")
     results = run_ranks(run_steps, 4, plan, pool, STEPS, CFG)
-    _check_parity(results, reference(TINY_GPT, plan, STEPS, CFG), curve_atol=5e-4)
+    _check_parity(results, reference(TINY_GPT, plan, STEPS, CFG), curve_atol=1e-3)
     assert {r["describe"]["schedule"] for r in results} == {"1f1b"}
 
 
@@ -74,10 +75,15 @@ def test_plans_that_cannot_run_are_refused_before_workers_start():
         check_runnable(ok, pool, world_size=3)
     with pytest.raises(PlanError, match="re-plan for this model"):
         check_runnable(ok, pool, model=TINY_GPT.__class__(**{**TINY_GPT.to_dict(), "num_layers": 4}))
+    # Stage groups run now (tensor parallel, FSDP2); one that mixes both in one group does not.
     two = Plan(model=TINY_GPT, global_batch=4, seq_len=32, replicas=(Replica(
         stages=(Stage(devices=("a0", "a1"), first_layer=0, num_layers=3),), batch_share=4, micro_batch_size=2),))
-    with pytest.raises(PlanError, match="one device"):
-        check_runnable(two, pool)
+    check_runnable(two, pool)
+    mixed = Plan(model=TINY_GPT, global_batch=4, seq_len=32, replicas=(Replica(
+        stages=(Stage(devices=("a0", "a1"), first_layer=0, num_layers=3, tp_degree=2, shard="full"),),
+        batch_share=4, micro_batch_size=2),))
+    with pytest.raises(PlanError, match="tensor-parallel group with shard.*Fix:"):
+        check_runnable(mixed, pool)
 
 
 def _whole_model_bytes(spec, batch: int, seq_len: int) -> int:

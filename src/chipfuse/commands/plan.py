@@ -48,9 +48,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--profile", help="measured profile JSON (from `chipfuse profile`) overriding catalog figures")
     p.add_argument("--json", metavar="PATH", help="write plan, prediction and baselines (read by `chipfuse train --plan`)")
     p.add_argument("--timeline", metavar="PNG", help="draw the simulated step of the chosen plan")
-    p.add_argument("--runnable", action="store_true",
-                   help="only plans `chipfuse train` runs today (one device per stage, no offload); "
-                        "without it the search covers tensor-parallel and sharded stage groups too")
     p.add_argument("--max-model", action="store_true",
                    help="no search: the largest model of --model's family (same depth, wider) the pool can train "
                         "under each memory strategy, and what limits it")
@@ -90,7 +87,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 raise ChipfuseError(f"chipfuse plan: {flag} is missing. Fix: give {flag} (or --evaluate PLAN_JSON)")
         res = search(pool, resolve_model(args.model), global_batch=args.global_batch, seq_len=args.seq_len,
                      time_budget_s=args.time_budget, profile=profile, dtype=args.dtype,
-                     optimizer_dtype=args.optimizer_dtype, schedule=args.schedule, runnable=args.runnable)
+                     optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
         # Changes to what is learned (DiLoCo islands over slow links, low-bit optimizer state, fp16) are
         # offered beside the synchronous plan and applied only when asked (plan.offers).
         res, offered, advice = offers(res, pool, profile, sync=args.sync)

@@ -63,14 +63,14 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
     worker starts, if it does not match the pool or the model."""
     if args.plan:
         from chipfuse.plan.memory_model import check_plan_memory
+        from chipfuse.runtime.dist import host_devices
+        from chipfuse.runtime.topology import check_runnable
 
         plan = Plan.from_json(args.plan)
         plan.check_against_pool(pool, source=args.plan)
         check_plan_memory(plan, pool, source=args.plan)  # predicted peak per device, before any worker starts
-        if not plan.is_pure_data_parallel or plan.model.family != "gpt":
-            from chipfuse.runtime.layout import check_runnable
-
-            check_runnable(plan, pool, source=args.plan)
+        # Everything about the plan against the runtime and this host's chips, before any worker starts.
+        check_runnable(plan, pool, source=args.plan, host_devices=host_devices())
         return plan
     from chipfuse.plan.data_parallel import unequal_data_parallel
     from chipfuse.runtime.probe import measure_memory

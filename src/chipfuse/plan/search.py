@@ -99,26 +99,28 @@ class Context:
     costs: ModelCosts
     kinds: list[Kind]
     solver: TemplateSolver
-    runnable: bool = False
-    """Only plans `chipfuse train` runs today: one device per stage, no offload."""
+    max_group: int | None = None
+    """Largest stage group (1: single-device stages only, the baseline of benchmarks/plan_space.py)."""
     _homogeneous: dict[int, list[Template]] = field(default_factory=dict)
 
     @classmethod
     def make(cls, pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, dtype: str = "bf16",
              optimizer_dtype: str = "fp32", schedule: str = "1f1b", profile: Profile | None = None,
-             runnable: bool = False) -> Context:
+             max_group: int | None = None) -> Context:
         ix = PoolIndex(pool, profile, dtype)
         costs = model_costs(model, seq_len)
         kinds = device_kinds(ix)
         solver = TemplateSolver(ix, costs, kinds, dtype=dtype, optimizer_dtype=optimizer_dtype, schedule=schedule,
-                                offloads=("none",) if runnable else OFFLOADS)
+                                # A CPU's memory is host memory: offload saves nothing and the runtime refuses it.
+                                offloads=("none",) if all(d.vendor == "cpu" for d in pool.devices) else OFFLOADS)
         return cls(pool=pool, model=model, global_batch=global_batch, seq_len=seq_len, dtype=dtype,
                    optimizer_dtype=optimizer_dtype, schedule=schedule, profile=profile, ix=ix, costs=costs,
-                   kinds=kinds, solver=solver, runnable=runnable)
+                   kinds=kinds, solver=solver, max_group=max_group)
 
-    @property
-    def max_group(self) -> int | None:
-        return 1 if self.runnable else None
+    def unit_configs(self, kind: int) -> list[tuple[int, int]]:
+        """(group size, tp degree) of one kind, as the runtime runs them: a group is tensor-parallel
+        over all its devices or sharded over all of them (runtime.topology refuses a mix)."""
+        return [(g, t) for g, t in unit_configs(self.kinds[kind], self.costs, max_group=self.max_group) if t in (1, g)]
 
     @functools.cached_property
     def total_rate(self) -> float:
@@ -164,7 +166,9 @@ class Context:
                                         checkpoint=ck, shard=sd, offload=of))
                     first += n
                     used.update(units_i)
-                replicas.append(Replica(stages=tuple(stages), batch_share=sh[r], micro_batch_size=min(tpl.mbs, sh[r])))
+                # A sharded group splits each micro-batch by rows: at least one row per member.
+                rows = max([len(st.devices) for st in stages if st.tp_degree == 1] + [tpl.mbs])
+                replicas.append(Replica(stages=tuple(stages), batch_share=sh[r], micro_batch_size=min(rows, sh[r])))
         excluded = tuple(d.name for d in self.pool.devices if d.name not in used)
         return Plan(model=self.model, global_batch=self.global_batch, seq_len=self.seq_len, replicas=tuple(replicas),
                     schedule=self.schedule, dtype=self.dtype, optimizer_dtype=self.optimizer_dtype, excluded=excluded,
@@ -191,7 +195,7 @@ class Context:
         # as it takes to hold the model's state once, the largest tensor degree first.
         sb = state_bytes(self.dtype, self.optimizer_dtype)
         need = self.costs.total_params * sb.total / max(1, usable_bytes(self.ix.dev[self.kinds[kind].per_node[0][1][0]]))
-        cfgs = sorted(unit_configs(self.kinds[kind], self.costs, max_group=self.max_group),
+        cfgs = sorted(self.unit_configs(kind),
                       key=lambda gt: (abs(math.log2(gt[0]) - math.log2(max(1.0, min(need, 8.0)))), -gt[1]))
         for g, t in cfgs:
             n_units = len(self.solver.units(kind, g))
@@ -243,7 +247,7 @@ class Context:
 
 def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, time_budget_s: float = 5.0,
            profile: Profile | None = None, dtype: str = "bf16", optimizer_dtype: str = "fp32",
-           schedule: str = "1f1b", runnable: bool = False, _refuse: bool = True) -> SearchResult:
+           schedule: str = "1f1b", max_group: int | None = None, _refuse: bool = True) -> SearchResult:
     """The best plan found within `time_budget_s`, with its prediction and the simple strategies'."""
     from chipfuse.plan.baselines import baselines
 
@@ -253,7 +257,7 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
     if not 0 < seq_len <= model.seq_len:
         raise PlanError(f"--seq-len is {seq_len}, model {model.name!r} allows 1..{model.seq_len}. Fix: lower it")
     ctx = Context.make(pool, model, global_batch=global_batch, seq_len=seq_len, dtype=dtype,
-                       optimizer_dtype=optimizer_dtype, schedule=schedule, profile=profile, runnable=runnable)
+                       optimizer_dtype=optimizer_dtype, schedule=schedule, profile=profile, max_group=max_group)
     # 1. each kind alone (fastest kind first: the fastest-only baseline reuses it)
     per_kind: dict[int, list[Template]] = {}
     order = sorted(range(len(ctx.kinds)), key=lambda k: -ctx.kinds[k].rate)
@@ -273,7 +277,7 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
         cfg_maps: list[dict[int, tuple[int, int]]] = [{}, {}, {}]
         for k in range(len(ctx.kinds)):
             cands = per_kind.get(k)
-            cfgs = unit_configs(ctx.kinds[k], ctx.costs, max_group=ctx.max_group)
+            cfgs = ctx.unit_configs(k)
             cfg_maps[0][k] = (cands[0].blocks[0].g, cands[0].blocks[0].t) if cands else (1, 1)
             cfg_maps[1][k] = (1, 1)
             cfg_maps[2][k] = max(cfgs)
@@ -361,7 +365,7 @@ def refusal(ctx: Context, tried: list[Scored], budget_s: float) -> NoPlanFits:
         try:
             search(ctx.pool, ctx.model, global_batch=ctx.global_batch, seq_len=seq, time_budget_s=min(2.0, budget_s / 4),
                    profile=ctx.profile, dtype=dtype, optimizer_dtype=opt, schedule=ctx.schedule,
-                   runnable=ctx.runnable, _refuse=False)
+                   max_group=ctx.max_group, _refuse=False)
             suggestions.append(label)
         except NoPlanFits:
             pass

@@ -31,12 +31,51 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("RANK", -1)) != -1
 
 
+# torch device type of each vendor's chips (what torch.accelerator reports on a host that has them).
+DEVICE_TYPE = {"nvidia": "cuda", "amd": "cuda", "huawei": "npu", "intel": "hpu", "apple": "mps",
+               "cambricon": "mlu", "cpu": "cpu"}
+
+
+def device_type_of(device: object) -> str:
+    """The torch device type a pool device runs on: its vendor's for a real chip; 'cpu' for an
+    emulated one (its speed is rehearsed on this CPU, not real)."""
+    if getattr(device, "emulated", True):
+        return "cpu"
+    return DEVICE_TYPE.get(getattr(device, "vendor", "cpu"), getattr(device, "vendor", "cpu"))
+
+
+def host_devices() -> dict[str, int]:
+    """Devices this host has, per torch device type: its accelerator (torch.accelerator: cuda, xpu,
+    npu with torch_npu imported, mps...) and the CPU, which every host has."""
+    out = {"cpu": 1 << 16}
+    try:
+        import torch_npu  # type: ignore[import-not-found]  # noqa: F401  registers "npu" with torch.accelerator
+    except ImportError:
+        pass
+    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    if acc is not None:
+        out[acc.type] = torch.accelerator.device_count()
+    return out
+
+
 def torch_device_kind(device: object) -> str:
-    """'cuda' for a real (not emulated) NVIDIA/AMD device when this host has CUDA, else 'cpu'.
-    Emulated devices always run on the CPU: their speed is rehearsed, not real."""
-    emulated = getattr(device, "emulated", True)
-    vendor = getattr(device, "vendor", "cpu")
-    return "cuda" if not emulated and vendor in ("nvidia", "amd") and torch.cuda.is_available() else "cpu"
+    """The device type this worker uses for a pool device: device_type_of, or 'cpu' when this host
+    lacks that accelerator (the launcher refuses such plans first: Topology.check_host)."""
+    kind = device_type_of(device)
+    return kind if host_devices().get(kind, 0) > 0 else "cpu"
+
+
+def mesh_device_type(device: object) -> str:
+    """Device type for a DeviceMesh over a stage group (the group's collectives run there)."""
+    return torch_device_kind(device)
+
+
+def native_backend(device_type: str) -> str:
+    """The collective library of a device type, when torch has it on this host, else gloo."""
+    from chipfuse.runtime.groups import usable_backend
+
+    native = {"cuda": "nccl", "xpu": "xccl", "npu": "hccl", "hpu": "hccl"}.get(device_type, "gloo")
+    return usable_backend(native)
 
 
 def collective_timeout(default_s: float = 60.0) -> datetime.timedelta:
@@ -60,11 +99,13 @@ def init(*, device_kind: str = "cpu", backend: str | None = None, timeout_s: flo
     world = int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
-    if device_kind == "cuda":
-        device = torch.device("cuda", local % torch.cuda.device_count())
-        torch.cuda.set_device(device)
-    # NCCL only when every rank is a CUDA device; a fused CPU+GPU job talks gloo over host memory.
-    be = backend or ("nccl" if device.type == "cuda" else "gloo")
+    if device_kind != "cpu":
+        # One rank per chip: the local rank picks the chip of this host (torch.accelerator API).
+        device = torch.device(device_kind, local % max(1, torch.accelerator.device_count()))
+        torch.accelerator.set_device_index(device.index)
+    # The native library only when every rank is one kind of accelerator; a fused job (CPU + GPU,
+    # or two vendors) talks gloo over host memory, with native subgroups made by the topology.
+    be = backend or native_backend(device.type)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(be, timeout=collective_timeout(timeout_s))
     return DistInfo(rank=rank, world_size=world, local_rank=local, backend=be, device=device)

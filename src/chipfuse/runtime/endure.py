@@ -86,7 +86,7 @@ class Endurance:
         if self.slowdown and self.slowdown.device not in plan.devices:
             raise ChipfuseError(f"--slowdown names {self.slowdown.device!r}, not a device of the plan "
                                 f"{list(plan.devices)}. Fix: name one of them")
-        movable = plan.is_pure_data_parallel and len(self.order) > 1 and hasattr(worker, "set_share")
+        movable = len(self.order) > 1 and hasattr(worker, "set_share")
         self.rebalancer = (Rebalancer([self.shares[d] for d in self.order], cfg.balance, names=self.order)
                            if cfg.rebalance and movable else None)
         self.guard = LossGuard(policy=cfg.nan_policy, log=self.log, checkpoint_hint=self._last_hint())
@@ -242,8 +242,9 @@ class Endurance:
     def _apply(self, shares: list[int]) -> None:
         self.shares = dict(zip(self.order, shares, strict=True))
         offset = 0
+        mine = getattr(self.worker, "replica_key", self.name)  # every rank of a pipeline replica moves with it
         for d in self.order:
-            if d == self.name:
+            if d == mine:
                 self.worker.set_share(offset=offset, share=self.shares[d])
             offset += self.shares[d]
 

@@ -1,6 +1,7 @@
-"""The trainer's gradient-sync hook, chosen from the plan and the pool.
+"""The training loop's gradient-sync hook, chosen from the plan and the pool.
 
-- plan.sync.islands empty, one node (or real devices): one flat all-reduce per step, as before.
+- the default (UnitSync): each layer's gradient summed over the replicas that hold it, whatever
+  their stage split and group sizes, through vendor groups and a bridge (runtime/groups.py).
 - plan.sync.islands empty, an all-emulated pool spanning nodes: the same synchronous step, reduced
   per node then across nodes, with the pool's slowest [[link]] between them emulated (so a slow
   link costs what it would).
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from chipfuse.cluster.pool import Pool
 from chipfuse.plan.islands import island_layout, slowest_link
@@ -24,6 +27,7 @@ from chipfuse.plan.plan import Plan
 from chipfuse.runtime.data_parallel import all_reduce_gradients
 from chipfuse.runtime.diloco import DiLoCo, IslandGroups, make_island_groups, sync_gradients
 from chipfuse.runtime.links import EmulatedLink
+from chipfuse.runtime.topology import units_of_model
 
 
 class GradientSync:
@@ -62,6 +66,46 @@ class GradientSync:
             out["link"] = {"bandwidth_bytes_s": self.link.bandwidth_bytes_s, "latency_s": self.link.latency_s,
                            "emulated": True, **self.link.stats.to_dict()}
         return out
+
+
+class UnitSync(GradientSync):
+    """Sum each unit's (embedding, block, head) gradient over the replicas holding it.
+
+    A unit held by a stage group of several devices has its gradient spread over the group: DTensor
+    shards (tensor parallel, FSDP2) are gathered whole inside the group first, and only the group's
+    leader adds it to the sum (the others add zeros), so a replica counts once whatever its group
+    size; each member then keeps its own shard of the sum. Units with the same set of holding ranks
+    travel in one flat buffer."""
+
+    def __init__(self, worker: Any):
+        super().__init__([p for ps in worker.unit_params.values() for p in ps])
+        self.worker = worker
+
+    def reduce(self) -> None:
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        w = self.worker
+        lead = w.role.leader
+        for ranks, reducer in w.groups.reducers.items():
+            params = [p for u in units_of_model(w.plan.model) if w.unit_ranks[u] == ranks for p in w.unit_params.get(u, [])]
+            whole = []
+            for p in params:
+                g = p.grad if p.grad is not None else torch.zeros_like(p)
+                if isinstance(g, DTensor):
+                    g = g.full_tensor()
+                whole.append(g if lead else torch.zeros_like(g))
+            if not whole:
+                continue
+            flat = _flatten_dense_tensors(whole)
+            reducer.all_reduce(flat)
+            for p, g in zip(params, _unflatten_dense_tensors(flat, whole), strict=True):
+                if isinstance(p, DTensor):
+                    p.grad = distribute_tensor(g, p.device_mesh, p.placements, src_data_rank=None)
+                else:
+                    p.grad = g
+
+    def describe(self) -> dict:
+        return {"mode": "sync", "reducers": [r.describe() for r in self.worker.groups.reducers.values()]}
 
 
 class HierarchicalSync(GradientSync):
@@ -126,9 +170,13 @@ def _link_between(pool: Pool, islands: Sequence[Sequence[str]], groups: IslandGr
 
 
 def build_gradient_sync(plan: Plan, pool: Pool, params: Sequence[torch.nn.Parameter], *, rank: int,
-                        rank_devices: Sequence[str], share_fn: Callable[[], int]) -> GradientSync:
+                        rank_devices: Sequence[str], share_fn: Callable[[], int],
+                        default: GradientSync | None = None) -> GradientSync:
     """rank_devices: the device name of every rank, in rank order; share_fn: this rank's samples
-    in the current step. Every rank must call this at the same point: it creates process groups."""
+    in the current step; default: the sync of a plan without islands on one node (the worker's
+    UnitSync; a flat all-reduce when None). Islands and an emulated multi-node pool need whole-model
+    one-device replicas (Topology.check refuses the others). Every rank must call this at the same
+    point: it creates process groups."""
     world_size = len(rank_devices)
 
     def ranks(groups: Sequence[Sequence[str]]) -> list[list[int]]:
@@ -146,8 +194,8 @@ def build_gradient_sync(plan: Plan, pool: Pool, params: Sequence[torch.nn.Parame
     nodes: dict[str, list[str]] = {}
     for d in rank_devices:
         nodes.setdefault(pool.device(d).node, []).append(d)
-    if world_size > 1 and len(nodes) > 1 and all(d.emulated for d in pool.devices):
+    if world_size > 1 and len(nodes) > 1 and plan.is_pure_data_parallel and all(d.emulated for d in pool.devices):
         by_node = list(nodes.values())
         groups = make_island_groups(ranks(by_node), rank=rank, world_size=world_size)
         return HierarchicalSync(params, groups, _link_between(pool, by_node, groups))
-    return GradientSync(params)
+    return default or GradientSync(params)

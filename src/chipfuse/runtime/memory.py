@@ -47,9 +47,11 @@ import torch.nn as nn
 
 from chipfuse.errors import ChipfuseError
 from chipfuse.runtime.optim_state import build_state_optimizer, leaf_tensors, state_tensors
+from chipfuse.runtime.parallel.checkpointing import apply_checkpointing, block_modules
+from chipfuse.runtime.parallel.fsdp import apply_fsdp
 
 __all__ = ["MemoryConfig", "apply_checkpointing", "apply_sharding", "apply_memory", "build_state_optimizer",
-           "apply_autocast", "build_plan_optimizer", "device_memory_config", "prepare_replica", "device_state_tensors", "refuse_host_offload", "watch_gathered"]
+           "apply_autocast", "build_plan_optimizer", "device_memory_config", "device_state_tensors", "refuse_host_offload", "watch_gathered"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,66 +92,9 @@ def refuse_host_offload(device_name: str, offload: str) -> None:
             "Fix: set offload = \"none\" for its stage and use sharding or checkpointing to save memory")
 
 
-def _blocks(model: nn.Module) -> nn.ModuleList:
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(f"{type(model).__name__} has no `blocks` ModuleList to checkpoint or shard")
-    return blocks
-
-
-def apply_checkpointing(model: nn.Module, mode: str) -> list[int]:
-    """Wrap blocks with torch's checkpoint_wrapper (non-reentrant). Returns the wrapped indices."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-
-    if mode == "none":
-        return []
-    if mode not in ("selective", "full"):
-        raise ValueError(f"checkpoint mode {mode!r}: use none, selective or full")
-    blocks = _blocks(model)
-    every = 1 if mode == "full" else 2
-    chosen = [i for i in range(len(blocks)) if i % every == 0]
-    for i in chosen:
-        # preserve_rng_state: recompute sees the same random stream, so the maths is unchanged.
-        blocks[i] = checkpoint_wrapper(blocks[i], preserve_rng_state=True)
-    return chosen
-
-
 def apply_sharding(model: nn.Module, *, shard: str, mesh=None, offload: str = "none", dtype: str = "fp32") -> bool:
-    """FSDP2 fully_shard every block, then the root. Returns False when nothing was sharded.
-
-    `mesh`: the stage group's 1-D DeviceMesh (None = the whole world). Parameter offload and
-    mixed precision are FSDP2 policies, so they are applied here too.
-    """
-    from torch.distributed.fsdp import (
-        CPUOffloadPolicy,
-        FSDPModule,
-        MixedPrecisionPolicy,
-        OffloadPolicy,
-        fully_shard,
-    )
-
-    if shard == "none" and offload != "params":
-        return False
-    kw: dict = {"mesh": mesh}
-    if dtype == "bf16":
-        # Gradients are reduced in fp32: summing many bf16 shards loses the small ones.
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    # pin_memory only helps copies to an accelerator, and needs one to exist.
-    kw["offload_policy"] = (CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if offload == "params"
-                            else OffloadPolicy())
-    reshard = shard in ("full", "none")  # "none" here means: offload only, ZeRO-3 layout on one device
-    for blk in _blocks(model):
-        fully_shard(blk, reshard_after_forward=reshard, **kw)
-    # The root's parameters (embeddings, head) are used first in backward: keep them gathered.
-    fully_shard(model, reshard_after_forward=False, **kw)
-    # chipfuse divides each rank's loss by the GLOBAL token count (runtime.data_parallel), so gradients
-    # are to be summed, not averaged. A divide factor of 1 alone asks for PREMUL_SUM, which gloo lacks;
-    # with force-sum FSDP2 reduces with plain SUM and divides by 1 (a no-op).
-    for m in model.modules():
-        if isinstance(m, FSDPModule):  # each FSDP unit reduces its own gradients
-            m.set_gradient_divide_factor(1.0)
-            m.set_force_sum_reduction_for_comms(True)
-    return True
+    """FSDP2 over the stage group (runtime.parallel.fsdp.apply_fsdp)."""
+    return apply_fsdp(model, shard=shard, mesh=mesh, offload=offload, dtype=dtype)
 
 
 def apply_memory(model: nn.Module, cfg: MemoryConfig, *, mesh=None, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -183,7 +128,7 @@ def watch_gathered(model: nn.Module, meter) -> None:
     from torch.distributed.tensor import DTensor
 
     meter.transient = lambda: [p for p in model.parameters() if not isinstance(p, DTensor)]
-    for blk in _blocks(model):
+    for blk in block_modules(model):
         inner = getattr(blk, "_checkpoint_wrapped_module", blk)
         inner.register_forward_pre_hook(lambda *_: meter.check("gathered parameters"))
 
@@ -204,7 +149,7 @@ def device_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | No
 
 
 # ---------------------------------------------------------------------------------------------------
-# Trainer hooks: the training loop calls these three and knows nothing else of memory strategies.
+# Worker hooks: the worker calls these and runtime.parallelize; it knows nothing else of memory strategies.
 
 
 def device_memory_config(plan, pool, device_name: str) -> MemoryConfig:
@@ -215,25 +160,6 @@ def device_memory_config(plan, pool, device_name: str) -> MemoryConfig:
     chip = pool.device(device_name).chip
     cfg = MemoryConfig.from_plan(plan, stage, host_is_device=chip.vendor == "cpu")
     return replace(cfg, dtype=compute_dtype(plan.dtype, chip))
-
-
-def prepare_replica(model: nn.Module, cfg: MemoryConfig, *, device_name: str, device_type: str = "cpu") -> None:
-    """Apply `cfg` to a whole-model data-parallel replica on one device (the trainer's replicas).
-
-    Sharding a one-device group divides nothing, so `shard` is a no-op there. Sharded groups and
-    parameter offload need FSDP2 over the stage's group, whose gradients are DTensor shards the
-    replicas' all-reduce does not take, and whose collectives the trainer's one-rank-at-a-time
-    warm-up would deadlock: refused with the fix until the trainer runs stage groups."""
-    if cfg.host_is_device:
-        refuse_host_offload(device_name, cfg.offload)
-    if cfg.offload == "params" or (cfg.shard != "none" and cfg.group_size > 1):
-        what = "offload = \"params\"" if cfg.offload == "params" else f"shard = {cfg.shard!r} over {cfg.group_size} devices"
-        raise ChipfuseError(f"device {device_name!r}: {what} needs FSDP2 over a stage group, and the trainer runs "
-                            "one-device data-parallel replicas. Fix: give each device its own replica (shard and "
-                            "offload = \"optimizer\" or \"none\"); sharded groups run through "
-                            "runtime.memory.apply_memory (see benchmarks/memory.py)")
-    apply_checkpointing(model, cfg.checkpoint)
-    apply_autocast(model, cfg.dtype, device_type)
 
 
 def build_plan_optimizer(params, cfg: MemoryConfig, *, plan, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:

@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 
 from chipfuse.runtime.emulate import Pacer
-from chipfuse.runtime.stages import StageModule
 
 
 @dataclass(kw_only=True)
@@ -26,15 +25,23 @@ class Clock:
     bwd: Pacer | None
     events: list[tuple[str, float, float]] = field(default_factory=list)
     """(kind, start_s, end_s) in time.perf_counter() seconds."""
+    rows: int = 0
+    """Rows of a full micro-batch (what the pacers' unit is); 0: every call counts as one."""
     _bwd_t0: list[float] = field(default_factory=list)
+    _units: list[float] = field(default_factory=list)
+
+    def units(self, rows: int) -> float:
+        """A short micro-batch (a replica's last, unpadded) takes its share of a full one's time."""
+        return rows / self.rows if self.rows else 1.0
 
     def bwd_started(self) -> None:
         self._bwd_t0.append(time.perf_counter())
 
     def bwd_done(self) -> None:
         t0 = self._bwd_t0.pop(0) if self._bwd_t0 else time.perf_counter()
+        units = self._units.pop(0) if self._units else 1.0
         if self.bwd is not None:
-            self.bwd.pad(t0, 1)
+            self.bwd.pad(t0, units)
         self.events.append(("bwd", t0, time.perf_counter()))
 
 
@@ -53,28 +60,40 @@ class _OnBackward(torch.autograd.Function):
 
 
 class PacedStage(nn.Module):
-    """Wraps a StageModule; forward and backward of each call take the emulated device's time."""
+    """Wraps a stage module; forward and backward of each call take the emulated device's time.
 
-    def __init__(self, inner: StageModule, clock: Clock):
+    The module is called whole (so hooks on it, FSDP2's among them, run); the end of its backward is
+    marked at the input of its first block (a forward pre-hook), which is where the stage's own
+    input, token ids on a first stage, has no gradient to mark."""
+
+    def __init__(self, inner: nn.Module, clock: Clock):
         super().__init__()
         self.inner = inner
         self.clock = clock
+        from chipfuse.runtime.parallel.checkpointing import block_modules
+
+        block_modules(inner)[0].register_forward_pre_hook(self._mark_input, with_kwargs=True)
+
+    def _mark_input(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        h = args[0]
+        if not (torch.is_grad_enabled() and h.requires_grad):
+            return None
+        return (_OnBackward.apply(h, self.clock.bwd_done), *args[1:]), kwargs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
-        h = self.inner.pre(x)
-        if h.requires_grad:
-            h = _OnBackward.apply(h, self.clock.bwd_done)
-        y = self.inner.body(h)
+        units = self.clock.units(x.shape[0])
+        y = self.inner(x)
         if y.requires_grad:
             y = _OnBackward.apply(y, self.clock.bwd_started)
+            self.clock._units.append(units)
         if self.clock.fwd is not None:
-            self.clock.fwd.pad(t0, 1)
+            self.clock.fwd.pad(t0, units)
         self.clock.events.append(("fwd", t0, time.perf_counter()))
         return y
 
 
-def measure_solo(module: StageModule, x: torch.Tensor, backward_fn, *, repeats: int = 5) -> tuple[float, float]:
+def measure_solo(module: nn.Module, x: torch.Tensor, backward_fn, *, repeats: int = 5) -> tuple[float, float]:
     """Best-of-`repeats` forward and backward seconds of one micro-batch (after one warm-up)."""
     best_f = best_b = float("inf")
     for k in range(repeats + 1):

@@ -1,5 +1,11 @@
-"""The training loop. It only reads the plan: which device this rank is, what share of each
-global batch it computes, in which micro-batches. Everything else is built by functions from it."""
+"""The training loop: one worker and one loop for every plan (a data-parallel replica is a
+pipeline of one stage). It only reads the plan; the worker (runtime/pipeline.py) is built from it by
+functions, the topology (runtime/topology.py) validates it and owns the process groups.
+
+Every feature holds for every plan: checkpoints and resume, the NaN policy (a non-finite loss skips
+the update on every rank), online rebalancing of replica shares, memory strategies, optimizer and
+compute dtypes, DiLoCo islands (whole-model replicas), pacing of emulated devices, and the summary
+with fusion efficiency."""
 
 from __future__ import annotations
 
@@ -7,29 +13,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from chipfuse.cluster.pool import Device, Pool
-from chipfuse.errors import ChipfuseError
-from chipfuse.model.gpt import build_model
-from chipfuse.plan.plan import Plan, Replica
+from chipfuse.plan.plan import Plan
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.report.figures import checked_fields, checked_ratio
 from chipfuse.runtime import dist as cfdist
-from chipfuse.runtime.data_parallel import DataParallelWorker
-from chipfuse.runtime.emulate import MemoryMeter, Pacer, solo_time
 from chipfuse.runtime.endure import Endurance, EndureConfig
-from chipfuse.runtime.grad_sync import build_gradient_sync
-from chipfuse.runtime.memory import (
-    build_plan_optimizer,
-    device_memory_config,
-    device_state_tensors,
-    prepare_replica,
-)
+from chipfuse.runtime.grad_sync import UnitSync, build_gradient_sync
 from chipfuse.runtime.metrics import StepLog, gather_row
-from chipfuse.runtime.standalone import standalone_tokens_per_s
+from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
+from chipfuse.runtime.topology import Topology
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -41,59 +39,140 @@ class TrainConfig:
     metrics_path: str | None = None
     """JSON-lines log of every step (rank 0 writes it)."""
     shares: str = "plan"
-    """'plan': the plan's shares; 'measured': re-split the batch by speeds measured in a warm-up."""
+    """'plan': the plan's shares; 'measured': re-split the batch by speeds measured at start-up
+    (whole-model one-device replicas only)."""
     solo_samples: int = 8
-    """Samples each device computes alone at start-up, for its standalone throughput (0: skip)."""
+    """0 skips the start-up measurement of each device alone (no pacing, no fusion efficiency)."""
     slack: float = 1.1
     """Emulated devices pad each micro-batch to slack x solo time / speed (torch-on-cpu.md)."""
     progress: bool = True
     profile_path: str | None = None
-    """A `chipfuse profile` JSON: pipeline workers pace emulated devices to its per-block times."""
+    """A `chipfuse profile` JSON: workers pace emulated devices to its per-block times."""
     device: str | None = None
     """This worker's device name; None = the plan's device at this rank (single host)."""
     unit_s: float | None = None
-    """Emulation: seconds per sample of an unslowed worker; None = measured at start-up, in turns."""
+    """Kept for the CLI: with a profile (which the launcher writes from it) it changes nothing."""
     endure: EndureConfig = field(default_factory=EndureConfig)
     """Checkpoints, resume, NaN policy, clean stop, online rebalancing (runtime/endure.py)."""
 
 
-def _replica_of(plan: Plan, device: str) -> tuple[int, Replica]:
-    for i, r in enumerate(plan.replicas):
-        if device in r.devices:
-            return i, r
-    raise AssertionError(f"{device} is in no replica")
-
-
-def _offsets(plan: Plan) -> list[int]:
-    out, acc = [], 0
-    for r in plan.replicas:
-        out.append(acc)
-        acc += r.batch_share
-    return out
-
-
-def _in_turns(info: cfdist.DistInfo, fn):  # type: ignore[no-untyped-def]
-    """Run fn on one rank at a time (the others wait), so each measures its device undisturbed."""
-    result = None
-    for r in range(info.world_size):
-        if r == info.rank:
-            result = fn()
-        if info.distributed:
-            dist.barrier()
-    return result
-
-
 def _rank_names(name: str, info: cfdist.DistInfo) -> list[str]:
-    """Every rank's device name, in rank order; each plan device exactly once."""
+    """Every rank's device name, in rank order (Topology.check refuses duplicates)."""
     names = [name]
     if info.distributed:
         names = [""] * info.world_size
         dist.all_gather_object(names, name)
-    if sorted(names) != sorted(set(names)):
-        dup = sorted({n for n in names if names.count(n) > 1})
-        raise ValueError(f"devices {dup} were claimed by more than one worker. Fix: give each host its own "
-                         "--pool-node, with --nproc-per-node equal to that node's devices in the plan")
     return names
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    if not dist.is_initialized():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _common_origin() -> float:
+    """A shared time origin (rank 0's clock after a barrier): all ranks run on one host here, and
+    perf_counter is the same monotonic clock for every process of a host."""
+    t = torch.tensor([time.perf_counter()], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.broadcast(t, src=0)
+    return float(t)
+
+
+def _init_one_process_group() -> None:
+    """FSDP2 (parameter offload on a lone device) needs a process group even for one rank."""
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
+    """Train `plan` on this rank. Returns the run's summary on rank 0, None elsewhere."""
+    # Which device this worker is: given (multi-host: the node's devices by local rank, since c10d
+    # rendezvous hands out global ranks in arrival order), or the plan's device at this rank.
+    name = cfg.device or plan.devices[int(os.environ.get("RANK", 0))]
+    kinds = {cfdist.torch_device_kind(pool.device(d)) for d in plan.devices}
+    info = cfdist.init(device_kind=cfdist.torch_device_kind(pool.device(name)),
+                       backend=None if len(kinds) == 1 else "gloo")
+    by_rank = _rank_names(name, info)
+    topo = Topology.of(plan, pool, by_rank)
+    topo.check(world_size=info.world_size, host_devices=cfdist.host_devices())
+    if any(s.offload == "params" for r in plan.replicas for s in r.stages):
+        _init_one_process_group()
+    # Emulated devices are always paced; solo_samples=0 only leaves fusion efficiency out.
+    pace = cfg.solo_samples > 0
+    wcfg = WorkerConfig(seed=cfg.seed, data_seed=cfg.seed, lr=cfg.lr, weight_decay=cfg.weight_decay, pace=True,
+                        slack=cfg.slack, profile_path=cfg.profile_path)
+    worker = PipelineWorker(plan, pool, rank=info.rank, config=wcfg, topology=topo, device=info.device)
+    role = worker.role
+
+    shares = dict(plan.shares)
+    if cfg.shares == "measured" and topo.replicated_units:
+        rates = dict(zip(by_rank, (g[0] for g in _all_gather_floats([worker.whole_stage_tokens_per_s()])),
+                         strict=True))
+        shares = proportional_shares({d: rates[d] for d in plan.devices}, plan.global_batch)
+        start = 0
+        for d in plan.devices:
+            if d == name:
+                worker.set_share(offset=start, share=shares[d])
+            start += shares[d]
+    endure = Endurance(cfg.endure, plan=plan, rank_names=by_rank, name=name, worker=worker, shares=shares)
+    first_step = endure.resume(worker.module, worker.opt, cfg.steps)
+    # plan.sync: per-layer sums over replicas, or islands with DiLoCo between them (docs/slow_links.md)
+    params = list(worker.module.parameters())
+    grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank,
+                                    share_fn=lambda: worker.share, default=UnitSync(worker))
+    endure.attach(grad_sync)  # checkpoints keep its state (DiLoCo's outer loop); a resume restores it
+    log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
+                  path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
+    progress = _Progress(enabled=info.is_main and cfg.progress, steps=cfg.steps, devices=list(plan.devices))
+    events: list[list[tuple[str, float, float]]] = []
+    t_origin = _common_origin()
+    step = first_step
+    for step in range(first_step, cfg.steps):
+        worker.clock.events.clear()
+        padded0 = _padded(worker)
+        t_step = time.perf_counter()
+        worker.opt.zero_grad(set_to_none=True)
+        local_loss = worker.forward_backward(step)
+        t_comm = time.perf_counter()
+        grad_sync.reduce()
+        comm_s = time.perf_counter() - t_comm
+        loss_sum = float(local_loss) * plan.global_batch * plan.seq_len
+        t_opt = time.perf_counter()
+        if endure.before_update(step, loss_sum):  # False: non-finite loss, update skipped on every rank
+            worker.opt.step()
+        t_outer = time.perf_counter()
+        grad_sync.after_step()  # counted even when the update was skipped: islands stay in step
+        comm_s += time.perf_counter() - t_outer
+        worker.clock.events += [("sync", t_comm, t_opt), ("optimizer", t_opt, t_outer)]
+        worker.update_meter()
+        events.append([(k, a - t_origin, b - t_origin) for k, a, b in worker.clock.events])
+        row = gather_row({
+            "loss_sum": loss_sum,
+            # samples on the last stage's leader only, so StepLog counts each replica's tokens once
+            "samples": worker.share if (role.last and role.leader) else 0,
+            "compute_s": t_comm - t_step, "padded_s": _padded(worker) - padded0,
+            "comm_s": comm_s, "step_s": time.perf_counter() - t_step})
+        extra = endure.after_step(step, row)
+        if info.is_main:
+            progress.update(log.add(step, row, **extra))
+        if endure.stopping:
+            break
+    grad_sync.finish()
+    progress.close()
+    endure.finish(step + 1)
+    ranks = _gather_objects(worker.describe() | {
+        "solo_fwd_s": worker.solo_fwd_s, "solo_bwd_s": worker.solo_bwd_s, "peak_bytes": worker.peak_bytes(),
+        "solo_tokens_per_s": worker.whole_stage_tokens_per_s() if pace else None,
+        "events": events[-3:] if events else []})
+    if not info.is_main:
+        return None
+    return _summary(plan, pool, cfg, log, ranks, topo) | {"sync": grad_sync.describe(), **endure.summary(),
+                                                          "shares": endure.shares}
 
 
 def _all_gather_floats(values: list[float]) -> list[list[float]]:
@@ -105,154 +184,61 @@ def _all_gather_floats(values: list[float]) -> list[list[float]]:
     return [o.tolist() for o in out]
 
 
-def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
-    """Train `plan` on this rank. Returns the run's summary on rank 0, None elsewhere."""
-    kinds = [cfdist.torch_device_kind(pool.device(d)) for d in plan.devices]
-    # Which device this worker is: given (multi-host: the node's devices by local rank, since c10d
-    # rendezvous hands out global ranks in arrival order), or the plan's device at this rank.
-    name = cfg.device or plan.devices[int(os.environ.get("RANK", 0))]
-    info = cfdist.init(device_kind=cfdist.torch_device_kind(pool.device(name)),
-                       backend="nccl" if all(k == "cuda" for k in kinds) else "gloo")
-    if info.world_size != len(plan.devices):
-        raise ValueError(f"the plan uses {len(plan.devices)} devices but {info.world_size} workers started. "
-                         f"Fix: launch with --nproc-per-node {len(plan.devices)} (or use `chipfuse train`)")
-    by_rank = _rank_names(name, info)
-    if plan.sync.islands and not plan.is_pure_data_parallel:
-        raise ChipfuseError("the plan has DiLoCo islands (sync.islands) and pipeline or tensor-parallel stages: "
-                            "islands run on data-parallel replicas only so far. Fix: drop sync.islands or use "
-                            "one device per replica (docs/slow_links.md)")
-    if not plan.is_pure_data_parallel or plan.model.family != "gpt":
-        from chipfuse.runtime.pipeline_train import run_pipeline  # stages over devices, HF models
+def _padded(worker: PipelineWorker) -> float:
+    c = worker.clock
+    return (c.fwd.padded_s if c.fwd else 0.0) + (c.bwd.padded_s if c.bwd else 0.0)
 
-        return run_pipeline(plan, pool, cfg, info, by_rank)
-    device: Device = pool.device(name)
-    idx, replica = _replica_of(plan, name)
-    offsets = _offsets(plan)
 
-    model = build_model(plan.model, seed=cfg.seed).to(info.device)
-    mem = device_memory_config(plan, pool, name)  # this device's memory strategy (runtime.memory)
-    prepare_replica(model, mem, device_name=name, device_type=info.device.type)
-    params = list(model.parameters())
-    meter = None
-    if device.emulation and device.emulation.memory_bytes:
-        meter = MemoryMeter(device_name=name, cap_bytes=device.emulation.memory_bytes)
-        meter.set_static(device_state_tensors(model, None, offload=mem.offload), what="parameters")
-    worker = DataParallelWorker(model=model, global_batch=plan.global_batch, seq_len=plan.seq_len,
-                                offset=offsets[idx], share=replica.batch_share,
-                                micro_batch_size=replica.micro_batch_size, device=info.device,
-                                meter=meter, seed=cfg.seed)
-
-    # ---- warm-up: each device's undisturbed time per sample, measured in turns
-    mbs = replica.micro_batch_size
-
-    def _probe() -> float:
-        t = solo_time(lambda: worker.micro_batch_forward_backward(0, 0, mbs), repeats=3)
-        model.zero_grad(set_to_none=True)
-        return t / mbs
-
-    # A given unit (benchmarks comparing runs) replaces the start-up measurement, which moves with load.
-    unit_s = cfg.unit_s or _in_turns(info, _probe)
-    assert unit_s is not None
-    speed = device.emulation.speed if device.emulation else 1.0
-    if device.emulation:
-        worker.pacer = Pacer(speed=speed, unit_s=unit_s, slack=cfg.slack)
-    eff_s = worker.pacer.target_s(1) if worker.pacer else unit_s  # seconds per sample as the chip runs
-
-    # ---- standalone throughput of each device, same recipe, measured in turns (no weight update)
-    solo_tps = 0.0
-    if cfg.solo_samples:
-        def _solo() -> float:  # measured as the job runs a micro-batch (runtime/standalone.py)
-            tps = standalone_tokens_per_s(lambda n: worker.micro_batch_forward_backward(0, 0, n),
-                                          micro_batch_size=mbs, seq_len=plan.seq_len, samples=cfg.solo_samples,
-                                          pacer=worker.pacer)
-            model.zero_grad(set_to_none=True)
-            return tps
-
-        solo_tps = _in_turns(info, _solo) or 0.0
-    gathered = _all_gather_floats([eff_s, solo_tps])
-    eff = {d: g[0] for d, g in zip(by_rank, gathered, strict=True)}
-    solo = {d: g[1] for d, g in zip(by_rank, gathered, strict=True)}
-
-    shares = {r.devices[0]: r.batch_share for r in plan.replicas}
-    if cfg.shares == "measured" and plan.is_pure_data_parallel:
-        shares = proportional_shares({d: 1.0 / eff[d] for d in plan.devices}, plan.global_batch)
-        start = 0
-        for d in plan.devices:
-            if d == name:
-                worker.set_share(offset=start, share=shares[d])
-            start += shares[d]
-
-    optimizer = build_plan_optimizer(params, mem, plan=plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    endure = Endurance(cfg.endure, plan=plan, rank_names=by_rank, name=name, worker=worker, shares=shares)
-    first_step = endure.resume(model, optimizer, cfg.steps)
-    # plan.sync: one all-reduce per step, or islands with DiLoCo between them (docs/slow_links.md)
-    grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank,
-                                    share_fn=lambda: worker.share)
-    endure.attach(grad_sync)  # checkpoints keep its state (DiLoCo's outer loop); a resume restores it
-    log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
-                  path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
-    progress = _Progress(enabled=info.is_main and cfg.progress, steps=cfg.steps, devices=list(plan.devices))
-
-    for step in range(first_step, cfg.steps):
-        t_step = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        res = worker.compute(step)
-        t_comm = time.perf_counter()
-        grad_sync.reduce()
-        comm_s = time.perf_counter() - t_comm
-        if endure.before_update(step, res.loss_sum):  # False: non-finite loss, update skipped
-            optimizer.step()
-        t_outer = time.perf_counter()
-        grad_sync.after_step()  # counted even when the update was skipped: islands stay in step
-        comm_s += time.perf_counter() - t_outer
-        if meter is not None:
-            meter.set_static(device_state_tensors(model, optimizer, offload=mem.offload),
-                             what="parameters, gradients and optimizer state")
-        row = gather_row({"loss_sum": res.loss_sum, "samples": res.samples, "compute_s": res.compute_s,
-                          "padded_s": res.padded_s, "comm_s": comm_s, "step_s": time.perf_counter() - t_step})
-        extra = endure.after_step(step, row)
-        if info.is_main:
-            progress.update(log.add(step, row, **extra))
-        if endure.stopping:
-            break
-    grad_sync.finish()
-    progress.close()
-    endure.finish(step + 1)
-
-    if not info.is_main:
-        return None
+def _summary(plan: Plan, pool: Pool, cfg: TrainConfig, log: StepLog, ranks: list[dict], topo: Topology) -> dict:
+    step_s = log.steady_step_s()
     tps = log.steady_tokens_per_s()
-    solo_sum = sum(solo.values())
+    steady = log.rows[2:] or log.rows
+    devices = {}
+    for r, d in zip(topo.roles, ranks, strict=True):
+        dev = pool.device(r.device)
+        rep = plan.replicas[r.replica]
+        compute = sum(row["devices"][r.device]["compute_s"] for row in steady)
+        devices[r.device] = {
+            "chip": dev.chip.name, "speed": _speed(dev), "torch_device": d["torch_device"],
+            "replica": r.replica, "stage": r.stage_index, "layers": d["layers"], "group": d["group"],
+            "group_kind": d["group_kind"], "applied": d["applied"], "optimizer": d["optimizer"],
+            "schedule": d["schedule"], "schedule_note": d["schedule_note"],
+            "solo_fwd_s": d["solo_fwd_s"], "solo_bwd_s": d["solo_bwd_s"], "peak_bytes": d["peak_bytes"],
+            # every stage of a replica sees every token of the replica's share
+            "tokens_per_s": rep.batch_share * plan.seq_len * len(steady) / compute if compute > 0 else 0.0,
+            "wait_s_mean": sum(row["devices"][r.device]["wait_s"] for row in steady) / len(steady),
+        }
+    solo = {r.device: d["solo_tokens_per_s"] for r, d in zip(topo.roles, ranks, strict=True)}
+    solo_sum = sum(v for v in solo.values() if v) if all(solo.values()) else 0.0
     return {
         "emulated": pool.emulated,
         "pool": pool.name,
         "model": plan.model.name,
-        "num_params": sum(p.numel() for p in params),
+        # one replica's parameters, each counted once (DTensor numel is the whole tensor's)
+        "num_params": sum(d["num_params"] for r, d in zip(topo.roles, ranks, strict=True)
+                          if r.replica == 0 and r.leader),
         "strategy": plan.strategy,
+        "schedule": plan.schedule,
         "steps": cfg.steps,
         "global_batch": plan.global_batch,
         "seq_len": plan.seq_len,
-        "shares": endure.shares,
         "micro_batch_size": {r.devices[0]: r.micro_batch_size for r in plan.replicas},
+        "stages": [[{"devices": list(s.devices), "device": s.devices[0], "tp_degree": s.tp_degree,
+                     "layers": [s.first_layer, s.first_layer + s.num_layers]} for s in r.stages]
+                   for r in plan.replicas],
         "initial_loss": log.rows[0]["loss"],
         "final_loss": log.rows[-1]["loss"],
+        "losses": [row["loss"] for row in log.rows],
         "tokens_per_s": tps,
-        "measured_step_s": log.steady_step_s(),
+        "measured_step_s": step_s,
+        "step_s": [row["step_s"] for row in log.rows],
+        # A device that holds a stage is credited with the whole model at its measured per-layer rate.
         "solo_tokens_per_s": solo,
         **checked_fields("fusion_efficiency", checked_ratio(tps, solo_sum, hi=1.0, what="fusion efficiency",
                                                             why="a job cannot outrun its devices alone")),
-        "devices": {
-            d: {"chip": pool.device(d).chip.name,
-                "speed": _speed(pool.device(d)),
-                "seconds_per_sample": eff[d],
-                "tokens_per_s": sum(r["devices"][d]["samples"] for r in log.rows[2:] or log.rows) * plan.seq_len
-                / max(1e-9, sum(r["devices"][d]["compute_s"] for r in log.rows[2:] or log.rows)),
-                "wait_s_mean": sum(r["devices"][d]["wait_s"] for r in log.rows) / len(log.rows)}
-            for d in plan.devices
-        },
+        "devices": devices,
+        "timeline": {r.device: ranks[r.rank]["events"] for r in topo.roles},
         "metrics_path": cfg.metrics_path,
-        "sync": grad_sync.describe(),
-        **endure.summary(),
     }
 
 
