@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from chipfuse.runtime.dist import collective_timeout
+
 BRIDGE_BACKEND = "gloo"
 
 
@@ -97,7 +99,7 @@ def _new_group(ranks: tuple[int, ...], backend: str) -> Any:
     # takes the same decision, so the order of new_group calls stays identical everywhere.
     if len(ranks) < 2:
         return None
-    return dist.new_group(list(ranks), backend=backend)
+    return dist.new_group(list(ranks), backend=backend, timeout=collective_timeout())
 
 
 def make_reducer(ranks: tuple[int, ...], vendor_of: dict[int, str], native_of: dict[str, str]) -> Reducer:

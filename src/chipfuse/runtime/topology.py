@@ -252,7 +252,7 @@ class Topology:
     def create_groups(self, rank: int) -> Groups:
         import torch.distributed as dist
 
-        from chipfuse.runtime.dist import mesh_device_type
+        from chipfuse.runtime.dist import collective_timeout, mesh_device_type
         from chipfuse.runtime.groups import link_backend, make_reducer
 
         pool = self.pool
@@ -262,7 +262,8 @@ class Topology:
         if not dist.is_initialized():
             return out
         for members in sorted({r.group_ranks for r in self.roles if r.group_ranks}):
-            g = dist.new_group(list(members), backend=link_backend({vendor_of[x] for x in members}, native_of))
+            g = dist.new_group(list(members), backend=link_backend({vendor_of[x] for x in members}, native_of),
+                                  timeout=collective_timeout())
             if rank in members:
                 from torch.distributed.device_mesh import DeviceMesh
 
@@ -271,7 +272,8 @@ class Topology:
         # A lone device with parameter offload runs FSDP2 too: on a mesh of itself, not the world.
         for r in self.roles:
             if r.group_size == 1 and self.stage_of(r).offload == "params":
-                g = dist.new_group([r.rank], backend=link_backend({vendor_of[r.rank]}, native_of))
+                g = dist.new_group([r.rank], backend=link_backend({vendor_of[r.rank]}, native_of),
+                                  timeout=collective_timeout())
                 if r.rank == rank:
                     from torch.distributed.device_mesh import DeviceMesh
 
@@ -279,7 +281,8 @@ class Topology:
         for i in range(len(self.plan.replicas)):
             leaders = next(r.pipeline_ranks for r in self.roles if r.replica == i)
             if len(leaders) > 1:
-                g = dist.new_group(sorted(leaders), backend=link_backend({vendor_of[x] for x in leaders}, native_of))
+                g = dist.new_group(sorted(leaders), backend=link_backend({vendor_of[x] for x in leaders}, native_of),
+                                  timeout=collective_timeout())
                 if rank in leaders:
                     out.pipeline = g
         for s in sorted({v for v in self.unit_ranks().values() if self._groups_in(v) > 1}):
