@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from chipfuse.data import get_batch
+from chipfuse.data.loader import Loader, builtin_loader
 from chipfuse.model.gpt import loss_sum
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime.emulate import MemoryMeter, Pacer, model_state_tensors
@@ -55,8 +55,12 @@ class PipelineWorker:
     """One rank. Construction is collective: every rank of the job must build its worker."""
 
     def __init__(self, plan: Plan, pool: Any, *, rank: int, config: WorkerConfig = WorkerConfig(),
-                 by_rank: list[str] | None = None):
+                 by_rank: list[str] | None = None, loader: Loader | None = None):
         self.plan, self.cfg, self.rank = plan, config, rank
+        # [data hook] where samples come from; default: the built-in corpus
+        self.loader = loader or builtin_loader(plan.global_batch, plan.seq_len, config.data_seed)
+        # [recipe hook] set by the loop (runtime.recipe.RecipeStep): lr schedule and clipping
+        self.recipe_step: Any = None
         roles = layout(plan, by_rank)
         self.role = role = roles[rank]
         self.replica = rep = plan.replicas[role.replica]
@@ -163,8 +167,7 @@ class PipelineWorker:
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """This replica's samples of global step `step`, padded to n_mb full micro-batches."""
         rep, T = self.replica, self.plan.seq_len
-        x, y = get_batch(step, self.plan.global_batch, T, start=self.offset, count=rep.batch_share,
-                         seed=self.cfg.data_seed)
+        x, y = self.loader.batch(step, self.offset, rep.batch_share)
         pad = self.n_mb * rep.micro_batch_size - rep.batch_share
         if pad:
             x = torch.cat([x, torch.zeros(pad, T, dtype=x.dtype)])
@@ -210,6 +213,7 @@ class PipelineWorker:
         t1 = time.perf_counter()
         self.reduce_grads()
         t2 = time.perf_counter()
+        recipe_stats = self.recipe_step.before_update(step) if self.recipe_step else {}  # [recipe hook]
         self.opt.step()
         t3 = time.perf_counter()
         self.clock.events += [("sync", t1, t2), ("optimizer", t2, t3)]
@@ -220,7 +224,7 @@ class PipelineWorker:
         if dist.is_initialized():
             dist.all_reduce(loss)  # the last stage of every replica holds a part of the global loss
         return {"loss": loss.item(), "loss_local": local_loss.item(), "step_s": time.perf_counter() - t0, "compute_s": t1 - t0,
-                "reduce_s": t2 - t1, "peak_bytes": float(self.meter.peak_bytes)}
+                "reduce_s": t2 - t1, "peak_bytes": float(self.meter.peak_bytes), **recipe_stats}
 
     def grads(self) -> dict[str, torch.Tensor]:
         return {n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))

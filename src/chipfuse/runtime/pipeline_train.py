@@ -15,25 +15,38 @@ import torch
 import torch.distributed as dist
 
 from chipfuse.cluster.pool import Pool
+from chipfuse.data.loader import open_loader
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime import dist as cfdist
 from chipfuse.runtime.endure import Endurance
+from chipfuse.runtime.evaluate import Validator, pipeline_loss_sum, progress_suffix
 from chipfuse.runtime.layout import layout
 from chipfuse.runtime.metrics import StepLog, gather_row
 from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
+from chipfuse.runtime.recipe import RecipeStep, recipe_of, unit_owner
 
 
 def run_pipeline(plan: Plan, pool: Pool, cfg: Any, info: cfdist.DistInfo,
                  by_rank: list[str] | None = None) -> dict | None:
     """Train `plan` (any mix of pipelines and whole-model replicas) on this rank.
     cfg: runtime.trainer.TrainConfig. Returns the summary on rank 0, None elsewhere."""
-    wcfg = WorkerConfig(seed=cfg.seed, data_seed=cfg.seed, lr=cfg.lr, weight_decay=cfg.weight_decay,
+    recipe = recipe_of(cfg)
+    wcfg = WorkerConfig(seed=cfg.seed, data_seed=cfg.seed, lr=recipe.lr, weight_decay=recipe.weight_decay,
                         pace=True, slack=cfg.slack, profile_path=cfg.profile_path)
-    worker = PipelineWorker(plan, pool, rank=info.rank, config=wcfg, by_rank=by_rank)
+    # [data hook] the run's batches (refused before any step if the data cannot train this model)
+    loader = open_loader(cfg.data, global_batch=plan.global_batch, seq_len=plan.seq_len,
+                         vocab_size=plan.model.vocab_size, seed=cfg.seed)
+    worker = PipelineWorker(plan, pool, rank=info.rank, config=wcfg, by_rank=by_rank, loader=loader)
+    # [recipe hook] lr schedule and clipping by the global norm, before the worker's optimizer step
+    worker.recipe_step = RecipeStep(recipe, worker.opt, total_steps=cfg.steps, params=list(worker.module.parameters()),
+                                    owns=unit_owner(worker.unit_params, worker.unit_ranks, info.rank))
     role = worker.role
     names = list(by_rank) if by_rank is not None else list(plan.devices)
     endure = Endurance(cfg.endure, plan=plan, rank_names=names, name=role.device, worker=worker, shares=plan.shares)
+    endure.data_position = loader.position  # [data hook] checkpoints record where training is in the data
     first_step = endure.resume(worker.module, worker.opt, cfg.steps)
+    validator = Validator(loader, every=cfg.data.eval_every, total_steps=cfg.steps,  # [data hook]
+                          place=lambda: (worker.offset, worker.replica.batch_share), loss_sum=pipeline_loss_sum(worker))
     log = StepLog(devices=names, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
     events: list[list[tuple[str, float, float]]] = []
@@ -51,12 +64,14 @@ def run_pipeline(plan: Plan, pool: Pool, cfg: Any, info: cfdist.DistInfo,
             "compute_s": res["compute_s"], "padded_s": _padded(worker) - padded0,
             "comm_s": res["reduce_s"], "step_s": res["step_s"]})
         extra = endure.after_step(step, row)
+        extra |= {k: res[k] for k in ("lr", "grad_norm") if k in res} | validator.maybe_run(step)  # [data hook]
         if info.is_main:
             log.add(step, row, **extra)
             if cfg.progress:
                 r = log.rows[-1]
                 print(f"step {step}: loss {r['loss']:.4f}, {r['step_s'] * 1e3:.0f} ms, "
-                      f"{r['tokens_per_s']:.0f} tok/s" + (" (emulated)" if pool.emulated else ""), flush=True)
+                      f"{r['tokens_per_s']:.0f} tok/s" + (" (emulated)" if pool.emulated else "") + progress_suffix(r),
+                      flush=True)
         if endure.stopping:
             break
     endure.finish(step + 1)
@@ -64,7 +79,8 @@ def run_pipeline(plan: Plan, pool: Pool, cfg: Any, info: cfdist.DistInfo,
                                                     "peak_bytes": worker.meter.peak_bytes, "events": events})
     if not info.is_main:
         return None
-    return _summary(plan, pool, cfg, log, describe, by_rank) | endure.summary()
+    return (_summary(plan, pool, cfg, log, describe, by_rank) | endure.summary() | {"data": loader.describe()}
+            | worker.recipe_step.summary() | validator.summary())  # [data hook]
 
 
 def _padded(worker: PipelineWorker) -> float:

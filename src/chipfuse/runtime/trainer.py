@@ -12,14 +12,16 @@ import torch
 import torch.distributed as dist
 
 from chipfuse.cluster.pool import Device, Pool
+from chipfuse.data.loader import DataConfig, open_loader
 from chipfuse.errors import ChipfuseError
-from chipfuse.model.gpt import build_model
+from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.plan.plan import Plan, Replica
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.runtime import dist as cfdist
 from chipfuse.runtime.data_parallel import DataParallelWorker
 from chipfuse.runtime.emulate import MemoryMeter, Pacer, solo_time
 from chipfuse.runtime.endure import Endurance, EndureConfig
+from chipfuse.runtime.evaluate import Validator, forward_loss_sum, progress_suffix
 from chipfuse.runtime.grad_sync import build_gradient_sync
 from chipfuse.runtime.memory import (
     build_plan_optimizer,
@@ -28,6 +30,7 @@ from chipfuse.runtime.memory import (
     prepare_replica,
 )
 from chipfuse.runtime.metrics import StepLog, gather_row
+from chipfuse.runtime.recipe import Recipe, RecipeStep, recipe_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +56,10 @@ class TrainConfig:
     """Emulation: seconds per sample of an unslowed worker; None = measured at start-up, in turns."""
     endure: EndureConfig = field(default_factory=EndureConfig)
     """Checkpoints, resume, NaN policy, clean stop, online rebalancing (runtime/endure.py)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data and the held-out split (data/); default: the built-in corpus."""
+    recipe: Recipe | None = None
+    """lr schedule, clipping, weight decay (runtime/recipe.py); None: constant `lr`, `weight_decay`."""
 
 
 def _replica_of(plan: Plan, device: str) -> tuple[int, Replica]:
@@ -135,10 +142,13 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     if device.emulation and device.emulation.memory_bytes:
         meter = MemoryMeter(device_name=name, cap_bytes=device.emulation.memory_bytes)
         meter.set_static(device_state_tensors(model, None, offload=mem.offload), what="parameters")
+    # [data hook] the run's batches (refused before any step if the data cannot train this model)
+    loader = open_loader(cfg.data, global_batch=plan.global_batch, seq_len=plan.seq_len,
+                         vocab_size=plan.model.vocab_size, seed=cfg.seed)
     worker = DataParallelWorker(model=model, global_batch=plan.global_batch, seq_len=plan.seq_len,
                                 offset=offsets[idx], share=replica.batch_share,
                                 micro_batch_size=replica.micro_batch_size, device=info.device,
-                                meter=meter, seed=cfg.seed)
+                                meter=meter, seed=cfg.seed, loader=loader)
 
     # ---- warm-up: each device's undisturbed time per sample, measured in turns
     mbs = replica.micro_batch_size
@@ -186,9 +196,18 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
                 worker.set_share(offset=start, share=shares[d])
             start += shares[d]
 
-    optimizer = build_plan_optimizer(params, mem, plan=plan, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    recipe = recipe_of(cfg)
+    optimizer = build_plan_optimizer(params, mem, plan=plan, lr=recipe.lr, weight_decay=recipe.weight_decay)
     endure = Endurance(cfg.endure, plan=plan, rank_names=by_rank, name=name, worker=worker, shares=shares)
+    endure.data_position = loader.position  # [data hook] checkpoints record where training is in the data
     first_step = endure.resume(model, optimizer, cfg.steps)
+    # [recipe hook] replicated gradients are identical after the all-reduce: rank 0 counts them once
+    recipe_step = RecipeStep(recipe, optimizer, total_steps=cfg.steps, params=params, owns=lambda p: info.rank == 0)
+    # [data hook] validation on the held-out split, each replica its share of the set
+    validator = Validator(loader, every=cfg.data.eval_every, total_steps=cfg.steps,
+                          place=lambda: (worker.offset, worker.share),
+                          loss_sum=forward_loss_sum(model, loader, micro_batch_size=mbs, device=info.device,
+                                                    loss_fn=loss_sum))
     # plan.sync: one all-reduce per step, or islands with DiLoCo between them (docs/slow_links.md)
     grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank,
                                     share_fn=lambda: worker.share)
@@ -203,6 +222,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         t_comm = time.perf_counter()
         grad_sync.reduce()
         comm_s = time.perf_counter() - t_comm
+        recipe_stats = recipe_step.before_update(step)  # [recipe hook] this step's lr; clip by global norm
         if endure.before_update(step, res.loss_sum):  # False: non-finite loss, update skipped
             optimizer.step()
         t_outer = time.perf_counter()
@@ -214,6 +234,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         row = gather_row({"loss_sum": res.loss_sum, "samples": res.samples, "compute_s": res.compute_s,
                           "padded_s": res.padded_s, "comm_s": comm_s, "step_s": time.perf_counter() - t_step})
         extra = endure.after_step(step, row)
+        extra |= recipe_stats | validator.maybe_run(step)  # [data hook] val loss/ppl when due (collective)
         if info.is_main:
             progress.update(log.add(step, row, **extra))
         if endure.stopping:
@@ -255,6 +276,9 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         "metrics_path": cfg.metrics_path,
         "sync": grad_sync.describe(),
         **endure.summary(),
+        "data": loader.describe(),  # [data hook]
+        **recipe_step.summary(),
+        **validator.summary(),
     }
 
 
@@ -281,7 +305,8 @@ class _Progress:
             return
         per = " ".join(f"{d} {v['tokens_per_s'] / 1e3:.1f}k" for d, v in row["devices"].items())
         self.bar.update(self.task, advance=1,
-                        description=f"loss {row['loss']:.3f} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | {per}")
+                        description=f"loss {row['loss']:.3f}{progress_suffix(row)} | "
+                                    f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | {per}")
 
     def close(self) -> None:
         if self.enabled:
