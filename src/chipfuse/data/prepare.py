@@ -31,11 +31,12 @@ def prepare(input_path: str | Path, out: str | Path, *, tokenizer: str | None = 
     tok = load_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
+    documents = iter_documents(input_path, text_field=text_field)  # lists the input before writing beside it
     tmp = out.with_name(out.name + ".tmp")
     num_tokens, max_id, docs = 0, 0, 0
     try:
         with tmp.open("wb") as f:
-            for ids in encode_documents(iter_documents(input_path, text_field=text_field), tok):
+            for ids in encode_documents(documents, tok):
                 docs += 1
                 if ids.size:
                     max_id = max(max_id, int(ids.max()))

@@ -117,14 +117,21 @@ def _files(path: Path) -> list[Path]:
 
 
 def iter_documents(path: str | Path, *, text_field: str = "text") -> Iterator[str]:
-    """Every document under `path`: a text file is one, a JSON-lines file one per line."""
+    """Every document under `path`: a text file is one, a JSON-lines file one per line. The files are
+    listed now (so an output written under `path` later is not read back as input)."""
     p = Path(path)
     if not p.exists():
         raise DataError(f"{p}: no such file or folder. Fix: give a text file, a folder, a .jsonl or a .bin file")
-    for f in _files(p):
+    files = _files(p)
+    for f in files:
         if f.suffix in TOKEN_SUFFIXES or f.name.endswith(".bin.json") or f.suffix == ".idx":
             raise DataError(f"{f}: a token file inside a text folder. Fix: give the token file itself to --data, "
                             "or keep only text under the folder")
+    return _documents(files, text_field)
+
+
+def _documents(files: list[Path], text_field: str) -> Iterator[str]:
+    for f in files:
         if f.suffix in JSONL_SUFFIXES:
             yield from _jsonl_documents(f, text_field)
         else:
