@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import struct
 import sysconfig
@@ -162,12 +163,17 @@ def _jsonl_documents(f: Path, text_field: str) -> Iterator[str]:
             yield text
 
 
-def encode_documents(docs: Iterator[str], tok: Tokenizer) -> Iterator[np.ndarray]:
+def encode_documents(docs: Iterator[str], tok: Tokenizer, batch: int = 256) -> Iterator[np.ndarray]:
     """Token ids of each document, followed by the end-of-text id when the tokenizer has one."""
     eos = np.asarray([tok.eos_id], dtype=np.int64) if tok.eos_id is not None else None
-    for d in docs:
-        ids = tok.encode(d)
-        yield np.concatenate([ids, eos]) if eos is not None else ids
+    pending: list[str] = []
+    for d in itertools.chain(docs, [None]):  # None: flush the last batch (streaming, never all at once)
+        if d is not None:
+            pending.append(d)
+        if pending and (d is None or len(pending) == batch):
+            for ids in tok.encode_batch(pending):
+                yield np.concatenate([ids, eos]) if eos is not None else ids
+            pending = []
 
 
 # ---------------------------------------------------------------------------------------- opening

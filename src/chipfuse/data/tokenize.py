@@ -30,9 +30,13 @@ class Tokenizer:
     impl: Any = None
 
     def encode(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """Token ids of each text (a Hugging Face tokenizer encodes a batch on its own threads)."""
         if self.impl is None:
-            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int64)
-        return np.asarray(self.impl.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+            return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8).astype(np.int64) for t in texts]
+        return [np.asarray(e.ids, dtype=np.int64) for e in self.impl.encode_batch(texts, add_special_tokens=False)]
 
 
 def load_tokenizer(path: str | None) -> Tokenizer:
