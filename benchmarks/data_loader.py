@@ -10,7 +10,7 @@ imply (`data_loader_overhead_from_loader_time`: 1 - extra loader time per step /
 On a shared machine the figure moves with the load (`load_average_1min` is recorded); take it
 from an idle one.
 
-    .venv/bin/python benchmarks/data_loader.py [--steps 20] [--repeats 2] [--json PATH]
+    .venv/bin/python benchmarks/data_loader.py [--steps 20] [--repeats 2] [--pool FILE] [--json PATH]
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ chip = "cpu"
 MODEL, GLOBAL_BATCH, SEQ_LEN = "small", 16, 128
 
 
-def train(tmp: Path, name: str, steps: int, extra: list[str]) -> dict:
+def train(tmp: Path, pool: str, name: str, steps: int, extra: list[str]) -> dict:
     out = tmp / f"{name}.json"
-    rc = chipfuse(["train", "--pool", str(tmp / "pool.toml"), "--model", MODEL, "--steps", str(steps),
+    rc = chipfuse(["train", "--pool", pool, "--model", MODEL, "--steps", str(steps),
                    "--global-batch", str(GLOBAL_BATCH), "--seq-len", str(SEQ_LEN), "--solo-samples", "0",
                    "--run-dir", str(tmp / name), "--json", str(out), "--no-progress", *extra])
     if rc:
@@ -57,15 +57,14 @@ def loader_s(path: str | None, batches: int = 50) -> float:
     return (time.perf_counter() - t0) / batches
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--json", metavar="PATH")
-    args = ap.parse_args()
+def measure(*, steps: int = 20, repeats: int = 2, pool: str | None = None) -> dict:
+    """The benchmark's figures (what benchmarks/big_model.py can report as its `data_loader_overhead`).
+    pool: a pool file (e.g. one real GPU); None = one real CPU worker."""
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        (tmp / "pool.toml").write_text(POOL)
+        if pool is None:
+            (tmp / "pool.toml").write_text(POOL)
+            pool = str(tmp / "pool.toml")
         (tmp / "text.txt").write_bytes(corpus().numpy().tobytes())  # the same text as the built-in corpus
         data = str(tmp / "train.bin")
         t0 = time.perf_counter()
@@ -73,15 +72,16 @@ def main() -> None:
             raise SystemExit("prepare failed")
         prepare_s = time.perf_counter() - t0
         builtin, file = [], []
-        for i in range(args.repeats):
-            builtin.append(train(tmp, f"builtin{i}", args.steps, [])["tokens_per_s"])
-            file.append(train(tmp, f"file{i}", args.steps, ["--data", data])["tokens_per_s"])
+        for i in range(repeats):
+            builtin.append(train(tmp, pool, f"builtin{i}", steps, [])["tokens_per_s"])
+            last = train(tmp, pool, f"file{i}", steps, ["--data", data])
+            file.append(last["tokens_per_s"])
         loader_builtin, loader_file = loader_s(None), loader_s(data)
     res = {
-        "emulated": False,
-        "device": "one real CPU worker (one thread)",
-        "model": MODEL, "global_batch": GLOBAL_BATCH, "seq_len": SEQ_LEN, "steps": args.steps,
-        "repeats": args.repeats,
+        "emulated": last["emulated"],
+        "pool": last["pool"], "devices": {k: v["chip"] for k, v in last["devices"].items()},
+        "model": MODEL, "global_batch": GLOBAL_BATCH, "seq_len": SEQ_LEN, "steps": steps,
+        "repeats": repeats,
         "load_average_1min": os.getloadavg()[0],
         "tokens_per_s_builtin": statistics.median(builtin),
         "tokens_per_s_data_file": statistics.median(file),
@@ -98,6 +98,18 @@ def main() -> None:
         "prepare_s": prepare_s,
         "note": "figures taken on a shared machine move with its load; repeat on an idle one",
     }
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--pool", help="a pool file to run on (default: one real CPU worker); e.g. one real GPU")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    res = measure(steps=args.steps, repeats=args.repeats, pool=args.pool)
+    loader_builtin, loader_file = res["loader_s_per_batch_builtin"], res["loader_s_per_batch_data_file"]
     console.print(f"tokens/s: built-in corpus {res['tokens_per_s_builtin']:.0f}, --data token file "
                   f"{res['tokens_per_s_data_file']:.0f} -> data_loader_overhead {res['data_loader_overhead']:.3f} "
                   f"(target >= 0.97); loader alone {loader_builtin * 1e3:.2f} vs {loader_file * 1e3:.2f} ms/batch; "
