@@ -167,3 +167,19 @@ def test_every_plan_field_is_covered():
 @pytest.mark.parametrize("check", sorted(set(CHECKS.values()), key=lambda f: f.__name__), ids=lambda f: f.__name__)
 def test_the_runtime_applies_or_refuses_each_field(check):
     check()
+
+
+def test_a_plan_over_chips_this_host_lacks_is_refused_before_start(tmp_path, capsys):
+    from chipfuse.cli import main
+
+    pool = tmp_path / "pool.toml"
+    pool.write_text('[[node]]\nname = "h"\n[[node.device]]\nname = "h100"\nchip = "H100-SXM"\n')  # real, not emulated
+    plan = Plan(model=SPEC, global_batch=4, seq_len=16, replicas=(Replica(stages=(
+        Stage(devices=("h100",), first_layer=0, num_layers=4),), batch_share=4, micro_batch_size=2),))
+    plan.to_json(tmp_path / "plan.json")
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA device")
+    rc = main(["train", "--pool", str(pool), "--plan", str(tmp_path / "plan.json"), "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "['h100']" in err and "this host has 0" in err and "Fix:" in err
+    assert not (tmp_path / "r").exists()

@@ -76,3 +76,13 @@ def test_llama_pipeline_of_two_tensor_parallel_stages_matches_one_device():
     plan = _plan(TINY_LLAMA, [([(("a0", "a1"), 2, {"tp_degree": 2}), (("b0", "b1"), 1, {"tp_degree": 2})], 4, 2)])
     results = run_ranks(run_steps, 4, plan, _pool(["a0", "a1", "b0", "b1"]), STEPS, CFG)
     _check(results, reference(TINY_LLAMA, plan, STEPS, CFG))
+
+
+def test_parameter_offload_inside_a_pipeline_matches_one_device():
+    # offload = "params" on the second stage: FSDP2 over a mesh of that one device with
+    # CPUOffloadPolicy (emulated accelerators run on the CPU, so nothing moves; the maths is FSDP2's).
+    plan = _plan(TINY_GPT, [([(("a",), 1, {}), (("b",), 2, {"offload": "params"})], 4, 2)])
+    pool = pool_of({"a": ("L4", 1.0), "b": ("L4", 1.0)})
+    results = run_ranks(run_steps, 2, plan, pool, STEPS, CFG)
+    _check(results, reference(TINY_GPT, plan, STEPS, CFG))
+    assert results[1]["describe"]["applied"]["fsdp"] and results[1]["describe"]["applied"]["offload"] == "params"

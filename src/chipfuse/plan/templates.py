@@ -144,7 +144,9 @@ def option_tables(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, d
     logits) differs, so the per-block figures are computed once.
     """
     d = g // t
-    opts = [(c, s, o) for c in CHECKPOINTS for s in (SHARDS if d > 1 else ("none",)) for o in offloads]
+    # Parameter offload is FSDP2's; the runtime does not combine it with tensor parallel in one group.
+    opts = [(c, s, o) for c in CHECKPOINTS for s in (SHARDS if d > 1 else ("none",)) for o in offloads
+            if not (t > 1 and o == "params")]
     positions = [(False, False), (True, False), (False, True), (True, True)]
     per_block: list[tuple[float, ...]] = []
     fixed: dict[tuple[bool, bool], list[tuple[float, float]]] = {pos: [] for pos in positions}

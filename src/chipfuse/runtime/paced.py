@@ -25,15 +25,23 @@ class Clock:
     bwd: Pacer | None
     events: list[tuple[str, float, float]] = field(default_factory=list)
     """(kind, start_s, end_s) in time.perf_counter() seconds."""
+    rows: int = 0
+    """Rows of a full micro-batch (what the pacers' unit is); 0: every call counts as one."""
     _bwd_t0: list[float] = field(default_factory=list)
+    _units: list[float] = field(default_factory=list)
+
+    def units(self, rows: int) -> float:
+        """A short micro-batch (a replica's last, unpadded) takes its share of a full one's time."""
+        return rows / self.rows if self.rows else 1.0
 
     def bwd_started(self) -> None:
         self._bwd_t0.append(time.perf_counter())
 
     def bwd_done(self) -> None:
         t0 = self._bwd_t0.pop(0) if self._bwd_t0 else time.perf_counter()
+        units = self._units.pop(0) if self._units else 1.0
         if self.bwd is not None:
-            self.bwd.pad(t0, 1)
+            self.bwd.pad(t0, units)
         self.events.append(("bwd", t0, time.perf_counter()))
 
 
@@ -74,11 +82,13 @@ class PacedStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
+        units = self.clock.units(x.shape[0])
         y = self.inner(x)
         if y.requires_grad:
             y = _OnBackward.apply(y, self.clock.bwd_started)
+            self.clock._units.append(units)
         if self.clock.fwd is not None:
-            self.clock.fwd.pad(t0, 1)
+            self.clock.fwd.pad(t0, units)
         self.clock.events.append(("fwd", t0, time.perf_counter()))
         return y
 

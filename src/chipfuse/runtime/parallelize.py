@@ -65,7 +65,9 @@ def parallelize(module: nn.Module, cfg: MemoryConfig, *, family: str, kind: str,
         tp = mesh.size()
     layers = apply_checkpointing(module, cfg.checkpoint)
     shard = fsdp_shard_mode(cfg.shard, kind) if kind != "single" else "none"
-    fsdp = uses_fsdp(shard, cfg.offload, 2 if kind == "fsdp" else 1)
+    # Under tensor parallel, parameter offload is only counted (emulated devices; Topology.check
+    # refuses it on real chips): FSDP2 cannot share the group's 1-D mesh with DTensor's plan.
+    fsdp = kind != "tp" and uses_fsdp(shard, cfg.offload, 2 if kind == "fsdp" else 1)
     if fsdp:
         apply_fsdp(module, shard=shard, mesh=mesh, offload=cfg.offload, dtype=cfg.dtype)
     else:

@@ -139,6 +139,7 @@ class PipelineWorker:
         elif config.pace and emu is not None:
             self.clock = Clock(fwd=Pacer(speed=emu.speed, unit_s=self.solo_fwd_s, slack=config.slack),
                                bwd=Pacer(speed=emu.speed, unit_s=self.solo_bwd_s, slack=config.slack))
+        self.clock.rows = self._rows()
         self.paced = PacedStage(module, self.clock)
         self.group_stage: GroupStage | None = None
         runner: nn.Module = self.paced
@@ -239,21 +240,22 @@ class PipelineWorker:
             self._build_schedule()
 
     # ------------------------------------------------------------------ one step
-    def _pad(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Samples padded to n_mb full micro-batches; the padding's targets are ignored."""
+    def _pad(self, x: torch.Tensor, y: torch.Tensor, pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples padded to n_mb full micro-batches, the padding's targets ignored (pipelines need
+        one shape; a one-stage replica computes its short last micro-batch as it is)."""
         T = self.plan.seq_len
-        pad = self.n_mb * self.replica.micro_batch_size - x.shape[0]
-        if pad:
-            x = torch.cat([x, torch.zeros(pad, T, dtype=x.dtype)])
-            y = torch.cat([y, torch.full((pad, T), IGNORE, dtype=y.dtype)])
+        n_pad = self.n_mb * self.replica.micro_batch_size - x.shape[0] if pad else 0
+        if n_pad > 0:
+            x = torch.cat([x, torch.zeros(n_pad, T, dtype=x.dtype)])
+            y = torch.cat([y, torch.full((n_pad, T), IGNORE, dtype=y.dtype)])
         return x, y
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This replica's samples of global step `step`, padded to n_mb full micro-batches."""
-        return self._pad(*self.loader.batch(step, self.offset, self.share))
+    def batch(self, step: int, pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's samples of global step `step` (padded: see _pad)."""
+        return self._pad(*self.loader.batch(step, self.offset, self.share), pad=pad)
 
-    def _val_batch(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._pad(*self.loader.val_batch(start, count))
+    def _val_batch(self, start: int, count: int, pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pad(*self.loader.val_batch(start, count), pad=pad)
 
     def forward_backward(self, step: int) -> torch.Tensor:
         """Gradients of this rank's stage for its replica's share; returns the summed scaled loss
@@ -263,7 +265,7 @@ class PipelineWorker:
     def eval_loss_sum(self, start: int, count: int) -> float:
         """The summed token loss of validation samples [start, start+count) (runtime/evaluate.py):
         forward only, through the path training takes (local loop or schedule, stage-group followers
-        serving their leader), in calls of the replica's n_mb micro-batches, the last one padded.
+        serving their leader), in calls of the replica's n_mb micro-batches (padded as in training).
         Every rank of the replica makes the same calls; nonzero on the last stage's leader only."""
         per_call = self.n_mb * self.replica.micro_batch_size
         total = 0.0
@@ -272,8 +274,8 @@ class PipelineWorker:
                                      train=False))
         return total * self.global_tokens  # the loss is scaled by the global token count: undo it
 
-    def _run(self, fetch: Callable[[], tuple[torch.Tensor, torch.Tensor]], *, train: bool) -> torch.Tensor:
-        """One pass over n_mb micro-batches (`fetch` gives them, on the leader): forward and backward
+    def _run(self, fetch: Callable[[bool], tuple[torch.Tensor, torch.Tensor]], *, train: bool) -> torch.Tensor:
+        """One pass over n_mb micro-batches (`fetch(pad)` gives them, on the leader): forward and backward
         when training, forward only without autograd otherwise. Returns the summed scaled loss."""
         losses: list[torch.Tensor] = []
         role = self.role
@@ -282,7 +284,8 @@ class PipelineWorker:
                 assert self.group_stage is not None
                 self.group_stage.follow()
                 return torch.zeros(())
-            x, y = fetch()
+            # Padding only where shapes must agree: pipelines, and a sharded group's row split.
+            x, y = fetch(self.schedule is not None or role.kind == "fsdp")
             if self.schedule is None:
                 x, y = x.to(self.torch_device), y.to(self.torch_device)
                 mbs = self.replica.micro_batch_size

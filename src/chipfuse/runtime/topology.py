@@ -9,7 +9,8 @@ One object, built once from the plan, the pool and the ranks, in two parts:
 - `Topology.create_groups(rank)` is collective: every rank calls it at the same point and it makes
   every process group and device mesh of the job, in one fixed order (torch.distributed.new_group
   must be called by every rank, for every group, even the ones it is not in):
-    1. one group (and 1-D DeviceMesh) per stage group of several devices;
+    1. one group (and 1-D DeviceMesh) per stage group of several devices, and a mesh of one for
+       a lone device whose stage offloads its parameters (FSDP2 runs there too);
     2. one pipeline group per replica of several stages (the groups' leaders, in stage order);
     3. one gradient reducer per distinct set of ranks holding the same layers across replicas,
        each by chip vendor plus a gloo bridge (runtime/groups.py).
@@ -198,10 +199,14 @@ class Topology:
                         if val % st.tp_degree:
                             raise PlanError(f"{where}.tp_degree: {st.tp_degree} does not divide the model's {what} "
                                             f"({val}). Fix: use a tp_degree that divides it")
-                    if st.shard != "none" or st.offload == "params":
-                        raise PlanError(f"{where}: a tensor-parallel group with shard={st.shard!r}, offload="
-                                        f"{st.offload!r} is not run (TP and FSDP2 in one group). Fix: shard = \"none\" "
-                                        "and offload other than \"params\" for a tensor-parallel stage")
+                    if st.shard != "none":
+                        raise PlanError(f"{where}: a tensor-parallel group with shard={st.shard!r} is not run (TP "
+                                        "and FSDP2 in one group). Fix: shard = \"none\" for a tensor-parallel stage")
+                    real = [d for d in st.devices if not pool.device(d).emulated]
+                    if st.offload == "params" and real:
+                        raise PlanError(f"{where}.offload: 'params' on tensor-parallel chips {real} needs FSDP2 and "
+                                        "tensor parallel on one 2-D mesh, which is not run (on emulated devices the "
+                                        "offload is counted, not moved). Fix: offload = \"optimizer\" or \"none\"")
                 if n > 1 and st.tp_degree == 1 and rep.micro_batch_size < n:
                     raise PlanError(f"{source}: replicas[{i}].micro_batch_size: {rep.micro_batch_size} samples split "
                                     f"over a sharded group of {n} devices leaves some idle. Fix: micro_batch_size >= {n}")
@@ -263,6 +268,14 @@ class Topology:
 
                 out.stage = g
                 out.mesh = DeviceMesh.from_group(g, mesh_device_type(pool.device(self.by_rank[rank])))
+        # A lone device with parameter offload runs FSDP2 too: on a mesh of itself, not the world.
+        for r in self.roles:
+            if r.group_size == 1 and self.stage_of(r).offload == "params":
+                g = dist.new_group([r.rank], backend=link_backend({vendor_of[r.rank]}, native_of))
+                if r.rank == rank:
+                    from torch.distributed.device_mesh import DeviceMesh
+
+                    out.mesh = DeviceMesh.from_group(g, mesh_device_type(pool.device(r.device)))
         for i in range(len(self.plan.replicas)):
             leaders = next(r.pipeline_ranks for r in self.roles if r.replica == i)
             if len(leaders) > 1:

@@ -18,7 +18,7 @@ import torch.nn as nn
 WRAPPED = "._checkpoint_wrapped_module"
 
 
-def blocks_of(module: nn.Module) -> list[tuple[Any, str, int]]:
+def blocks_of(module: nn.Module) -> list[tuple[Any, Any, int]]:
     """(container, key, layer number in the whole model) of every transformer block of a whole model
     (`blocks` ModuleList, `model.layers`) or of a stage module (the same names, as ModuleDicts keyed
     by layer number)."""
@@ -26,7 +26,7 @@ def blocks_of(module: nn.Module) -> list[tuple[Any, str, int]]:
     if container is None and isinstance(getattr(module, "model", None), nn.Module):
         container = getattr(module.model, "layers", None)
     if isinstance(container, nn.ModuleList):
-        return [(container, str(i), i) for i in range(len(container))]
+        return [(container, i, i) for i in range(len(container))]
     if isinstance(container, nn.ModuleDict):
         return [(container, k, int(k)) for k in container.keys()]
     raise TypeError(f"{type(module).__name__} has no `blocks` or `model.layers` to checkpoint or shard")

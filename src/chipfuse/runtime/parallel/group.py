@@ -57,6 +57,10 @@ class GroupStage(nn.Module):
         return self.members[1:]
 
     # ------------------------------------------------------------------ messages
+    def _comm(self) -> torch.device:
+        """Where this group's messages live: host memory on gloo, the chip on a native library."""
+        return torch.device("cpu") if dist.get_backend(self.group) == "gloo" else self._device()
+
     def _send(self, to: int, cmd: int, t: torch.Tensor | None = None) -> None:
         h = torch.zeros(_HEADER, dtype=torch.int64)
         h[0] = cmd
@@ -64,25 +68,24 @@ class GroupStage(nn.Module):
             h[1] = _DTYPES.index(t.dtype)
             h[2] = t.dim()
             h[3:3 + t.dim()] = torch.tensor(t.shape)
-        dist.send(h, dst=to, group=self.group)
+        dist.send(h.to(self._comm()), dst=to, group=self.group)
         if t is not None:
-            dist.send(_host_ok(t.contiguous(), self.group), dst=to, group=self.group)
+            dist.send(t.contiguous().to(self._comm()), dst=to, group=self.group)
 
     def _recv(self, frm: int, like: torch.Tensor | None = None) -> tuple[int, torch.Tensor | None]:
-        h = torch.zeros(_HEADER, dtype=torch.int64)
+        h = torch.zeros(_HEADER, dtype=torch.int64, device=self._comm())
         dist.recv(h, src=frm, group=self.group)
+        h = h.cpu()
         cmd = int(h[0])
         if cmd == END:
             return cmd, None
-        shape = tuple(int(x) for x in h[3:3 + int(h[2])])
-        t = torch.empty(shape, dtype=_DTYPES[int(h[1])], device=self._device())
-        dist.recv(t, src=frm, group=self.group)
-        return cmd, t
+        shape = torch.Size(int(x) for x in h[3:3 + int(h[2])])
+        return cmd, self._recv_tensor(frm, shape, _DTYPES[int(h[1])])
 
     def _recv_tensor(self, frm: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        t = torch.empty(shape, dtype=dtype, device=self._device())
+        t = torch.empty(shape, dtype=dtype, device=self._comm())
         dist.recv(t, src=frm, group=self.group)
-        return t
+        return t.to(self._device())
 
     def _device(self) -> torch.device:
         p = next(self.inner.parameters(), None)
@@ -136,14 +139,7 @@ class GroupStage(nn.Module):
                     self._send_plain(g)
 
     def _send_plain(self, t: torch.Tensor) -> None:
-        dist.send(_host_ok(t.contiguous(), self.group), dst=self.leader, group=self.group)
-
-
-def _host_ok(t: torch.Tensor, group: Any) -> torch.Tensor:
-    """gloo carries CPU tensors only: a chip's tensor crosses a gloo group through host memory."""
-    if t.device.type != "cpu" and dist.get_backend(group) == "gloo":
-        return t.cpu()
-    return t
+        dist.send(t.contiguous().to(self._comm()), dst=self.leader, group=self.group)
 
 
 class _NotifyBackward(torch.autograd.Function):
