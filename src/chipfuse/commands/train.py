@@ -14,7 +14,7 @@ from pathlib import Path
 
 from chipfuse.cluster.builtin import default_pool
 from chipfuse.cluster.pool import Pool, load_pool
-from chipfuse.commands import endure_flags
+from chipfuse.commands import data_flags, endure_flags
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.spec import resolve_model
 from chipfuse.plan.plan import Plan
@@ -51,6 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "workers take that node's plan devices by local rank")
     p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/plan.json and stop (for multi-host launches)")
     endure_flags.add_arguments(p)
+    data_flags.add_arguments(p)  # --data, validation, lr schedule, clipping, weight decay
     p.set_defaults(func=cmd_train)
 
 
@@ -93,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if launched_by_torchrun():
         return _worker(args, pool)
     plan = endure_flags.prepare(args, pool, make_plan)
+    data_flags.check(args, plan)  # bad data or recipe: one line, before any worker starts
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     plan_path = run_dir / "plan.json"
@@ -115,6 +117,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.profile is None and plan.is_pure_data_parallel and all(d.emulated for d in pool.devices):
         args.profile = str(_emulation_profile(args, plan, pool, run_dir))
     worker_args += endure_flags.worker_args(args)
+    worker_args += data_flags.worker_args(args)
     if args.profile:
         worker_args += ["--profile", args.profile]
     if len(plan.devices) == 1:
@@ -141,6 +144,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = finish_run(plan, pool, summary, summary_path=summary_path, profile_path=args.profile,
                          timeline_path=args.timeline, metrics_path=metrics)
     print_summary(summary)
+    if summary.get("final_val_loss") is not None:
+        console.print(f"validation: loss {summary['final_val_loss']:.3f}, perplexity {summary['final_val_ppl']:.1f} "
+                      f"({summary['validation']['tokens']} held-out tokens)")
     console.print(prediction_line(summary))
     if args.timeline:
         console.print(f"timeline (measured beside predicted): {args.timeline}")
@@ -175,10 +181,12 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
 
     plan = endure_flags.prepare(args, pool, make_plan)
     shares = args.shares or ("plan" if all(d.emulated for d in pool.devices) else "measured")
+    data, recipe = data_flags.config(args)
     cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
                       shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
                       device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
-                      unit_s=args.unit_s, endure=endure_flags.config(args), profile_path=args.profile)
+                      unit_s=args.unit_s, endure=endure_flags.config(args), profile_path=args.profile,
+                      data=data, recipe=recipe)
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from chipfuse.data import get_batch
+from chipfuse.data.loader import Loader, builtin_loader
 from chipfuse.model.gpt import loss_sum
 from chipfuse.runtime.emulate import MemoryMeter, Pacer
 
@@ -37,7 +37,7 @@ class DataParallelWorker:
 
     def __init__(self, *, model: torch.nn.Module, global_batch: int, seq_len: int, offset: int, share: int,
                  micro_batch_size: int, device: torch.device, pacer: Pacer | None = None,
-                 meter: MemoryMeter | None = None, seed: int = 0):
+                 meter: MemoryMeter | None = None, seed: int = 0, loader: Loader | None = None):
         self.model = model
         self.global_batch = global_batch
         self.seq_len = seq_len
@@ -48,13 +48,15 @@ class DataParallelWorker:
         self.pacer = pacer
         self.meter = meter
         self.seed = seed
+        # Where samples come from (chipfuse.data); default: the built-in corpus.
+        self.loader = loader or builtin_loader(global_batch, seq_len, seed)
 
     def set_share(self, *, offset: int, share: int) -> None:
         """Online rebalancing: the next step computes a different slice of the batch."""
         self.offset, self.share = offset, share
 
     def micro_batch_forward_backward(self, step: int, start: int, count: int) -> float:
-        x, y = get_batch(step, self.global_batch, self.seq_len, start=start, count=count, seed=self.seed)
+        x, y = self.loader.batch(step, start, count)
         x, y = x.to(self.device), y.to(self.device)
         global_tokens = self.global_batch * self.seq_len
         if self.meter is not None:

@@ -98,6 +98,9 @@ class Endurance:
         self.saved: list[str] = []
         self.rebalances: list[dict] = []
         self._loss_ok = True
+        # The loop sets this to data.Loader.position: checkpoints record where training is in the
+        # data, and resume refuses other data (chipfuse.data.check_same_source).
+        self.data_position: Callable[[int], dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ hooks
     def resume(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, steps: int) -> int:
@@ -108,6 +111,10 @@ class Endurance:
             return 0
         r = checkpoint.load(self.cfg.resume, model=model, optimizer=optimizer, log=self.log)
         checkpoint.check_resumable(r.plan, self.plan, str(r.path))
+        if self.data_position is not None:
+            from chipfuse.data.loader import check_same_source
+
+            check_same_source(r.extra.get("data"), self.data_position(r.step), str(r.path))
         if r.step >= steps:
             raise ChipfuseError(f"{r.path} is at step {r.step} and --steps is {steps}: nothing to train. "
                                 f"Fix: give --steps above {r.step}")
@@ -226,8 +233,9 @@ class Endurance:
         assert self.cfg.checkpoint_dir is not None
         plan = with_shares(self.plan, [self.shares[d] for d in self.order])
         path = checkpoint.save(self.cfg.checkpoint_dir, step=step, model=self._model, optimizer=self._optimizer,
-                               plan=plan.to_dict(), extra={"shares": self.shares}, keep=self.cfg.checkpoint_keep,
-                               state=self._sync_state())
+                               plan=plan.to_dict(), keep=self.cfg.checkpoint_keep, state=self._sync_state(),
+                               extra={"shares": self.shares,
+                                      **({"data": self.data_position(step)} if self.data_position else {})})
         self.saved.append(str(path))
         self.guard.checkpoint_hint = str(path)
         return str(path)

@@ -111,13 +111,17 @@ def build_state_optimizer(params: Iterable[torch.nn.Parameter], *, optimizer_dty
     params = list(params)
     dev = device or (params[0].device if params else torch.device("cpu"))
     kw: dict = {"lr": lr, "weight_decay": weight_decay, "betas": betas}
+    from chipfuse.runtime.recipe import decay_groups
+
+    # With decay, matrices decay and 1-D tensors (biases, norms) do not, as runtime.optim.
+    groups: list = decay_groups(params, weight_decay) if weight_decay else params
     if offload and dev.type != "cpu":
         ao_optim, _, _ = _torchao_optim()
         cls = torch.optim.AdamW if optimizer_dtype == "fp32" else _make_class(optimizer_dtype, eager=False)
-        return ao_optim.CPUOffloadOptimizer(params, optimizer_class=cls, **kw)
+        return ao_optim.CPUOffloadOptimizer(groups, optimizer_class=cls, **kw)
     if optimizer_dtype == "fp32":
-        return torch.optim.AdamW(params, foreach=False, **kw)  # foreach=False: as runtime.optim, see there
-    return _make_class(optimizer_dtype, eager=dev.type == "cpu")(params, **kw)
+        return torch.optim.AdamW(groups, foreach=False, **kw)  # foreach=False: as runtime.optim, see there
+    return _make_class(optimizer_dtype, eager=dev.type == "cpu")(groups, **kw)
 
 
 def state_tensors(optimizer: torch.optim.Optimizer) -> list[Tensor]:

@@ -22,8 +22,10 @@ Written by hand here, the heterogeneity:
 
 from __future__ import annotations
 
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from chipfuse.data import get_batch
+from chipfuse.data.loader import Loader, builtin_loader
 from chipfuse.model.gpt import loss_sum
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime.emulate import MemoryMeter, Pacer
@@ -89,8 +91,10 @@ class PipelineWorker:
 
     def __init__(self, plan: Plan, pool: Any, *, rank: int, config: WorkerConfig = WorkerConfig(),
                  by_rank: list[str] | None = None, topology: Topology | None = None,
-                 device: torch.device | None = None):
+                 device: torch.device | None = None, loader: Loader | None = None):
         self.plan, self.cfg, self.rank = plan, config, rank
+        # Where samples come from (chipfuse.data); default: the built-in corpus.
+        self.loader = loader or builtin_loader(plan.global_batch, plan.seq_len, config.data_seed)
         self.topology = topo = topology or Topology.of(plan, pool, by_rank)
         self.groups: Groups = topo.create_groups(rank)
         self.role = role = topo.role(rank)
@@ -236,43 +240,68 @@ class PipelineWorker:
             self._build_schedule()
 
     # ------------------------------------------------------------------ one step
-    def batch(self, step: int, pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """This replica's samples of global step `step`, padded to n_mb full micro-batches (pipelines
-        need one shape; a one-stage replica computes its short last micro-batch as it is)."""
-        rep, T = self.replica, self.plan.seq_len
-        x, y = get_batch(step, self.plan.global_batch, T, start=self.offset, count=self.share,
-                         seed=self.cfg.data_seed)
-        n_pad = self.n_mb * rep.micro_batch_size - self.share if pad else 0
+    def _pad(self, x: torch.Tensor, y: torch.Tensor, pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Samples padded to n_mb full micro-batches, the padding's targets ignored (pipelines need
+        one shape; a one-stage replica computes its short last micro-batch as it is)."""
+        T = self.plan.seq_len
+        n_pad = self.n_mb * self.replica.micro_batch_size - x.shape[0] if pad else 0
         if n_pad > 0:
             x = torch.cat([x, torch.zeros(n_pad, T, dtype=x.dtype)])
             y = torch.cat([y, torch.full((n_pad, T), IGNORE, dtype=y.dtype)])
         return x, y
 
+    def batch(self, step: int, pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """This replica's samples of global step `step` (padded: see _pad)."""
+        return self._pad(*self.loader.batch(step, self.offset, self.share), pad=pad)
+
+    def _val_batch(self, start: int, count: int, pad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._pad(*self.loader.val_batch(start, count), pad=pad)
+
     def forward_backward(self, step: int) -> torch.Tensor:
         """Gradients of this rank's stage for its replica's share; returns the summed scaled loss
         of this rank's micro-batches (nonzero on the last stage's leader only)."""
+        return self._run(functools.partial(self.batch, step), train=True)
+
+    def eval_loss_sum(self, start: int, count: int) -> float:
+        """The summed token loss of validation samples [start, start+count) (runtime/evaluate.py):
+        forward only, through the path training takes (local loop or schedule, stage-group followers
+        serving their leader), in calls of the replica's n_mb micro-batches (padded as in training).
+        Every rank of the replica makes the same calls; nonzero on the last stage's leader only."""
+        per_call = self.n_mb * self.replica.micro_batch_size
+        total = 0.0
+        for a in range(start, start + count, per_call):
+            total += float(self._run(functools.partial(self._val_batch, a, min(per_call, start + count - a)),
+                                     train=False))
+        return total * self.global_tokens  # the loss is scaled by the global token count: undo it
+
+    def _run(self, fetch: Callable[[bool], tuple[torch.Tensor, torch.Tensor]], *, train: bool) -> torch.Tensor:
+        """One pass over n_mb micro-batches (`fetch(pad)` gives them, on the leader): forward and backward
+        when training, forward only without autograd otherwise. Returns the summed scaled loss."""
         losses: list[torch.Tensor] = []
         role = self.role
-        with self.meter.track():
+        with self.meter.track(), torch.set_grad_enabled(train):
             if not role.leader:
                 assert self.group_stage is not None
                 self.group_stage.follow()
                 return torch.zeros(())
             # Padding only where shapes must agree: pipelines, and a sharded group's row split.
-            x, y = self.batch(step, pad=self.schedule is not None or role.kind == "fsdp")
+            x, y = fetch(self.schedule is not None or role.kind == "fsdp")
             if self.schedule is None:
                 x, y = x.to(self.torch_device), y.to(self.torch_device)
                 mbs = self.replica.micro_batch_size
                 for xm, ym in zip(x.split(mbs), y.split(mbs), strict=True):
                     loss = self._loss(self._runner(xm), ym)
-                    loss.backward()
+                    if train:
+                        loss.backward()
                     losses.append(loss.detach().float().cpu())
-            elif role.first:
-                self.schedule.step(x.to(self._io))
-            elif role.last:
-                self.schedule.step(target=y.to(self._io), losses=losses)
             else:
-                self.schedule.step()
+                run = self.schedule.step if train else self.schedule.eval
+                if role.first:
+                    run(x.to(self._io))
+                elif role.last:
+                    run(target=y.to(self._io), losses=losses)
+                else:
+                    run()
             if self.group_stage is not None:
                 self.group_stage.end()
         self._sync_device()

@@ -19,14 +19,17 @@ import torch
 import torch.distributed as dist
 
 from chipfuse.cluster.pool import Device, Pool
+from chipfuse.data.loader import DataConfig, open_loader
 from chipfuse.plan.plan import Plan
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.report.figures import checked_fields, checked_ratio
 from chipfuse.runtime import dist as cfdist
 from chipfuse.runtime.endure import Endurance, EndureConfig
+from chipfuse.runtime.evaluate import Validator, progress_suffix
 from chipfuse.runtime.grad_sync import UnitSync, build_gradient_sync
 from chipfuse.runtime.metrics import StepLog, gather_row
 from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
+from chipfuse.runtime.recipe import Recipe, RecipeStep, recipe_of, unit_owner
 from chipfuse.runtime.topology import Topology
 
 
@@ -54,6 +57,10 @@ class TrainConfig:
     """Kept for the CLI: with a profile (which the launcher writes from it) it changes nothing."""
     endure: EndureConfig = field(default_factory=EndureConfig)
     """Checkpoints, resume, NaN policy, clean stop, online rebalancing (runtime/endure.py)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data and the held-out split (data/); default: the built-in corpus."""
+    recipe: Recipe | None = None
+    """lr schedule, clipping, weight decay (runtime/recipe.py); None: constant `lr`, `weight_decay`."""
 
 
 def _rank_names(name: str, info: cfdist.DistInfo) -> list[str]:
@@ -104,9 +111,13 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         _init_one_process_group()
     # Emulated devices are always paced; solo_samples=0 only leaves fusion efficiency out.
     pace = cfg.solo_samples > 0
-    wcfg = WorkerConfig(seed=cfg.seed, data_seed=cfg.seed, lr=cfg.lr, weight_decay=cfg.weight_decay, pace=True,
+    recipe = recipe_of(cfg)
+    # The run's batches: refused before any step if the data cannot train this model (chipfuse.data).
+    loader = open_loader(cfg.data, global_batch=plan.global_batch, seq_len=plan.seq_len,
+                         vocab_size=plan.model.vocab_size, seed=cfg.seed)
+    wcfg = WorkerConfig(seed=cfg.seed, data_seed=cfg.seed, lr=recipe.lr, weight_decay=recipe.weight_decay, pace=True,
                         slack=cfg.slack, profile_path=cfg.profile_path)
-    worker = PipelineWorker(plan, pool, rank=info.rank, config=wcfg, topology=topo, device=info.device)
+    worker = PipelineWorker(plan, pool, rank=info.rank, config=wcfg, topology=topo, device=info.device, loader=loader)
     role = worker.role
 
     shares = dict(plan.shares)
@@ -120,7 +131,14 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
                 worker.set_share(offset=start, share=shares[d])
             start += shares[d]
     endure = Endurance(cfg.endure, plan=plan, rank_names=by_rank, name=name, worker=worker, shares=shares)
+    endure.data_position = loader.position  # checkpoints record where training is in the data
     first_step = endure.resume(worker.module, worker.opt, cfg.steps)
+    # This step's lr, and clipping by the norm of the fully reduced gradient, each layer counted once.
+    recipe_step = RecipeStep(recipe, worker.opt, total_steps=cfg.steps, params=list(worker.module.parameters()),
+                             owns=unit_owner(worker.unit_params, worker.unit_ranks, info.rank, members=role.members))
+    # Validation on the held-out split: each replica its share of the set, forward only through the worker.
+    validator = Validator(loader, every=cfg.data.eval_every, total_steps=cfg.steps,
+                          place=lambda: (worker.offset, worker.share), loss_sum=worker.eval_loss_sum)
     # plan.sync: per-layer sums over replicas, or islands with DiLoCo between them (docs/slow_links.md)
     params = list(worker.module.parameters())
     grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank,
@@ -143,6 +161,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         comm_s = time.perf_counter() - t_comm
         loss_sum = float(local_loss) * plan.global_batch * plan.seq_len
         t_opt = time.perf_counter()
+        recipe_stats = recipe_step.before_update(step)  # collective when clipping
         if endure.before_update(step, loss_sum):  # False: non-finite loss, update skipped on every rank
             worker.opt.step()
         t_outer = time.perf_counter()
@@ -158,6 +177,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
             "compute_s": t_comm - t_step, "padded_s": _padded(worker) - padded0,
             "comm_s": comm_s, "step_s": time.perf_counter() - t_step})
         extra = endure.after_step(step, row)
+        extra |= recipe_stats | validator.maybe_run(step)  # val loss/ppl when due (collective)
         if info.is_main:
             progress.update(log.add(step, row, **extra))
         if endure.stopping:
@@ -172,7 +192,8 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     if not info.is_main:
         return None
     return _summary(plan, pool, cfg, log, ranks, topo) | {"sync": grad_sync.describe(), **endure.summary(),
-                                                          "shares": endure.shares}
+                                                          "shares": endure.shares, "data": loader.describe(),
+                                                          **recipe_step.summary(), **validator.summary()}
 
 
 def _all_gather_floats(values: list[float]) -> list[list[float]]:
@@ -265,7 +286,8 @@ class _Progress:
             return
         per = " ".join(f"{d} {v['tokens_per_s'] / 1e3:.1f}k" for d, v in row["devices"].items())
         self.bar.update(self.task, advance=1,
-                        description=f"loss {row['loss']:.3f} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | {per}")
+                        description=f"loss {row['loss']:.3f}{progress_suffix(row)} | "
+                                    f"{row['tokens_per_s'] / 1e3:.1f}k tok/s | {per}")
 
     def close(self) -> None:
         if self.enabled:

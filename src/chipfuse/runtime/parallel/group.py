@@ -129,7 +129,8 @@ class GroupStage(nn.Module):
                 y = self.inner(x)
                 if self.split:
                     self._send_plain(y.detach())
-                self._saved.append((x, y))
+                if torch.is_grad_enabled():  # training: its backward comes later (evaluation has none)
+                    self._saved.append((x, y))
             else:  # BWD: t is the gradient of the oldest saved output
                 x, y = self._saved.pop(0)
                 torch.autograd.backward(y, t)
