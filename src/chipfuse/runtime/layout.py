@@ -11,11 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from chipfuse.errors import PlanError
-from chipfuse.model.spec import ModelSpec
+from chipfuse.model.spec import FAMILIES, ModelSpec
 from chipfuse.plan.plan import Plan
-from chipfuse.runtime.stages import EMBED_UNIT, HEAD_UNIT, block_unit
-
-FAMILIES = ("gpt", "llama")
+from chipfuse.runtime.stages import EMBED_UNIT, HEAD_UNIT, TIED_UNIT, block_unit, has_tied_unit
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,8 +51,10 @@ def layout(plan: Plan, by_rank: list[str] | None = None) -> list[Role]:
 
 
 def units_of_model(spec: ModelSpec) -> list[str]:
-    """Gradient-reduction units in a fixed order: embedding, every block, head."""
-    return [EMBED_UNIT, *(block_unit(i) for i in range(spec.num_layers)), HEAD_UNIT]
+    """Gradient-reduction units in a fixed order: embedding, every block, head, and the tied
+    embedding/head matrix (held by the first and the last stage) when the model ties them."""
+    tied = [TIED_UNIT] if has_tied_unit(spec) else []
+    return [EMBED_UNIT, *(block_unit(i) for i in range(spec.num_layers)), HEAD_UNIT, *tied]
 
 
 def unit_ranks(plan: Plan, by_rank: list[str] | None = None) -> dict[str, tuple[int, ...]]:
@@ -69,6 +69,8 @@ def unit_ranks(plan: Plan, by_rank: list[str] | None = None) -> dict[str, tuple[
             mine.append(EMBED_UNIT)
         if r.last:
             mine.append(HEAD_UNIT)
+        if (r.first or r.last) and has_tied_unit(plan.model):
+            mine.append(TIED_UNIT)
         for u in mine:
             out[u].append(r.rank)
     return {u: tuple(sorted(v)) for u, v in out.items()}

@@ -30,7 +30,7 @@ from chipfuse.runtime.groups import Reducer, link_backend, make_reducer
 from chipfuse.runtime.layout import layout, schedule_for, unit_ranks, units_of_model
 from chipfuse.runtime.optim import build_optimizer
 from chipfuse.runtime.paced import Clock, PacedStage, measure_solo
-from chipfuse.runtime.stages import build_full, build_stage
+from chipfuse.runtime.stages import build_stage
 
 IGNORE = -100  # F.cross_entropy's ignore_index: padded samples add nothing to loss or gradients
 
@@ -80,9 +80,8 @@ class PipelineWorker:
             if rank in s:
                 self.reducers[s] = red
 
-        full = build_full(plan.model, config.seed)
-        self.module = build_stage(plan.model, rep.stages, role.stage_index, full=full)
-        del full
+        # Built on the meta device, this stage's tensors only (chipfuse.model.split).
+        self.module = build_stage(plan.model, rep.stages, role.stage_index, seed=config.seed)
         self.unit_params = {u: [dict(self.module.named_parameters())[n] for n in names]
                             for u, names in self.module.units().items()}
         self.opt = build_optimizer(self.module.parameters(), plan, lr=config.lr, weight_decay=config.weight_decay)
