@@ -83,9 +83,9 @@ def gpt_init(num_layers: int) -> Callable[[str, nn.Module], None]:
 def build_model(cfg: ModelSpec, seed: int = 0) -> GPT:
     """Same seed, same weights on every rank, in every stage and in every reference: built on the
     meta device, then each module initialised from a generator seeded by (seed, its name)."""
-    from chipfuse.model.split import materialise
+    from chipfuse.model.split import materialise, no_init
 
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():
         model = GPT(cfg)
     materialise(model, gpt_init(cfg.num_layers), seed)
     return model

@@ -69,8 +69,10 @@ def layout_of(spec: ModelSpec) -> Layout:
 def meta_model(spec: ModelSpec) -> nn.Module:
     """transformers' model of the spec on the meta device: structure and names, no memory."""
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
-    with torch.device("meta"):
+    # No init on meta (it would be thrown away); materialise() initialises the kept part by name.
+    with torch.device("meta"), no_init_weights():
         # fp32 master weights whatever dtype the config was saved in; the plan's dtype casts compute.
         return AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch.float32)
 

@@ -26,6 +26,7 @@ transformers.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -80,7 +81,13 @@ class StageModule(nn.Module):
         raise NotImplementedError
 
     def units(self) -> dict[str, list[str]]:
+        # Every unit the stage holds is listed, even one left empty because its only matrix is the
+        # tied one (a tied Llama-like embedding): the reducer lists units by the plan.
         out: dict[str, list[str]] = {}
+        if self.first:
+            out[EMBED_UNIT] = []
+        if self.last:
+            out[HEAD_UNIT] = []
         tied_names = set(self.tied) | set(self.tied.values())
         for name, _ in self.named_parameters():
             out.setdefault(TIED_UNIT if name in tied_names else self._unit_of(name), []).append(name)
@@ -172,6 +179,24 @@ def retie(module: nn.Module, tied: dict[str, str]) -> None:
             setattr(get(module, ".".join(path)) if path else module, leaf, names[source])
 
 
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def no_init() -> Iterator[None]:
+    """torch.nn.init as no-ops while a model is built on the meta device: the draws would be
+    thrown away, and the first one on meta costs seconds (it imports torch's reference kernels)."""
+    saved = {n: getattr(nn.init, n) for n in _INIT_FUNCTIONS}
+    try:
+        for n in _INIT_FUNCTIONS:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+
+
 def param_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -216,7 +241,7 @@ class GPTStage(StageModule):
 
 
 def _meta_gpt(spec: ModelSpec) -> nn.Module:
-    with torch.device("meta"):
+    with torch.device("meta"), no_init():
         return GPT(spec)
 
 

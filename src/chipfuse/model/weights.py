@@ -25,7 +25,7 @@ from chipfuse.errors import ChipfuseError
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "generation_config.json")
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja")
 # Float dtypes a checkpoint may store; each is cast to the parameter's dtype (fp32 master weights).
 FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
 
@@ -64,37 +64,46 @@ def _source_key(name: str, files: dict[str, Path], tied: dict[str, str], prefixe
     return None
 
 
-@torch.no_grad()
-def load_weights(module: nn.Module, directory: str | Path, *, tied: dict[str, str] | None = None) -> int:
-    """Load every parameter of `module` (a stage or a whole model) from the folder's safetensors,
-    reading only those tensors. Refused before any is copied when one is missing or does not fit.
-    Returns the bytes read."""
+def match_tensors(shapes: dict[str, tuple[int, ...]], directory: str | Path,
+                  tied: dict[str, str]) -> dict[Path, list[tuple[str, str]]]:
+    """For every parameter name (-> its shape), the file and tensor that hold it, checked for
+    presence, shape and dtype from the safetensors headers only (no tensor data is read)."""
     from safetensors import safe_open
 
     files = weight_files(directory)
-    tied = tied or {}
-    params = dict(module.named_parameters(remove_duplicate=False))
+    d = Path(directory)
     plan: dict[Path, list[tuple[str, str]]] = {}
-    for name in params:
+    for name in shapes:
         key = _source_key(name, files, tied, ("transformer.", "model."))
         if key is None:
-            where = Path(directory) / (INDEX if (Path(directory) / INDEX).is_file() else SINGLE)
-            raise WeightsError(f"{where}: tensor {name!r} missing (found {len(files)} tensors, none of that name). "
+            where = d / (INDEX if (d / INDEX).is_file() else SINGLE)
+            raise WeightsError(f"{where}: tensor {name!r} missing ({len(files)} tensors, none of that name). "
                                "Fix: give --init-from the folder of this model (its config.json and weights "
                                "together), or --model the folder's config.json")
         plan.setdefault(files[key], []).append((name, key))
-    for path, pairs in plan.items():  # check everything first: a refusal leaves the module untouched
+    for path, pairs in plan.items():
         with safe_open(str(path), framework="pt") as f:
             for name, key in pairs:
                 sl = f.get_slice(key)
                 shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
-                if shape != tuple(params[name].shape):
+                if shape != tuple(shapes[name]):
                     raise WeightsError(f"{path}: tensor {key!r}: shape {list(shape)}, the model's config needs "
-                                       f"{list(params[name].shape)}. Fix: use the config.json saved with these "
-                                       "weights")
+                                       f"{list(shapes[name])}. Fix: use the config.json saved with these weights")
                 if dtype not in FLOAT_DTYPES:
                     raise WeightsError(f"{path}: tensor {key!r}: dtype {dtype}, chipfuse loads float weights "
                                        f"({', '.join(FLOAT_DTYPES)}). Fix: dequantize the checkpoint first")
+    return plan
+
+
+@torch.no_grad()
+def load_weights(module: nn.Module, directory: str | Path, *, tied: dict[str, str] | None = None) -> int:
+    """Load every parameter of `module` (a stage or a whole model) from the folder's safetensors,
+    reading only those tensors. Refused before any is copied when one is missing or does not fit
+    (float tensors of another dtype are cast to the parameter's). Returns the bytes read."""
+    from safetensors import safe_open
+
+    params = dict(module.named_parameters(remove_duplicate=False))
+    plan = match_tensors({n: tuple(p.shape) for n, p in params.items()}, directory, tied or {})
     nbytes = 0
     for path, pairs in plan.items():
         with safe_open(str(path), framework="pt") as f:
@@ -103,6 +112,20 @@ def load_weights(module: nn.Module, directory: str | Path, *, tied: dict[str, st
                 params[name].copy_(t)
                 nbytes += t.numel() * t.element_size()
     return nbytes
+
+
+def check_init_from(spec: Any, directory: str | Path) -> None:
+    """Refuse, before any worker starts, a folder whose weights do not fit `spec`: every tensor of
+    the whole model checked from the headers, on the meta device (no memory)."""
+    from chipfuse.model.hf import meta_model
+    from chipfuse.model.split import tied_keys
+
+    if spec.family == "gpt":
+        raise ChipfuseError(f"--init-from {directory}: the built-in GPT ({spec.name!r}) has no Hugging Face "
+                            "weights. Fix: give --model the folder (or its config.json)")
+    model = meta_model(spec)
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
+    match_tensors(shapes, directory, tied_keys(model))
 
 
 def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:

@@ -49,6 +49,8 @@ class WorkerConfig:
     profile_path: str | None = None
     """Pace emulated devices to this profile's per-block times (the chip the planner predicted
     for) instead of `slack x solo / speed` measured at start-up."""
+    init_from: str | None = None
+    """A Hugging Face folder: each rank loads only its stage's tensors from its safetensors."""
 
 
 class PipelineWorker:
@@ -81,7 +83,8 @@ class PipelineWorker:
                 self.reducers[s] = red
 
         # Built on the meta device, this stage's tensors only (chipfuse.model.split).
-        self.module = build_stage(plan.model, rep.stages, role.stage_index, seed=config.seed)
+        self.module = build_stage(plan.model, rep.stages, role.stage_index, seed=config.seed,
+                                  init_from=config.init_from)
         self.unit_params = {u: [dict(self.module.named_parameters())[n] for n in names]
                             for u, names in self.module.units().items()}
         self.opt = build_optimizer(self.module.parameters(), plan, lr=config.lr, weight_decay=config.weight_decay)

@@ -28,7 +28,8 @@ def run_pipeline(plan: Plan, pool: Pool, cfg: Any, info: cfdist.DistInfo,
     """Train `plan` (any mix of pipelines and whole-model replicas) on this rank.
     cfg: runtime.trainer.TrainConfig. Returns the summary on rank 0, None elsewhere."""
     wcfg = WorkerConfig(seed=cfg.seed, data_seed=cfg.seed, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                        pace=True, slack=cfg.slack, profile_path=cfg.profile_path)
+                        pace=True, slack=cfg.slack, profile_path=cfg.profile_path,
+                        init_from=getattr(cfg, "init_from", None))
     worker = PipelineWorker(plan, pool, rank=info.rank, config=wcfg, by_rank=by_rank)
     role = worker.role
     names = list(by_rank) if by_rank is not None else list(plan.devices)

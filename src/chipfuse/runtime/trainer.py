@@ -46,6 +46,8 @@ class TrainConfig:
     """Emulated devices pad each micro-batch to slack x solo time / speed (torch-on-cpu.md)."""
     progress: bool = True
     profile_path: str | None = None
+    init_from: str | None = None
+    """A Hugging Face folder each rank loads its own tensors from (chipfuse.model.weights)."""
     """A `chipfuse profile` JSON: pipeline workers pace emulated devices to its per-block times."""
     device: str | None = None
     """This worker's device name; None = the plan's device at this rank (single host)."""
