@@ -112,38 +112,6 @@ def test_sharded_safetensors_with_index_load(tmp_path):
                                    atol=0, rtol=0)
 
 
-def test_tied_model_pipeline_with_unequal_replicas_matches_transformers():
-    """2 unequal stages (1 + 2 layers) beside a whole-model replica, shares 5 : 3, a tied Qwen2:
-    transformers' loss and gradients, and one summed gradient for the tied matrix on the first
-    and the last stage of every replica."""
-    from chipfuse.model.arch import spec_from_config_dict
-    from chipfuse.runtime.pipeline import WorkerConfig
-    from tests.distributed import run_ranks
-    from tests.pipeline_helpers import pool_of, reference, run_steps
-
-    spec = spec_from_config_dict({**TINY["qwen2"], "max_position_embeddings": 32}, name="tiny-qwen2", source="t")
-    pool = pool_of({"a0": ("cpu", 1.0), "a1": ("cpu", 1.0), "b0": ("cpu", 1.0)})
-    plan = plan_of(spec, [([("a0", 1), ("a1", 2)], 5, 2), ([("b0", 3)], 3, 2)])
-    cfg = WorkerConfig(pace=False, lr=3e-3)
-    steps = 3
-    results = run_ranks(run_steps, 3, plan, pool, steps, cfg)
-    ref = reference(spec, plan, steps, cfg)
-    tied = {"lm_head.weight": "model.embed_tokens.weight"}
-    seen_tied = 0
-    for r in results:
-        for name, g in r["grads"].items():
-            # fp32 sums of ~8 micro-batch terms in another order: a few ulps
-            torch.testing.assert_close(g, ref["grads"][tied.get(name, name)], atol=1e-6, rtol=1e-5, msg=name)
-            seen_tied += name in tied
-        # 3 AdamW steps: rounding differences stay far below this (test_pipeline.py measures 1.5e-4 at 50)
-        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), atol=1e-4, rtol=0)
-    assert seen_tied == 1  # the separate last stage holds a copy; the one-stage replica holds it tied
-    first = next(r for r in results if r["describe"]["stage"] == 0 and r["describe"]["num_stages"] == 2)
-    last = next(r for r in results if r["describe"]["stage"] == 1)
-    torch.testing.assert_close(first["grads"]["model.embed_tokens.weight"], last["grads"]["lm_head.weight"],
-                               atol=0, rtol=0)  # one all-reduced sum on both copies
-
-
 def test_train_export_round_trip_loads_in_transformers_with_identical_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -189,3 +157,23 @@ def test_export_refuses_the_builtin_gpt(tmp_path):
                          plan=plan.to_dict())
     with pytest.raises(ChipfuseError, match="family: 'gpt'.*no Hugging Face architecture.*Fix"):
         export_checkpoint(ck, tmp_path / "out")
+
+
+def test_train_init_from_refuses_a_misshapen_folder_before_any_worker(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from chipfuse.cli import main
+
+    save_tiny(TINY["qwen2"], tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    w = load_file(str(f))
+    w["model.norm.weight"] = torch.ones(32)
+    save_file(w, str(f), metadata={"format": "pt"})
+    rc = main(["train", "--init-from", str(tmp_path / "m"), "--steps", "1", "--global-batch", "4", "--seq-len", "32",
+               "--solo-samples", "0", "--run-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "model.safetensors: tensor 'model.norm.weight': shape [32], the model's config needs [64]" in err
+    errors = [ln for ln in err.splitlines() if ln.startswith("chipfuse: error")]
+    assert len(errors) == 1 and "Fix:" in errors[0]  # one line (torchao may print its own load notes)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step ran
