@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str
     model = build_full(spec, 0)
     params = {n: p for n, p in model.named_parameters()}  # a tied matrix once, under the embedding's name
     try:
-        dcp.load({"model": params}, checkpoint_id=str(ck), no_dist=True)
+        with warnings.catch_warnings():  # DCP notes that it loads in one process: that is the intent
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": params}, checkpoint_id=str(ck), no_dist=True)
     except Exception as e:  # DCP raises a bare RuntimeError/CheckpointException naming the missing keys
         raise ChipfuseError(f"{ck}: the checkpoint does not hold this model's weights ({str(e).splitlines()[0]}). "
                             "Fix: export a checkpoint written by `chipfuse train` for this model") from None
