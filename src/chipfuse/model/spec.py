@@ -174,5 +174,5 @@ def resolve_model(name_or_path: str) -> ModelSpec:
     p = Path(name_or_path)
     if name_or_path.endswith(".json") or p.is_file() or (p / "config.json").is_file():
         return from_hf_config(name_or_path)
-    raise ChipfuseError(f"model {name_or_path!r}: not a preset, a config.json nor a model folder. "
+    raise ChipfuseError(f"model {name_or_path!r}: not a preset nor a config.json (nor a model folder holding one). "
                         f"Fix: use one of {sorted(SPEC_PRESETS)}, a Hugging Face config.json or a folder holding one")
