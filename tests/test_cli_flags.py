@@ -10,13 +10,14 @@ FROZEN = {
     "pool detect": ["--bench", "--json"],
     "pool catalog": ["--json"],
     "train": ["--checkpoint-dir", "--checkpoint-every", "--checkpoint-keep", "--dry-run", "--even", "--exclude",
-              "--global-batch", "--json", "--lr", "--metrics", "--micro-batch", "--model", "--nan-policy",
+              "--global-batch", "--init-from", "--json", "--lr", "--metrics", "--micro-batch", "--model", "--nan-policy",
               "--no-progress", "--no-rebalance", "--on-device-loss", "--plan", "--pool", "--pool-node", "--profile",
               "--resume", "--run-dir", "--seed", "--seq-len", "--shares", "--slowdown", "--solo-samples", "--steps",
               "--timeline", "--unit-s"],
     "plan": ["--dtype", "--evaluate", "--global-batch", "--json", "--max-model", "--micro-batch", "--model",
              "--optimizer-dtype", "--pool", "--profile", "--schedule", "--seq-len", "--time-budget",
              "--timeline"],
+    "export": ["--json", "--out", "--tokenizer"],
     "profile": ["--json", "--micro-batch", "--model", "--no-links", "--pool", "--seq-len", "--slack"],
 }
 

@@ -9,7 +9,7 @@ import sys
 
 from chipfuse.errors import ChipfuseError
 
-COMMANDS = ("pool", "train", "plan", "profile")
+COMMANDS = ("pool", "train", "plan", "profile", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
