@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 out=${1:-benchmarks/results/latest}
 mkdir -p "$out"
 py=.venv/bin/python
-for b in fusion emulation plan_search plan_quality pipeline calibration straggler recovery memory slow_link fuzz; do
+for b in fusion emulation plan_search plan_quality prediction pipeline calibration plan_space straggler recovery memory big_model data_loader slow_link serve fuzz; do
   echo "== $b (load average $(cut -d' ' -f1 /proc/loadavg))"
   start=$(date +%s)
   PYTHONPATH=src $py benchmarks/$b.py --json "$out/$b.json" > "$out/$b.log" 2>&1

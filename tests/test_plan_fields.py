@@ -112,6 +112,18 @@ def check_tp_degree():
     odd = replace(_two({"tp_degree": 2}), model=replace(SPEC, num_heads=3, dim=66))
     with pytest.raises(PlanError, match="tp_degree.*num_heads.*Fix:"):
         check_runnable(odd, POOL)
+    # An architecture without a tensor-parallel plan (GPT-2's Conv1D) is refused before start, and
+    # the planner never proposes tensor parallel for it.
+    from chipfuse.model.arch import spec_from_config_dict
+    from chipfuse.plan.search import Context
+    from tests.hf_tiny import TINY
+
+    gpt2 = spec_from_config_dict({**TINY["gpt2"], "n_layer": 4}, name="tiny-gpt2", source="t")
+    with pytest.raises(PlanError, match=r"tp_degree: 2.*'gpt2'.*Conv1D.*Fix: tp_degree = 1"):
+        check_runnable(replace(_two({"tp_degree": 2}), model=gpt2), POOL)
+    for spec, tp in ((SPEC, True), (gpt2, False)):
+        ctx = Context.make(POOL, spec, global_batch=4, seq_len=16)
+        assert any(t > 1 for k in range(len(ctx.kinds)) for _, t in ctx.unit_configs(k)) == tp
 
 
 def check_checkpoint():

@@ -1,5 +1,6 @@
 """Stage groups of several devices against one device: tensor parallel (DTensor) and FSDP2-sharded
-stages inside pipelines, replicas whose groups differ in size, the built-in GPT and HF Llama.
+stages inside pipelines, replicas whose groups differ in size, the built-in GPT and Hugging Face
+decoders (their generic stages, tied embeddings included).
 
 Tolerances, and why:
 - gradients after one step: atol 1e-5, rtol 1e-4. Tensor parallel sums each row-parallel matmul in
@@ -15,9 +16,11 @@ from __future__ import annotations
 
 import torch
 
+from chipfuse.model.arch import spec_from_config_dict
 from chipfuse.plan.plan import Plan, Replica, Stage
 from chipfuse.runtime.pipeline import WorkerConfig
 from tests.distributed import run_ranks
+from tests.hf_tiny import TINY
 from tests.pipeline_helpers import TINY_GPT, TINY_LLAMA, pool_of, reference, run_steps
 
 STEPS = 4
@@ -42,11 +45,13 @@ def _pool(names: list[str]):
     return pool_of({n: ("cpu", 1.0) for n in names})
 
 
-def _check(results: list[dict], ref: dict) -> None:
+def _check(results: list[dict], ref: dict, tied: dict[str, str] | None = None) -> None:
+    """tied: a last stage's copy of a tied matrix -> the reference's name for it."""
+    tied = tied or {}
     for r in results:
-        assert r["grads"].keys() <= ref["grads"].keys()
+        assert {tied.get(n, n) for n in r["grads"]} <= ref["grads"].keys()
         for name, g in r["grads"].items():
-            torch.testing.assert_close(g, ref["grads"][name], atol=1e-5, rtol=1e-4, msg=name)
+            torch.testing.assert_close(g, ref["grads"][tied.get(name, name)], atol=1e-5, rtol=1e-4, msg=name)
         torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), atol=1e-4, rtol=0)
 
 
@@ -76,6 +81,19 @@ def test_llama_pipeline_of_two_tensor_parallel_stages_matches_one_device():
     plan = _plan(TINY_LLAMA, [([(("a0", "a1"), 2, {"tp_degree": 2}), (("b0", "b1"), 1, {"tp_degree": 2})], 4, 2)])
     results = run_ranks(run_steps, 4, plan, _pool(["a0", "a1", "b0", "b1"]), STEPS, CFG)
     _check(results, reference(TINY_LLAMA, plan, STEPS, CFG))
+
+
+def test_tied_hf_pipeline_with_a_tensor_parallel_last_stage_matches_one_device():
+    # Qwen2 from its config (q/k/v biases, head tied to the embedding), generic HF stages: stage 0 on
+    # one device, stage 1 tensor-parallel over two. The tied matrix is one unit of the first and the
+    # last stage's groups of the same replica, so it is summed over all three ranks.
+    spec = spec_from_config_dict({**TINY["qwen2"], "max_position_embeddings": 32}, name="tiny-qwen2", source="t")
+    plan = _plan(spec, [([(("a",), 1, {}), (("b0", "b1"), 2, {"tp_degree": 2})], 4, 2)])
+    results = run_ranks(run_steps, 3, plan, _pool(["a", "b0", "b1"]), STEPS, CFG)
+    _check(results, reference(spec, plan, STEPS, CFG), tied={"lm_head.weight": "model.embed_tokens.weight"})
+    assert results[1]["describe"]["applied"]["tp_degree"] == 2
+    torch.testing.assert_close(results[0]["grads"]["model.embed_tokens.weight"], results[1]["grads"]["lm_head.weight"],
+                               atol=0, rtol=0)  # one all-reduced sum on both copies
 
 
 def test_parameter_offload_inside_a_pipeline_matches_one_device():

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from chipfuse.errors import ChipfuseError
 from chipfuse.validate import one_line
 
-COMMANDS = ("pool", "train", "plan", "profile", "data", "generate", "serve")
+COMMANDS = ("pool", "train", "plan", "profile", "data", "export", "generate", "serve")
 
 
 class _Parser(argparse.ArgumentParser):

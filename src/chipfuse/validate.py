@@ -67,7 +67,7 @@ Fraction = typing.Annotated[float, Range(0, 1)]
 # Range (numbers) or a tuple of the strings allowed.
 LIMITS: dict[str, dict[str, Range | tuple[str, ...]]] = {
     "ModelSpec": {
-        "family": ("gpt", "llama"),
+        "family": ("gpt", "llama", "hf"),
         "num_layers": Range(1, 4096), "dim": Range(1, 1 << 17), "num_heads": Range(1, 4096),
         "num_kv_heads": Range(1, 4096), "ffn_dim": Range(1, 1 << 20), "vocab_size": Range(1, 1 << 24),
         "seq_len": Range(1, 1 << 20),
@@ -241,7 +241,7 @@ def model_spec(spec: Any, *, source: str, where: str = "model", error: type[Chip
 
     raw = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) and not isinstance(spec, type) else spec
     m = build(ModelSpec, raw, source=source, where=where, error=error)
-    if m.dim % m.num_heads:
+    if m.dim % m.num_heads and not m.head_dim:  # an explicit head_dim (Gemma, Qwen3) need not divide the width
         raise error(f"{source}: {where}.num_heads: {m.num_heads} does not divide dim {m.dim}. "
                     "Fix: use a head count that divides the width")
     if m.num_kv_heads and m.num_heads % m.num_kv_heads:

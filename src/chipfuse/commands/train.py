@@ -29,7 +29,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on a pool (default: a built-in emulated 4:2:1 pool)")
     p.add_argument("--pool", default=BUILTIN, help="pool TOML file (default: built-in emulated pool)")
     p.add_argument("--plan", help="plan JSON (from `chipfuse plan --json`); default: unequal data parallel")
-    p.add_argument("--model", default="small", help="model preset or Hugging Face config.json (default: small)")
+    p.add_argument("--model", default="small", help="model preset, Hugging Face config.json or model folder "
+                   "(default: small; the --init-from folder when that is given)")
+    p.add_argument("--init-from", metavar="DIR", help="start from a Hugging Face model folder's weights (config.json "
+                   "+ safetensors): each rank loads only its own tensors")
     p.add_argument("--steps", type=arg_int(1, 10**7), default=60)
     p.add_argument("--global-batch", type=arg_int(1, 1 << 20), default=56)
     p.add_argument("--seq-len", type=arg_int(1, 1 << 20), default=None, help="default: the model's context length")
@@ -91,10 +94,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise ChipfuseError(f"--steps is {args.steps}. Fix: train at least one step (use --dry-run to only plan)")
     pool = endure_flags.exclude(args, _load_pool(args.pool))
+    if args.init_from and args.model == "small":  # the folder is the model unless --model says otherwise
+        args.model = args.init_from
     if launched_by_torchrun():
         return _worker(args, pool)
     plan = endure_flags.prepare(args, pool, make_plan)
     data_flags.check(args, plan)  # bad data or recipe: one line, before any worker starts
+    if args.init_from:  # every tensor checked from the headers before any worker starts
+        from chipfuse.model.weights import check_init_from
+
+        check_init_from(plan.model, args.init_from)
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     run_dir.mkdir(parents=True, exist_ok=True)
     plan_path = run_dir / "plan.json"
@@ -114,6 +123,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         worker_args += ["--shares", args.shares]
     if args.no_progress:
         worker_args.append("--no-progress")
+    if args.init_from:
+        worker_args += ["--init-from", args.init_from]
     if args.profile is None and plan.is_pure_data_parallel and all(d.emulated for d in pool.devices):
         args.profile = str(_emulation_profile(args, plan, pool, run_dir))
     worker_args += endure_flags.worker_args(args)
@@ -186,7 +197,7 @@ def _worker(args: argparse.Namespace, pool: Pool) -> int:
                       shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
                       device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
                       unit_s=args.unit_s, endure=endure_flags.config(args), profile_path=args.profile,
-                      data=data, recipe=recipe)
+                      data=data, recipe=recipe, init_from=args.init_from)
     summary = run(plan, pool, cfg)
     if summary is not None and args.json:
         write_json(args.json, summary)

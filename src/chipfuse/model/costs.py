@@ -3,8 +3,11 @@
 Pure arithmetic on a ModelSpec; the planner's cost model multiplies these by device rates.
 Formulas (h = dim, f = ffn, s = seq_len, kv = kv_heads * head_dim, V = vocab):
 
-- parameters per block: attention 2h^2 + 2h*kv (q, o + k, v) plus biases (gpt); MLP 2hf (gpt GELU)
-  or 3hf (llama SwiGLU); norms 2h (RMSNorm) or 4h (LayerNorm weight + bias).
+- parameters per block (ModelSpec.arch() says which terms a model has): attention 2h*q + 2h*kv
+  (q, o + k, v; q = heads * head_dim, which need not be h) plus biases where the architecture has
+  them; MLP 2hf (GELU) or 3hf (gated: SwiGLU / GeGLU); each norm h (RMSNorm) or 2h (LayerNorm);
+  Qwen3 / Gemma 3 add a norm over head_dim on queries and keys. Embedding V*e (+ learned
+  positions, + OPT's project_in/out when e != h); head: final norm + V*e unless tied.
 - forward FLOPs per token per block: 2 x matmul parameters + 4sh (QK^T and AV over the whole
   sequence; the causal half is not subtracted, as in Megatron's MFU convention). Backward = 2 x forward.
 - head: 2hV forward FLOPs per token; the embedding is a gather (no FLOPs).
@@ -75,23 +78,27 @@ class ModelCosts:
 
 def model_costs(spec: ModelSpec, seq_len: int | None = None) -> ModelCosts:
     s = seq_len or spec.seq_len
-    h, f, V = spec.dim, spec.ffn, spec.vocab_size
-    kv = spec.kv_heads * (h // spec.num_heads)
-    llama = spec.family == "llama"
-    attn_mm = 2 * h * h + 2 * h * kv
-    mlp_mm = (3 if llama else 2) * h * f
+    a = spec.arch()
+    h, f, V, e = spec.dim, spec.ffn, spec.vocab_size, a.embed_dim
+    q = spec.num_heads * a.head_dim
+    kv = spec.kv_heads * a.head_dim
+    attn_mm = 2 * h * q + 2 * h * kv  # q and o, k and v
+    mlp_mm = (3 if a.gated_mlp else 2) * h * f
     matmul = attn_mm + mlp_mm
-    norms = 2 * h if llama else 4 * h
-    biases = 0 if llama else (h + 2 * kv + h + f + h)
+    norms = a.norms_per_block * a.norm_params * h + (2 * a.head_dim if a.qk_norm else 0)
+    biases = ((q + 2 * kv) if a.qkv_bias else 0) + (h if a.out_bias else 0)
+    if a.mlp_bias:
+        biases += (2 * f if a.gated_mlp else f) + h
     block = matmul + norms + biases
-    embed = V * h + (0 if llama else spec.seq_len * h)
-    head = (2 * h if not llama else h) + (0 if spec.tie_embeddings else V * h)
-    attn_core = 4 * s * h
-    mlp_act = 2 * h + (8 * f if llama else 4 * f) + h
+    project = 0 if e == h else e * h  # OPT's project_in (first stage) and project_out (last stage)
+    embed = V * e + a.position_rows * h + project
+    head = (a.norm_params * h if a.final_norm else 0) + project + (0 if spec.tie_embeddings else V * e)
+    attn_core = 4 * s * q
+    mlp_act = 2 * h + (8 * f if a.gated_mlp else 4 * f) + h
     none = 4 * h + 7 * h + 4 * kv + mlp_act
     return ModelCosts(
         spec=spec, seq_len=s, block_params=block, block_matmul_params=matmul, embed_params=embed,
         head_params=head, block_fwd_flops_per_token=2 * matmul + attn_core,
-        head_fwd_flops_per_token=2 * h * V, attn_core_fwd_flops_per_token=attn_core,
+        head_fwd_flops_per_token=2 * e * V + 2 * project, attn_core_fwd_flops_per_token=attn_core,
         act_bytes_per_token={"none": none, "selective": (none + 2 * h) / 2, "full": 2 * h},
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -45,19 +46,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.apply(self._init)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight") or name.endswith("fc_out.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.num_layers))
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
+        # Weights: build_model initialises every module by name (model/split.py), so any stage
+        # of any layout starts from the reference's numbers.
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.embed(idx)
@@ -73,10 +63,32 @@ class GPT(nn.Module):
         return self.head(self.ln_f(x))
 
 
+def gpt_init(num_layers: int) -> Callable[[str, nn.Module], None]:
+    """The built-in GPT's initialisation (nanoGPT's), for one module given its full name:
+    normal(0.02) matrices, zero biases, residual projections scaled by 1/sqrt(2 * layers)."""
+
+    def init(name: str, m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            std = 0.02 / math.sqrt(2 * num_layers) if name.endswith((".proj", ".fc_out")) else 0.02
+            nn.init.normal_(m.weight, std=std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    return init
+
+
 def build_model(cfg: ModelSpec, seed: int = 0) -> GPT:
-    """Same seed, same weights on every rank and in every reference."""
-    torch.manual_seed(seed)
-    return GPT(cfg)
+    """Same seed, same weights on every rank, in every stage and in every reference: built on the
+    meta device, then each module initialised from a generator seeded by (seed, its name)."""
+    from chipfuse.model.split import materialise, no_init
+
+    with torch.device("meta"), no_init():
+        model = GPT(cfg)
+    materialise(model, gpt_init(cfg.num_layers), seed)
+    return model
 
 
 def loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,64 @@
-"""The shape of a decoder-only transformer, as the planner and the runtime both see it."""
+"""The shape of a decoder-only transformer, as the planner and the runtime both see it.
+
+Pure (no torch): the planner prices a ModelSpec, the runtime builds it. Three families:
+
+- ``gpt``: chipfuse's built-in GPT (model/gpt.py): LayerNorm, GELU MLP, learned positions, biases.
+- ``llama``: a Llama shape given by its numbers alone (the presets), built as transformers'
+  LlamaForCausalLM.
+- ``hf``: any architecture of model/arch.py's table, read from a Hugging Face config.json through
+  transformers' AutoConfig; ``hf_config`` keeps the whole config so that every rank builds exactly
+  that model, and the shape fields below are read from it so that the planner's parameter count
+  equals transformers' (tests/test_hf_arch.py checks it per architecture).
+
+The architecture fields (`norm` ... `final_norm`) are optional overrides: None means the family's
+default, so a hand-written plan for the built-in GPT or a Llama preset stays short. `arch()`
+resolves them.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any, Literal
 
 from chipfuse.errors import ChipfuseError
+
+Family = Literal["gpt", "llama", "hf"]
+FAMILIES: tuple[str, ...] = ("gpt", "llama", "hf")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Arch:
+    """The resolved architecture of a spec: what parameter counts and FLOPs depend on."""
+
+    norm: Literal["layernorm", "rmsnorm"]
+    qkv_bias: bool
+    out_bias: bool
+    mlp_bias: bool
+    gated_mlp: bool
+    """Three MLP matrices (gate, up, down; SwiGLU/GeGLU) instead of two."""
+    position_rows: int
+    """Rows of a learned position table (0: rotary positions, no parameters)."""
+    head_dim: int
+    qk_norm: bool
+    """A norm over head_dim on queries and on keys (Qwen3, Gemma 3)."""
+    norms_per_block: int
+    embed_dim: int
+    """Width of the token embedding; != dim means project_in / project_out matrices (OPT)."""
+    final_norm: bool
+
+    @property
+    def norm_params(self) -> int:
+        """Parameters of one norm per unit of width (LayerNorm: weight and bias; RMSNorm: weight)."""
+        return 2 if self.norm == "layernorm" else 1
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """GPT (LayerNorm, GELU MLP, learned positions) or Llama (RMSNorm, SwiGLU, RoPE, GQA) shape."""
-
     name: str
     family: str = "gpt"
-    """'gpt' or 'llama'."""
+    """'gpt' (built-in), 'llama' (a Llama shape from these numbers) or 'hf' (model_type + hf_config)."""
     num_layers: int
     dim: int
     num_heads: int
@@ -27,6 +70,21 @@ class ModelSpec:
     seq_len: int
     """The longest context the model is built for (positions)."""
     tie_embeddings: bool = False
+    model_type: str | None = None
+    """Hugging Face model_type (family 'hf'): 'qwen2', 'gpt2', 'opt', ..."""
+    hf_config: dict[str, Any] | None = field(default=None, hash=False)
+    """The whole Hugging Face config (family 'hf'), as transformers' `to_dict()` writes it."""
+    norm: str | None = None
+    qkv_bias: bool | None = None
+    out_bias: bool | None = None
+    mlp_bias: bool | None = None
+    gated_mlp: bool | None = None
+    position_rows: int | None = None
+    head_dim: int | None = None
+    qk_norm: bool | None = None
+    norms_per_block: int | None = None
+    embed_dim: int | None = None
+    final_norm: bool | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -36,10 +94,25 @@ class ModelSpec:
     def ffn(self) -> int:
         if self.ffn_dim:
             return self.ffn_dim
-        if self.family == "llama":
+        if self.family != "gpt":
             h = int(2 * 4 * self.dim / 3)
             return 256 * ((h + 255) // 256)
         return 4 * self.dim
+
+    def arch(self) -> Arch:
+        gpt = self.family == "gpt"
+
+        def pick(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return Arch(
+            norm=pick(self.norm, "layernorm" if gpt else "rmsnorm"),
+            qkv_bias=pick(self.qkv_bias, gpt), out_bias=pick(self.out_bias, gpt),
+            mlp_bias=pick(self.mlp_bias, gpt), gated_mlp=pick(self.gated_mlp, not gpt),
+            position_rows=pick(self.position_rows, self.seq_len if gpt else 0),
+            head_dim=pick(self.head_dim, self.dim // self.num_heads), qk_norm=pick(self.qk_norm, False),
+            norms_per_block=pick(self.norms_per_block, 2), embed_dim=pick(self.embed_dim, self.dim),
+            final_norm=pick(self.final_norm, True))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,39 +143,38 @@ SPEC_PRESETS: dict[str, ModelSpec] = {
 }
 
 
-def from_hf_config(path: str | Path) -> ModelSpec:
-    """Read a Hugging Face `config.json` (Llama-, Mistral-, Qwen- or GPT-2-style); no weights."""
+def config_path(path: str | Path) -> Path:
+    """A config.json, or the config.json inside a Hugging Face model folder."""
     p = Path(path)
+    return p / "config.json" if p.is_dir() else p
+
+
+def from_hf_config(path: str | Path) -> ModelSpec:
+    """Read a Hugging Face `config.json` (or model folder) through transformers' AutoConfig; no weights.
+
+    Refused, with the reason, when model/arch.py has no stage split for its architecture."""
+    p = config_path(path)
     try:
-        c = json.loads(p.read_text())
+        raw = json.loads(p.read_text())
     except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
-        raise ChipfuseError(f"{p}: cannot read a Hugging Face config ({e}). Fix: give a config.json path") from None
-    if not isinstance(c, dict):
-        raise ChipfuseError(f"{p}: found {type(c).__name__}, not a JSON object. Fix: give a config.json path")
-    mt = c.get("model_type", "")
-    try:
-        if mt == "gpt2" or "n_embd" in c:
-            spec = ModelSpec(name=p.parent.name or mt, family="gpt", num_layers=c["n_layer"], dim=c["n_embd"],
-                             num_heads=c["n_head"], vocab_size=c["vocab_size"],
-                             seq_len=c.get("n_positions", 1024), ffn_dim=c.get("n_inner"),
-                             tie_embeddings=c.get("tie_word_embeddings", True))
-        else:
-            spec = ModelSpec(name=p.parent.name or mt or "hf", family="llama", num_layers=c["num_hidden_layers"],
-                             dim=c["hidden_size"], num_heads=c["num_attention_heads"],
-                             num_kv_heads=c.get("num_key_value_heads"), ffn_dim=c["intermediate_size"],
-                             vocab_size=c["vocab_size"], seq_len=c.get("max_position_embeddings", 4096),
-                             tie_embeddings=c.get("tie_word_embeddings", False))
-    except KeyError as e:
-        raise ChipfuseError(f"{p}: field {e} missing. Fix: a decoder-only config needs it") from None
+        raise ChipfuseError(f"{p}: cannot read a Hugging Face config ({e}). "
+                            "Fix: give a config.json path or a model folder holding one") from None
+    if not isinstance(raw, dict):
+        raise ChipfuseError(f"{p}: a config.json holds one JSON object, found {type(raw).__name__}. "
+                            "Fix: give a Hugging Face config.json")
+    from chipfuse.model.arch import spec_from_config_dict
     from chipfuse.validate import model_spec
 
+    spec = spec_from_config_dict(raw, name=p.parent.name or str(raw.get("model_type", "hf")), source=str(p))
     return model_spec(spec, source=str(p), where="config (as chipfuse reads it)")  # type and range of every field
 
 
 def resolve_model(name_or_path: str) -> ModelSpec:
+    """A preset name, a config.json or a Hugging Face model folder."""
     if name_or_path in SPEC_PRESETS:
         return SPEC_PRESETS[name_or_path]
-    if name_or_path.endswith(".json") or Path(name_or_path).is_file():
+    p = Path(name_or_path)
+    if name_or_path.endswith(".json") or p.is_file() or (p / "config.json").is_file():
         return from_hf_config(name_or_path)
-    raise ChipfuseError(f"model {name_or_path!r}: not a preset nor a config.json. "
-                        f"Fix: use one of {sorted(SPEC_PRESETS)} or a path to a Hugging Face config.json")
+    raise ChipfuseError(f"model {name_or_path!r}: not a preset nor a config.json (nor a model folder holding one). "
+                        f"Fix: use one of {sorted(SPEC_PRESETS)}, a Hugging Face config.json or a folder holding one")

@@ -69,7 +69,7 @@ class GradientSync:
 
 
 class UnitSync(GradientSync):
-    """Sum each unit's (embedding, block, head) gradient over the replicas holding it.
+    """Sum each unit's (embedding, block, head, tied matrix) gradient over the stage groups holding it.
 
     A unit held by a stage group of several devices has its gradient spread over the group: DTensor
     shards (tensor parallel, FSDP2) are gathered whole inside the group first, and only the group's

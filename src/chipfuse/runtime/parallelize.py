@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from chipfuse.model.spec import ModelSpec
 from chipfuse.runtime.memory import MemoryConfig, apply_autocast
 from chipfuse.runtime.parallel.checkpointing import apply_checkpointing
 from chipfuse.runtime.parallel.fsdp import apply_fsdp, uses_fsdp
@@ -56,12 +57,12 @@ def fsdp_shard_mode(shard: str, kind: str) -> str:
     return "grads" if kind == "fsdp" and shard == "none" else shard
 
 
-def parallelize(module: nn.Module, cfg: MemoryConfig, *, family: str, kind: str, mesh: Any,
+def parallelize(module: nn.Module, cfg: MemoryConfig, *, model: ModelSpec, kind: str, mesh: Any,
                 device_type: str) -> Applied:
     """Apply steps 1-4 to `module` in place. kind: the stage group's kind (single | tp | fsdp)."""
     tp = 0
     if kind == "tp":
-        apply_tp(module, mesh, family)
+        apply_tp(module, mesh, model)
         tp = mesh.size()
     layers = apply_checkpointing(module, cfg.checkpoint)
     shard = fsdp_shard_mode(cfg.shard, kind) if kind != "single" else "none"

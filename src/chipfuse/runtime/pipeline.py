@@ -66,6 +66,8 @@ class WorkerConfig:
     profile_path: str | None = None
     """Pace emulated devices to this profile's per-block times (the chip the planner predicted
     for) instead of `slack x solo / speed` measured at start-up."""
+    init_from: str | None = None
+    """A Hugging Face folder: each rank loads only its stage's tensors from its safetensors."""
 
 
 class _StageIO(nn.Module):
@@ -104,10 +106,12 @@ class PipelineWorker:
         self.stage_plan = topo.stage_of(role)
         self.unit_ranks = topo.unit_ranks()
 
-        module = build_stage(plan.model, rep.stages, role.stage_index, seed=config.seed)
-        module.to(self.torch_device)
+        # Built on the meta device, then only this stage's tensors on this rank's device
+        # (chipfuse.model.split), loaded from init_from when given.
+        module = build_stage(plan.model, rep.stages, role.stage_index, seed=config.seed, init_from=config.init_from,
+                             device=self.torch_device)
         self.mem = device_memory_config(plan, pool, role.device)
-        self.applied = parallelize(module, self.mem, family=plan.model.family, kind=role.kind, mesh=self.groups.mesh,
+        self.applied = parallelize(module, self.mem, model=plan.model, kind=role.kind, mesh=self.groups.mesh,
                                    device_type=self.torch_device.type)
         self.module = module
         self.unit_params = {u: [p for n, p in module.named_parameters() if n in set(names)]

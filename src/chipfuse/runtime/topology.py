@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from chipfuse.errors import PlanError
-from chipfuse.model.spec import ModelSpec
+from chipfuse.model.arch import tp_refusal
+from chipfuse.model.spec import FAMILIES, ModelSpec
 from chipfuse.plan.plan import Plan
 
-FAMILIES = ("gpt", "llama")
 GroupKind = Literal["single", "tp", "fsdp"]
 
 
@@ -77,10 +77,12 @@ class Role:
 
 
 def units_of_model(spec: ModelSpec) -> list[str]:
-    """Gradient-reduction units in a fixed order: embedding, every block, head."""
-    from chipfuse.runtime.stages import EMBED_UNIT, HEAD_UNIT, block_unit
+    """Gradient-reduction units in a fixed order: embedding, every block, head, and the tied
+    embedding/head matrix (held by the first and the last stage) when the model ties them."""
+    from chipfuse.runtime.stages import EMBED_UNIT, HEAD_UNIT, TIED_UNIT, block_unit, has_tied_unit
 
-    return [EMBED_UNIT, *(block_unit(i) for i in range(spec.num_layers)), HEAD_UNIT]
+    tied = [TIED_UNIT] if has_tied_unit(spec) else []
+    return [EMBED_UNIT, *(block_unit(i) for i in range(spec.num_layers)), HEAD_UNIT, *tied]
 
 
 def schedule_for(plan: Plan, num_stages: int, num_micro_batches: int) -> tuple[str, str]:
@@ -147,10 +149,12 @@ class Topology:
         return self.plan.replicas[role.replica].stages[role.stage_index]
 
     def unit_ranks(self) -> dict[str, tuple[int, ...]]:
-        """For every unit (embedding, block, head), the ranks holding it: every member of every
-        stage group that holds it, one group per replica."""
-        from chipfuse.runtime.stages import EMBED_UNIT, HEAD_UNIT, block_unit
+        """For every unit (embedding, block, head, tied), the ranks holding it: every member of every
+        stage group that holds it (one group per replica; the tied matrix: the first and the last
+        stage's groups of each replica)."""
+        from chipfuse.runtime.stages import EMBED_UNIT, HEAD_UNIT, TIED_UNIT, block_unit, has_tied_unit
 
+        tied = has_tied_unit(self.plan.model)
         out: dict[str, list[int]] = {u: [] for u in units_of_model(self.plan.model)}
         for r in self.roles:
             st = self.stage_of(r)
@@ -159,6 +163,8 @@ class Topology:
                 mine.append(EMBED_UNIT)
             if r.last:
                 mine.append(HEAD_UNIT)
+            if tied and (r.first or r.last):
+                mine.append(TIED_UNIT)
             for u in mine:
                 out[u].append(r.rank)
         return {u: tuple(sorted(v)) for u, v in out.items()}
@@ -195,6 +201,10 @@ class Topology:
                     raise PlanError(f"{where}.tp_degree: {st.tp_degree} over {n} devices mixes tensor parallel and "
                                     f"sharding in one group, which is not run. Fix: tp_degree = 1 or {n}")
                 if st.tp_degree > 1:
+                    why = tp_refusal(spec)
+                    if why is not None:
+                        raise PlanError(f"{where}.tp_degree: {st.tp_degree}, but tensor parallel is not run for "
+                                        f"{why}. Fix: tp_degree = 1 (shard the stage or split it into more stages)")
                     for what, val in (("num_heads", spec.num_heads), ("kv_heads", spec.kv_heads), ("ffn", spec.ffn)):
                         if val % st.tp_degree:
                             raise PlanError(f"{where}.tp_degree: {st.tp_degree} does not divide the model's {what} "
@@ -292,8 +302,9 @@ class Topology:
         return out
 
     def _groups_in(self, ranks: tuple[int, ...]) -> int:
-        """How many stage groups (one per replica) hold a unit held by `ranks`."""
-        return len({self.roles[r].replica for r in ranks})
+        """How many stage groups hold a unit held by `ranks` (one per replica; two per replica of
+        several stages for the tied matrix)."""
+        return len({(self.roles[r].replica, self.roles[r].stage_index) for r in ranks})
 
     def describe(self) -> dict:
         return {"ranks": [{"rank": r.rank, "device": r.device, "replica": r.replica, "stage": r.stage_index,

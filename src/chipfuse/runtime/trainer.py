@@ -51,6 +51,8 @@ class TrainConfig:
     progress: bool = True
     profile_path: str | None = None
     """A `chipfuse profile` JSON: workers pace emulated devices to its per-block times."""
+    init_from: str | None = None
+    """A Hugging Face folder each rank loads its own tensors from (chipfuse.model.weights)."""
     device: str | None = None
     """This worker's device name; None = the plan's device at this rank (single host)."""
     unit_s: float | None = None
@@ -116,7 +118,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     loader = open_loader(cfg.data, global_batch=plan.global_batch, seq_len=plan.seq_len,
                          vocab_size=plan.model.vocab_size, seed=cfg.seed)
     wcfg = WorkerConfig(seed=cfg.seed, data_seed=cfg.seed, lr=recipe.lr, weight_decay=recipe.weight_decay, pace=True,
-                        slack=cfg.slack, profile_path=cfg.profile_path)
+                        slack=cfg.slack, profile_path=cfg.profile_path, init_from=cfg.init_from)
     worker = PipelineWorker(plan, pool, rank=info.rank, config=wcfg, topology=topo, device=info.device, loader=loader)
     role = worker.role
 

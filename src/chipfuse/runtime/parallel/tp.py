@@ -6,13 +6,16 @@ columns, the second by input rows, so each block needs one all-reduce in forward
 per sub-layer, done by DTensor. Norms, the embedding and the head stay whole on every member; their
 gradients come out whole and equal on every member.
 
-Per architecture, the module names (this file owns the mapping):
-- built-in GPT: a fused `qkv` Linear whose rows are [q | k | v]. Splitting it by plain Shard(0)
-  would give member 0 all of q and half of k, so it is split with _StridedShard(0, split_factor=3):
-  each member holds its heads of q, of k and of v, and the parameter still reads as the full [q|k|v]
-  matrix (full_tensor(), checkpoints). Its block forward is rebound to one that counts local heads.
-- Hugging Face Llama (and decoders with the same names): q/k/v/gate/up colwise, o/down rowwise; its
-  attention infers the local head count from the projection's width.
+Per architecture, the module names:
+- built-in GPT (this file): a fused `qkv` Linear whose rows are [q | k | v]. Splitting it by plain
+  Shard(0) would give member 0 all of q and half of k, so it is split with
+  _StridedShard(0, split_factor=3): each member holds its heads of q, of k and of v, and the
+  parameter still reads as the full [q|k|v] matrix (full_tensor(), checkpoints). Its block forward
+  is rebound to one that counts local heads.
+- Hugging Face decoders: transformers' own names, from the architecture's row of model/arch.py
+  (Layout.tp; Llama-like: q/k/v/gate/up colwise, o/down rowwise, the attention inferring the local
+  head count from the projection's width). Architectures without a plan there (GPT-2, OPT,
+  Phi-3) are refused before start by runtime.topology, with the reason arch.tp_refusal gives.
 """
 
 from __future__ import annotations
@@ -24,13 +27,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chipfuse.model.arch import layout_of, tp_refusal
+from chipfuse.model.spec import ModelSpec
 from chipfuse.runtime.parallel.checkpointing import blocks_of
 
-LLAMA_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
-              "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
-              "mlp.down_proj": "rowwise"}
 GPT_PLAN = {"qkv": "fused_qkv", "proj": "rowwise", "fc": "colwise", "fc_out": "rowwise"}
-PLANS = {"gpt": GPT_PLAN, "llama": LLAMA_PLAN}
+
+
+def tp_plan(spec: ModelSpec) -> dict[str, str]:
+    """The model's plan: module name inside one block -> colwise | rowwise | fused_qkv."""
+    why = tp_refusal(spec)
+    if why is not None:
+        raise ValueError(f"no tensor-parallel plan: {why}")
+    return GPT_PLAN if spec.family == "gpt" else dict(layout_of(spec).tp or {})
 
 
 def _fused_colwise(parts: int) -> Any:
@@ -75,18 +84,16 @@ def _gpt_block_forward(self: Any, x: torch.Tensor) -> torch.Tensor:
     return x + self.fc_out(F.gelu(self.fc(self.ln2(x))))
 
 
-def apply_tp(module: nn.Module, mesh: Any, family: str) -> int:
-    """Tensor-parallelize every block of a stage module (or a whole model) over `mesh`.
+def apply_tp(module: nn.Module, mesh: Any, spec: ModelSpec) -> int:
+    """Tensor-parallelize every block of a stage module (or a whole model) of `spec` over `mesh`.
     Returns the number of blocks parallelized."""
     from torch.distributed.tensor.parallel import parallelize_module
 
-    plan = PLANS.get(family)
-    if plan is None:
-        raise ValueError(f"no tensor-parallel plan for model family {family!r}; known: {sorted(PLANS)}")
+    plan = tp_plan(spec)
     blocks = blocks_of(module)
     for container, key, _layer in blocks:
         blk = container[key]
         parallelize_module(blk, mesh, {name: _style(kind) for name, kind in plan.items()})
-        if family == "gpt":
+        if spec.family == "gpt":
             blk.forward = types.MethodType(_gpt_block_forward, blk)
     return len(blocks)

@@ -1,0 +1,257 @@
+"""Hugging Face decoder-only models (transformers) split into pipeline stages.
+
+The model is transformers' own, built from its config through the Auto classes on the meta
+device; a stage keeps transformers' modules (embedding, decoder layers, rotary / learned
+positions, final norm, head) under their full names and runs them the way the architecture's
+own forward does (model/arch.py says where each piece lives), so a stage computes what
+transformers computes: the same masks (transformers' masking_utils), the same attention
+implementation, Gemma's embedding scale (inside its embedding module) and final-logit soft-cap.
+
+Rotary embeddings are not passed between stages: every stage holds its own copy of the
+parameter-free rotary module and recomputes (cos, sin) from the positions, so that stages
+exchange one tensor only.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from chipfuse.errors import ChipfuseError
+from chipfuse.model.arch import Layout, layout_of
+from chipfuse.model.spec import ModelSpec
+from chipfuse.model.split import (
+    EMBED_UNIT,
+    HEAD_UNIT,
+    InitFn,
+    StageModule,
+    StagePart,
+    block_unit,
+    get,
+    init_by_name,
+    materialise,
+    put,
+    tied_keys,
+)
+
+
+def hf_config(spec: ModelSpec) -> Any:
+    """transformers' config of the spec: its own (family 'hf') or a Llama of the spec's shape."""
+    if spec.family == "hf":
+        if not spec.hf_config or not spec.model_type:
+            raise ChipfuseError(f"model {spec.name!r}: family 'hf' needs model_type and hf_config. "
+                                "Fix: give --model a Hugging Face config.json")
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(spec.model_type, **{k: v for k, v in spec.hf_config.items()
+                                                       if k != "model_type"})
+    elif spec.family == "llama":
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.dim, intermediate_size=spec.ffn,
+                          num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
+                          num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.seq_len,
+                          tie_word_embeddings=spec.tie_embeddings)
+    else:
+        raise ChipfuseError(f"model {spec.name!r}: family {spec.family!r} is not a Hugging Face model")
+    cfg.use_cache = False
+    return cfg
+
+
+def meta_model(spec: ModelSpec) -> nn.Module:
+    """transformers' model of the spec on the meta device: structure and names, no memory."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    # No init on meta (it would be thrown away); materialise() initialises the kept part by name.
+    with torch.device("meta"), no_init_weights():
+        # fp32 master weights whatever dtype the config was saved in; the plan's dtype casts compute.
+        return AutoModelForCausalLM.from_config(hf_config(spec), dtype=torch.float32)
+
+
+def hf_init(model: nn.Module) -> InitFn:
+    """transformers' own initialisation of the architecture (its _init_weights: std, zero
+    norms where the norm scales by 1 + weight, rotary inverse frequencies and other buffers)."""
+    fn: Any = model._init_weights
+
+    def init(name: str, m: nn.Module) -> None:
+        fn(m)
+
+    return init
+
+
+def _check_covered(full: nn.Module, lay: Layout, model_type: str) -> None:
+    """Refuse an architecture whose parameters are not all in one of the stage pieces."""
+    roots = (lay.embed, lay.layers, *lay.first, *lay.last, lay.head)
+    stray = [n for n, _ in full.named_parameters() if not any(n == r or n.startswith(r + ".") for r in roots)]
+    if stray:
+        raise ChipfuseError(f"model_type {model_type!r}: parameters {stray[:3]} belong to no stage piece of "
+                            "chipfuse's split. Fix: use a supported architecture (model/arch.py)")
+
+
+class HFStage(StageModule):
+    """A contiguous run of a transformers decoder's layers, with the first / last stage's pieces."""
+
+    config: Any
+
+    def __init__(self, full: nn.Module, lay: Layout, stage: StagePart, *, first: bool, last: bool):
+        super().__init__()
+        self.first, self.last, self.checkpoint_mode = first, last, stage.checkpoint
+        self.kind, self.lay = lay.kind, lay
+        self.config = full.config
+        all_tied = tied_keys(full)
+        layers = get(full, lay.layers)
+        base_path = lay.layers.rsplit(".", 1)[0]
+        self._first = [n for n in lay.first if get(full, n) is not None] if first else []
+        self._last = [n for n in lay.last if get(full, n) is not None] if last else []
+        if first:
+            put(self, lay.embed, get(full, lay.embed))
+            for n in self._first:
+                put(self, n, get(full, n))
+        put(self, lay.layers, nn.ModuleDict({str(i): layers[i] for i in stage.layers}))
+        # Parameter-free children of the decoder (rotary embeddings): every stage keeps its own.
+        self._shared = []
+        for n, m in get(full, base_path).named_children():
+            path = f"{base_path}.{n}"
+            if path != lay.layers and path not in lay.first and path not in lay.last and path != lay.embed \
+                    and not any(True for _ in m.parameters()):
+                put(self, path, m)
+                self._shared.append(path)
+        if last:
+            for n in self._last:
+                put(self, n, get(full, n))
+            put(self, lay.head, get(full, lay.head))
+        mine = {n for n, _ in self.named_parameters(remove_duplicate=False)}
+        self.tied = {t: s for t, s in all_tied.items() if t in mine or s in mine}
+        self._rotary_takes_type = False
+        rot = get(self, f"{base_path}.rotary_emb")
+        if rot is not None:
+            self._rotary_takes_type = "layer_type" in inspect.signature(rot.forward).parameters
+        self._base_path = base_path
+
+    # ------------------------------------------------------------------ forward pieces
+    def pre(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.first:
+            return x
+        h = get(self, self.lay.embed)(x)
+        if self.kind == "gpt2":
+            pos = torch.arange(x.shape[1], device=x.device)[None, :]
+            h = h + get(self, "transformer.wpe")(pos)
+            drop = get(self, "transformer.drop")
+            return drop(h) if drop is not None else h
+        if self.kind == "opt":
+            pos = torch.arange(x.shape[1], device=x.device)[None, :]
+            ones = torch.ones(x.shape, device=x.device)
+            pe = get(self, "model.decoder.embed_positions")(ones, 0, position_ids=pos)
+            proj = get(self, "model.decoder.project_in")
+            return (proj(h) if proj is not None else h) + pe
+        return h
+
+    def _masks(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str, Any]:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        cfg = self.config
+        am = torch.ones(h.shape[:2], device=h.device) if self.kind == "opt" else None
+        # No cache (training): passed by position, its keyword was renamed across transformers 5.x.
+        args = (cfg, h, am, None)
+        out: dict[str, Any] = {}
+        if self.lay.masks != "by_layer_type":
+            sliding = self.lay.masks == "window" and getattr(cfg, "sliding_window", None) is not None
+            fn = create_sliding_window_causal_mask if sliding else create_causal_mask
+            out["full_attention"] = fn(*args, position_ids=pos)
+            return out
+        types = set(cfg.layer_types)
+        if "full_attention" in types:
+            out["full_attention"] = create_causal_mask(*args, position_ids=pos)
+        if "sliding_attention" in types:
+            out["sliding_attention"] = create_sliding_window_causal_mask(*args, position_ids=pos)
+        return out
+
+    def body(self, h: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(h.shape[1], device=h.device)[None, :]
+        masks = self._masks(h, pos)
+        types = self.config.layer_types if self.lay.masks == "by_layer_type" else None
+        rot = get(self, f"{self._base_path}.rotary_emb")
+        pe_cache: dict[str, Any] = {}
+        for key, blk in get(self, self.lay.layers).items():
+            lt = types[int(key)] if types else "full_attention"
+            kw: dict[str, Any] = {"attention_mask": masks[lt], "position_ids": pos}
+            if rot is not None:
+                if lt not in pe_cache:
+                    pe_cache[lt] = rot(h, pos, lt) if self._rotary_takes_type else rot(h, pos)
+                kw["position_embeddings"] = pe_cache[lt]
+            h = self._run_block(_LayerCall(blk, kw), h)
+        if not self.last:
+            return h
+        for n in self._last:
+            h = get(self, n)(h)
+        logits = get(self, self.lay.head)(h)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _unit_of(self, name: str) -> str:
+        lay = self.lay
+        if name.startswith(lay.layers + "."):
+            return block_unit(int(name[len(lay.layers) + 1:].split(".")[0]))
+        if any(name.startswith(p + ".") for p in (lay.embed, *lay.first)):
+            return EMBED_UNIT
+        return HEAD_UNIT
+
+
+class _LayerCall:
+    """One decoder layer with its keyword inputs bound, as one callable of the hidden states
+    (what activation checkpointing wraps). Layers return a tensor or a tuple led by it."""
+
+    def __init__(self, layer: nn.Module, kwargs: dict[str, Any]):
+        self.layer, self.kwargs = layer, kwargs
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        out = self.layer(h, **self.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def build_hf_stage(spec: ModelSpec, stage: StagePart, *, first: bool, last: bool, seed: int,
+                   full: nn.Module | None, init_from: str | None, device: str | torch.device) -> StageModule:
+    lay = layout_of(spec)
+    if full is not None:
+        mod = HFStage(full, lay, stage, first=first, last=last)
+        if init_from is not None:
+            from chipfuse.model.weights import load_weights
+
+            load_weights(mod, init_from, tied=mod.tied)
+        return mod
+    meta = meta_model(spec)
+    _check_covered(meta, lay, str(spec.model_type or spec.family))
+    mod = HFStage(meta, lay, stage, first=first, last=last)
+    materialise(mod, hf_init(meta), seed, device=device)
+    _init_tied_copies(mod, meta, seed)
+    if init_from is not None:
+        from chipfuse.model.weights import load_weights
+
+        load_weights(mod, init_from, tied=mod.tied)
+    return mod
+
+
+def _init_tied_copies(mod: HFStage, meta: nn.Module, seed: int) -> None:
+    """The last stage's copy of a tied matrix starts as the embedding does: the embedding's own
+    init, under the embedding's seed, written straight into the copy (no second matrix)."""
+    names = dict(mod.named_parameters())
+    for target, source in mod.tied.items():
+        if target in names and source not in names:
+            src_module = source.rsplit(".", 1)[0]
+            twin = copy.deepcopy(get(meta, src_module))
+            twin.weight = names[target]
+            init_by_name_one(twin, hf_init(meta), seed, src_module)
+
+
+def init_by_name_one(module: nn.Module, init_fn: InitFn, seed: int, name: str) -> None:
+    """init_by_name for a module standing in for `name` (its children keep their own names)."""
+    wrapper = nn.Module()
+    put(wrapper, name, module)
+    init_by_name(wrapper, lambda n, m: init_fn(n, m) if n.startswith(name) else None, seed)
