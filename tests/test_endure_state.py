@@ -206,7 +206,17 @@ def test_no_loader_unpickles_arbitrary_objects():
                 found.append(f"{f.name}: torch.load without weights_only=True")
         if f.name not in ("checkpoint.py", "memory_probe.py") and re.search(r"pickle\.(load|loads|Unpickler)\b", text):
             found.append(f"{f.name}: pickle load")
-        for m in re.finditer(r"from_pretrained\(([^)]*)\)", text):
-            if "use_safetensors=True" not in m.group(1):
+        # Weights only: a model class's from_pretrained (configs and tokenizers are JSON, never pickles).
+        for m in re.finditer(r"(?<![`\w])(?:AutoModel\w*|\w+ForCausalLM)\.from_pretrained\(", text):
+            if "use_safetensors=True" not in _call_args(text, m.end()):
                 found.append(f"{f.name}: from_pretrained without use_safetensors=True")
     assert not found, found
+
+
+def _call_args(text: str, start: int) -> str:
+    """The arguments of the call whose opening parenthesis ends at `start` (nested parentheses kept)."""
+    depth, i = 1, start
+    while i < len(text) and depth:
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        i += 1
+    return text[start:i]

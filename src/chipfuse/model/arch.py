@@ -155,11 +155,15 @@ def hf_config_class_dict(raw: dict[str, Any], source: str) -> Any:
         raise ChipfuseError(f"{source}: field 'model_type' missing. Fix: a Hugging Face config.json names its "
                             f"architecture (one of {sorted(LAYOUTS)})")
     rest = {k: v for k, v in raw.items() if k != "model_type"}
+    if mt not in LAYOUTS:
+        raise ChipfuseError(f"{source}: model_type {mt!r}: chipfuse has no stage split for it. "
+                            f"Fix: use one of {sorted(LAYOUTS)}")
     try:
         return AutoConfig.for_model(mt, **rest)
-    except (ValueError, KeyError) as e:
-        raise ChipfuseError(f"{source}: model_type {mt!r}: transformers cannot read it ({e}). "
-                            f"Fix: use one of {sorted(LAYOUTS)}") from None
+    except Exception as e:  # transformers' own field checks raise several types; one line for all
+        found = " ".join(str(e).split())
+        raise ChipfuseError(f"{source}: transformers refuses this {mt} config ({found[:300]}). "
+                            "Fix: correct that field (or write the config with transformers' save_pretrained)") from None
 
 
 def spec_from_config_dict(raw: dict[str, Any], *, name: str, source: str) -> Any:
@@ -167,7 +171,7 @@ def spec_from_config_dict(raw: dict[str, Any], *, name: str, source: str) -> Any
     from chipfuse.model.spec import ModelSpec
 
     mt = raw.get("model_type")
-    if mt not in LAYOUTS:
+    if not isinstance(mt, str) or mt not in LAYOUTS:
         raise ChipfuseError(f"{source}: model_type {mt!r}: chipfuse has no stage split for this architecture "
                             f"(it splits {', '.join(sorted(LAYOUTS))}). Fix: use a config of one of these; "
                             "chipfuse does not train a look-alike of another architecture")

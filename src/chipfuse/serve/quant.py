@@ -59,7 +59,7 @@ def quality_report(model_dir: str | Path, plan: Any, text: str = FIXED_TEXT) -> 
     ids = torch.tensor([tok(text)["input_ids"][: plan.context_len]])
 
     def run(quantised: bool) -> torch.Tensor:
-        m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).eval()
+        m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True).eval()
         if quantised:
             blocks = m.get_submodule(discover_parts(m, m.config.num_hidden_layers, str(model_dir)).layers)
             for wd in ("int8", "int4"):
