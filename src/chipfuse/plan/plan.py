@@ -134,25 +134,12 @@ class Plan:
     def from_dict(cls, d: Any, source: str = "<plan>") -> Plan:
         """A plan from its JSON form, every field checked by type and range (chipfuse.validate), then
         checked as a whole; a bad field is one PlanError naming it."""
-        plan = validate.build(cls, d, source=source, error=PlanError)
-        validate.model_spec(plan.model, source=source, error=PlanError)
-        plan.check(source)
-        return plan
+        return checked_plan(cls, d, source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> Plan:
-        p = Path(path)
-        try:
-            raw = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise PlanError(f"{p}: no such plan file. Fix: write one with `chipfuse plan --json {p}`") from None
-        except OSError as e:
-            raise PlanError(f"{p}: cannot read ({e.strerror}). Fix: give the path of a plan JSON file") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise PlanError(f"{p}: not valid JSON ({e}). Fix: correct the syntax there") from None
-        if isinstance(raw, dict) and "plan" in raw and "replicas" not in raw:
-            raw = raw["plan"]  # accept the whole output of `chipfuse plan --json`
-        return cls.from_dict(raw, source=str(p))
+        raw = read_plan_json(path, body_key="replicas", writer="chipfuse plan --json")
+        return cls.from_dict(raw, source=str(path))
 
     # ------------------------------------------------------------------ checks
     def check(self, source: str = "<plan>") -> None:
@@ -236,3 +223,30 @@ def data_parallel_plan(model: ModelSpec, shares: dict[str, int], *, seq_len: int
     )
     return Plan(model=model, global_batch=sum(shares.values()), seq_len=seq_len, replicas=replicas,
                 strategy=strategy, pool=pool)
+
+
+def checked_plan(cls: Any, d: Any, source: str) -> Any:
+    """A plan dataclass (training or serving) from its JSON form: every field by type and range, the
+    model's shape, then the plan's own check(). One rule for every kind of plan."""
+    plan = validate.build(cls, d, source=source, error=PlanError)
+    validate.model_spec(plan.model, source=source, error=PlanError)
+    plan.check(source)
+    return plan
+
+
+def read_plan_json(path: str | Path, *, body_key: str, writer: str) -> Any:
+    """The parsed JSON of a plan file, or one PlanError naming the file and the fix. Accepts the whole
+    output of the command that writes it (`writer`), whose plan sits under "plan"; `body_key` is a
+    field only the plan itself has."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise PlanError(f"{p}: no such plan file. Fix: write one with `{writer} {p}`") from None
+    except OSError as e:
+        raise PlanError(f"{p}: cannot read ({e.strerror}). Fix: give the path of a plan JSON file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise PlanError(f"{p}: not valid JSON ({e}). Fix: correct the syntax there") from None
+    if isinstance(raw, dict) and "plan" in raw and body_key not in raw:
+        raw = raw["plan"]
+    return raw

@@ -37,13 +37,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from chipfuse import validate
 from chipfuse.cluster.pool import Device, Pool
 from chipfuse.errors import PlanError
 from chipfuse.model.costs import DTYPE_BYTES, ModelCosts, model_costs
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.hardware import BLOCK_LAUNCH_S, TOKENS_HALF, PoolIndex, p2p_s, sustained_flops
 from chipfuse.plan.memory import usable_bytes
+from chipfuse.plan.plan import checked_plan, read_plan_json
 from chipfuse.plan.shares import proportional_shares
 
 WeightDtype = Literal["fp32", "bf16", "int8", "int4"]
@@ -122,25 +122,13 @@ class ServePlan:
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "<serve plan>") -> ServePlan:
-        """A serve plan from its JSON form, every field checked by type and range (chipfuse.validate,
-        the same rules as a training plan), then checked as a whole."""
-        plan = validate.build(cls, d, source=source, error=PlanError)
-        validate.model_spec(plan.model, source=source, error=PlanError)
-        plan.check(source)
-        return plan
+        """A serve plan from its JSON form, checked by the same rules as a training plan."""
+        return checked_plan(cls, d, source)
 
     @classmethod
     def from_json(cls, path: str | Path) -> ServePlan:
-        p = Path(path)
-        try:
-            raw = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise PlanError(f"{p}: no such plan file. Fix: write one with `chipfuse plan --serve --json {p}`") from None
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{p}: not valid JSON ({e}). Fix: correct the syntax there") from None
-        if isinstance(raw, dict) and "plan" in raw and "stages" not in raw:
-            raw = raw["plan"]
-        return cls.from_dict(raw, source=str(p))
+        raw = read_plan_json(path, body_key="stages", writer="chipfuse plan --serve --json")
+        return cls.from_dict(raw, source=str(path))
 
     def check(self, source: str = "<serve plan>", pool: Pool | None = None) -> None:
         def fail(where: str, problem: str, fix: str) -> PlanError:
