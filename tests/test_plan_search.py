@@ -189,7 +189,9 @@ def test_searched_plans_are_accepted_by_the_runtime():
 
     pool = load_pool(Path(__file__).parent.parent / "examples" / "export-mix.toml")
     model = SPEC_PRESETS["llama-13b"]
+    # With the kernel-level cost model this pool's best llama-13b plan is a pipeline of single devices
+    # (it was tensor-parallel groups under the older, flat one); whichever it is, the runtime must
+    # accept it. Group plans from the search are run in tests/test_stage_groups.py and plan_space.py.
     res = search(pool, model, global_batch=512, seq_len=4096, time_budget_s=2.0)
-    assert any(len(s.devices) > 1 for r in res.plan.replicas for s in r.stages)  # groups, not only single devices
     check_runnable(res.plan, pool)
     assert res.prediction.fits
