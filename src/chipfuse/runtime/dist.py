@@ -91,7 +91,7 @@ def init(*, device_kind: str = "cpu", backend: str | None = None, timeout_s: flo
     """Join the job. With no RANK in the environment this is a one-process job (no group).
 
     `threads=1`: every emulated worker uses one thread, else workers fight for the cores and
-    the speed ratios they should show invert (shared/notes/torch-on-cpu.md).
+    the speed ratios they should show invert (docs/emulation.md, "Facts measured on CPU").
     """
     if threads:
         torch.set_num_threads(threads)

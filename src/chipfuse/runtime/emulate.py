@@ -1,7 +1,7 @@
 """Emulated devices: a CPU worker slowed to a relative speed, with a memory cap it cannot pass.
 
 Written by hand because no library emulates unequal chips. The mechanism is the one measured as
-most faithful on these 2-core machines (shared/notes/torch-on-cpu.md): measure the worker's solo
+most faithful on these 2-core machines (docs/emulation.md, "Facts measured on CPU"): measure the worker's solo
 time for a unit of work once, then pad every unit of real work to `slack x solo / speed` with a
 sleep. CPU quotas were bursty and sleeping in proportion to measured time compounded contention.
 

@@ -121,7 +121,7 @@ def _send(queue, obj: dict) -> None:
 
 def _worker(rank: int, world: int, port: int, queue, cfgs: list[MemoryConfig], kwargs: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.set_num_threads(1)  # one thread per emulated device (shared/notes/torch-on-cpu.md)
+    torch.set_num_threads(1)  # one thread per emulated device (docs/emulation.md, "Facts measured on CPU")
     try:
         if world > 1:
             dist.init_process_group("gloo")

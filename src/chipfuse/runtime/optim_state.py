@@ -14,7 +14,7 @@ memory with torchao's CPUOffloadOptimizer (ZeRO-Offload's idea). On a CPU worker
 other memory to move to; runtime.memory decides what that means.
 
 torchao compiles its per-parameter update with torch.compile. On CPU workers that costs 10-30 s
-per process and gains nothing (shared/notes/torch-on-cpu.md), so there we run torchao's own
+per process and gains nothing (docs/emulation.md, "Facts measured on CPU"), so there we run torchao's own
 update function `single_param_adam` eagerly: same maths, same state tensors, no compile.
 """
 

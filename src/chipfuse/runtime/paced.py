@@ -1,6 +1,6 @@
 """A stage module that runs at an emulated device's speed, micro-batch by micro-batch.
 
-Pipelines are paced per micro-batch (shared/notes/torch-on-cpu.md): the forward of one
+Pipelines are paced per micro-batch (docs/emulation.md, "Facts measured on CPU"): the forward of one
 micro-batch is padded to `slack x solo_fwd / speed`, its backward to `slack x solo_bwd / speed`,
 where solo times are measured once with the worker alone on the machine. Backward is bracketed
 by two identity autograd functions: one on the stage output (its backward runs first) and one
