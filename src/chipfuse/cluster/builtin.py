@@ -9,7 +9,7 @@ def default_pool() -> Pool:
     """Three emulated devices of relative speeds 4 : 2 : 1, scaled to fit two CPU cores.
 
     The speeds sum to 1.4 workers of one thread each: the emulation stays faithful only
-    while the sum stays under about 1.6 cores (shared/notes/torch-on-cpu.md).
+    while the sum stays under about 1.6 cores (docs/emulation.md, "Facts measured on CPU").
     """
     return pool_from_dict(
         {
