@@ -9,9 +9,10 @@ import re
 import sys
 from typing import NoReturn
 
+import torch
 import torch.distributed as dist
 
-from chipfuse.errors import ChipfuseError
+from chipfuse.errors import ChipfuseError, DeviceMemoryError
 from chipfuse.validate import one_line
 
 COMMANDS = ("pool", "train", "plan", "profile", "data", "export", "generate", "serve")
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chipfuse: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except (RuntimeError, dist.DistError) as e:
+        inner = chipfuse_cause(e)
+        if inner is not None:  # torch.distributed.pipelining wraps a stage's error in a RuntimeError
+            print(f"chipfuse: error: {one_line(str(inner))}", file=sys.stderr)
+            return 2
         lost = lost_peer(e)
         if lost is None:
             raise
@@ -77,6 +82,23 @@ def _links(args: argparse.Namespace) -> str:
     except ChipfuseError:
         return ""
     return f" on node {node!r}; suspect link(s): " + ", ".join(f"{node} <-> {o}" for o in others)
+
+
+def chipfuse_cause(e: BaseException) -> Exception | None:
+    """The user-facing error (bad input, or a device past its memory cap) that `e` was raised from,
+    if any: a library (torch.distributed.pipelining) re-raises it wrapped."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, (ChipfuseError, DeviceMemoryError)):
+            return cur
+        if isinstance(cur, torch.OutOfMemoryError):
+            return DeviceMemoryError(f"{one_line(str(cur))[:300]}. Fix: give this device a smaller share or "
+                                     "micro-batch, turn on activation checkpointing or sharding in the plan, or let "
+                                     "`chipfuse plan` choose a plan that fits")
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def lost_peer(e: BaseException) -> str | None:

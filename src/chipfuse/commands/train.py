@@ -181,7 +181,7 @@ def launch_local(nproc: int, worker_args: list[str]) -> int:
     """Start `nproc` workers on this machine with torchrun (one thread each)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     with tempfile.TemporaryDirectory() as logs:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        cmd = [sys.executable, "-m", "chipfuse.runtime.torchrun", "--standalone", f"--nproc-per-node={nproc}",
                "--log-dir", logs, "--redirects", "1:3,2:3", "-m", "chipfuse.cli", *worker_args]
         return subprocess.call(cmd, env=env)
 

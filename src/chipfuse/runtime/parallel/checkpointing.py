@@ -15,21 +15,28 @@ from typing import Any
 
 import torch.nn as nn
 
+from chipfuse.model.split import get
+
 WRAPPED = "._checkpoint_wrapped_module"
 
 
 def blocks_of(module: nn.Module) -> list[tuple[Any, Any, int]]:
     """(container, key, layer number in the whole model) of every transformer block of a whole model
     (`blocks` ModuleList, `model.layers`) or of a stage module (the same names, as ModuleDicts keyed
-    by layer number)."""
+    by layer number; a Hugging Face stage names its layer container in its layout, `transformer.h` for
+    GPT-2, `model.decoder.layers` for OPT)."""
     container = getattr(module, "blocks", None)
+    lay = getattr(module, "lay", None)
+    if container is None and lay is not None:
+        container = get(module, lay.layers)
     if container is None and isinstance(getattr(module, "model", None), nn.Module):
         container = getattr(module.model, "layers", None)
     if isinstance(container, nn.ModuleList):
         return [(container, i, i) for i in range(len(container))]
     if isinstance(container, nn.ModuleDict):
         return [(container, k, int(k)) for k in container.keys()]
-    raise TypeError(f"{type(module).__name__} has no `blocks` or `model.layers` to checkpoint or shard")
+    raise TypeError(f"{type(module).__name__} has no `blocks`, layout layers or `model.layers` to checkpoint "
+                    "or shard")
 
 
 def block_modules(module: nn.Module) -> list[nn.Module]:
