@@ -5,8 +5,9 @@ replicas only), both trained with `chipfuse train --plan` in one run.
 
 Pool: four emulated CPU devices (a CPU cannot offload to host memory, so memory has to come from
 splitting the model) of equal speed (`--speed-scale` of one core each; pacing holds only
-while every worker gets the CPU its speed asks for), each capped at 60% of what training the whole
-model needs. In one run: profile the pool (`chipfuse profile`), search both spaces over the profile
+while every worker gets the CPU its speed asks for), each capped at 45% of what training the whole
+model's state needs (`--cap-fraction`): no device holds half the model, so single-device stages can
+only form one four-stage pipeline. In one run: profile the pool (`chipfuse profile`), search both spaces over the profile
 (chipfuse.plan.search.search, `max_group=1` for the restricted one), train both plans, and compare
 measured tokens/s. Prints and writes `speedup_vs_single_device_stages` (target >= 1.2), each plan's
 `predicted_step_s`, `measured_step_s` and `prediction_error`, and `emulated: true`.
@@ -27,9 +28,13 @@ from pathlib import Path
 from chipfuse.cli import main as chipfuse
 from chipfuse.report.output import console, table, write_json
 
-MODEL = {"model_type": "gpt2", "n_layer": 4, "n_embd": 128, "n_head": 4, "vocab_size": 256, "n_positions": 64}
+MODEL = {"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 688,
+         "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 256, "max_position_embeddings": 64,
+         "tie_word_embeddings": False}
+"""A Llama of 3.4M parameters: wide for its sequence, so weights, gradients and optimizer state, not
+activations, are what the caps squeeze (as with a large model on small chips)."""
 DEVICES = ("d0", "d1", "d2", "d3")
-GLOBAL_BATCH, SEQ_LEN = 16, 64
+GLOBAL_BATCH, SEQ_LEN = 16, 32
 
 
 def pool_toml(cap_gib: float, scale: float) -> str:
@@ -38,12 +43,13 @@ def pool_toml(cap_gib: float, scale: float) -> str:
     return f'name = "emulated-4-capped"\n[[node]]\nname = "host0"\n{devs}'
 
 
-def cap_gib(model_path: Path) -> float:
-    """60% of the whole model's training state (fp32 weights, grads, AdamW moments)."""
+def cap_gib(model_path: Path, fraction: float) -> float:
+    """`fraction` of the whole model's training state (fp32 weights, grads, AdamW moments): under one
+    half no two-stage split fits, so single-device stages must pipeline over all four devices."""
     from chipfuse.model.costs import model_costs
     from chipfuse.model.spec import resolve_model
 
-    return 0.6 * 16 * model_costs(resolve_model(str(model_path)), SEQ_LEN).total_params / 2**30
+    return fraction * 16 * model_costs(resolve_model(str(model_path)), SEQ_LEN).total_params / 2**30
 
 
 def layout(plan) -> str:  # type: ignore[no-untyped-def]
@@ -58,7 +64,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--speed-scale", type=float, default=0.2, help="one core x this = speed 1")
+    ap.add_argument("--cap-fraction", type=float, default=0.45,
+                    help="each device's memory cap, as a fraction of the whole model's training state")
     ap.add_argument("--time-budget", type=float, default=5.0, help="seconds of search per space")
+    ap.add_argument("--work-dir", metavar="DIR", help="keep the pool, profile, plans and runs here")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     from chipfuse.cluster.pool import load_pool
@@ -67,15 +76,16 @@ def main() -> None:
     from chipfuse.plan.search import search
 
     with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        model_path = tmp / "gpt4" / "config.json"
+        tmp = Path(args.work_dir or d)
+        tmp.mkdir(parents=True, exist_ok=True)
+        model_path = tmp / "llama4" / "config.json"
         model_path.parent.mkdir()
         model_path.write_text(json.dumps(MODEL))
-        cap = cap_gib(model_path)
+        cap = cap_gib(model_path, args.cap_fraction)
         (tmp / "pool.toml").write_text(pool_toml(cap, args.speed_scale))
         prof_path = tmp / "profile.json"
-        if chipfuse(["profile", "--pool", str(tmp / "pool.toml"), "--model", str(model_path), "--seq-len",
-                     str(SEQ_LEN), "--micro-batch", "1,2,4", "--json", str(prof_path)]):
+        if not prof_path.exists() and chipfuse(["profile", "--pool", str(tmp / "pool.toml"), "--model", str(model_path), "--seq-len",
+                     str(SEQ_LEN), "--micro-batch", "1,2,4,8", "--json", str(prof_path)]):
             raise SystemExit("profile failed")
         pool, spec, profile = load_pool(tmp / "pool.toml"), resolve_model(str(model_path)), Profile.load(prof_path)
         plans = {name: search(pool, spec, global_batch=GLOBAL_BATCH, seq_len=SEQ_LEN, time_budget_s=args.time_budget,

@@ -128,7 +128,7 @@ def test_islands_are_offered_and_applied_only_when_asked():
     assert any(o.name == "8-bit optimizer state" and o.memory_saved_bytes > 0 for o in offered)
 
 
-def test_no_islands_for_pipeline_plans():
+def test_islands_hold_pipelines_but_never_split_one():
     pool = _pool([("a", "b", 0.1, 20)], {"a": 2, "b": 2})
     spec = SPEC_PRESETS["small"]
     stages = lambda a, b: (Stage(devices=(a,), first_layer=0, num_layers=2),  # noqa: E731
@@ -137,4 +137,8 @@ def test_no_islands_for_pipeline_plans():
                 replicas=(Replica(stages=stages("a_0", "a_1"), batch_share=4, micro_batch_size=2),
                           Replica(stages=stages("b_0", "b_1"), batch_share=4, micro_batch_size=2)))
     adv = advise_sync(plan, pool, compute_s=0.01)
-    assert adv.sync == SyncPlan() and "data-parallel" in adv.reason
+    assert adv.sync.islands == (("a_0", "a_1"), ("b_0", "b_1"))  # each site's pipeline is an island
+    across = replace(plan, replicas=(Replica(stages=stages("a_0", "b_0"), batch_share=4, micro_batch_size=2),
+                                     Replica(stages=stages("a_1", "b_1"), batch_share=4, micro_batch_size=2)))
+    adv = advise_sync(across, pool, compute_s=0.01)
+    assert adv.sync == SyncPlan() and "cross the slow link" not in adv.reason and "spans islands" in adv.reason

@@ -190,17 +190,33 @@ def island_layout(plan: Plan) -> tuple[tuple[str, ...], ...]:
 def advise_sync(plan: Plan, pool: Pool, *, compute_s: float, max_comm_fraction: float = 0.1) -> SyncAdvice:
     """propose_sync for a searched plan: its devices, its model's gradient bytes, its compute time.
 
-    Islands are for data-parallel replicas of one device each (what the trainer runs with islands):
-    other plans stay synchronous and the reason says so."""
+    Islands hold whole replicas of one-device stages (one device, or a pipeline), which is what the
+    trainer runs with islands: other plans stay synchronous and the reason says so."""
     # Gradients travel in the compute dtype, as the cost model assumes for synchronous plans.
     num_params = model_costs(plan.model, plan.seq_len).total_params
     adv = propose_sync(pool, plan.devices, grad_bytes=num_params * DTYPE_BYTES[plan.dtype], compute_s=compute_s,
                        num_params=num_params, max_comm_fraction=max_comm_fraction)
-    if adv.sync.islands and not plan.is_pure_data_parallel:
+    why = islands_refusal(plan, adv.sync.islands) if adv.sync.islands else None
+    if why:
         return SyncAdvice(sync=SyncPlan(), compute_s=compute_s, sync_comm_s=adv.sync_comm_s,
-                          island_comm_s=adv.sync_comm_s, cross_link=None,
-                          reason="synchronous: the runtime runs islands on data-parallel replicas only")
+                          island_comm_s=adv.sync_comm_s, cross_link=None, reason=f"synchronous: {why}")
     return adv
+
+
+def islands_refusal(plan: Plan, islands: Sequence[Sequence[str]]) -> str | None:
+    """Why `plan` cannot run with these islands, with the fix; None when it can. Islands hold whole
+    replicas of one-device stages: one device, or a pipeline inside the island (the one rule for the
+    planner's advice and the runtime's check)."""
+    island_of = {d: k for k, isl in enumerate(islands) for d in isl}
+    for i, r in enumerate(plan.replicas):
+        if any(len(s.devices) > 1 for s in r.stages):
+            return (f"replicas[{i}] has a stage group of several devices (tensor parallel or sharded); islands run "
+                    "replicas of one-device stages. Fix: drop sync.islands, or give that replica one device per stage")
+        spans = sorted({island_of[d] for d in r.devices})
+        if len(spans) > 1:
+            return (f"replicas[{i}] ({', '.join(r.devices)}) spans islands {spans}: a pipeline's stages talk every "
+                    "micro-batch and belong in one island. Fix: put all of its devices in one island, or split it")
+    return None
 
 
 def best_with_islands(res: Any, pool: Pool, profile: Any = None) -> tuple[Any, SyncAdvice]:

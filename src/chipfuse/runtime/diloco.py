@@ -78,6 +78,68 @@ def make_island_groups(islands: Sequence[Sequence[int]], *, rank: int, world_siz
                         leaders=leaders if rank == isl[index][0] else None)
 
 
+@dataclass(kw_only=True)
+class Segment:
+    """Parameters that the same ranks hold, with the groups that sync them. One-device replicas hold
+    the whole model: one segment, synced over the island and over the island leaders. Replicas that
+    are pipelines hold a few units (embedding, blocks, head) per rank: one segment per set of
+    holders, synced over this island's holders (`inner`) and over one holder per island (`cross`,
+    the lowest rank of each island's holders, the only ones that use the slow link)."""
+
+    names: list[str]
+    """The parameters' names in the whole model: checkpoint keys shared by every holder."""
+    params: list[torch.Tensor]
+    inner: dist.ProcessGroup | None
+    """This island's holders of the segment (None when this rank is the only one)."""
+    inner_src: int
+    """The holder in this island that takes part in `cross` and broadcasts its result."""
+    cross: dist.ProcessGroup | None
+    """One holder per island (None on ranks outside it, or with one island)."""
+    link: EmulatedLink | None = None
+    """The slow link `cross` runs over, when it is emulated."""
+
+
+def make_segments(holder_sets: Sequence[tuple[int, ...]], mine: dict[tuple[int, ...], tuple[list[str], list[Any]]],
+                  groups: IslandGroups, *, link: Callable[[dist.ProcessGroup], EmulatedLink] | None = None
+                  ) -> list[Segment]:
+    """Segments for this rank from every set of ranks that hold the same units (`holder_sets`, the
+    same list in the same order on every rank: torch.distributed.new_group is collective) and the
+    (names, parameters) this rank holds of each (`mine`). A set of ranks that is an island, or the
+    island leaders, reuses the island's group."""
+    known: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
+    for k, isl in enumerate(groups.islands):
+        known[tuple(sorted(isl))] = groups.group if k == groups.index else None
+    leaders = tuple(sorted(i[0] for i in groups.islands))
+    known.setdefault(leaders, groups.leaders)
+
+    def group(ranks: tuple[int, ...]) -> dist.ProcessGroup | None:
+        if len(ranks) < 2:
+            return None
+        if ranks not in known:
+            g = dist.new_group(list(ranks), timeout=collective_timeout())
+            known[ranks] = g if groups.rank in ranks else None
+        return known[ranks]
+
+    out = []
+    for holders in holder_sets:
+        inner_sets = [tuple(sorted(set(holders) & set(isl))) for isl in groups.islands]
+        if any(not s for s in inner_sets):
+            raise PlanError(f"sync.islands: ranks {list(holders)} hold some layers but island(s) "
+                            f"{[k for k, s in enumerate(inner_sets) if not s]} hold none of them. Fix: make every "
+                            "island hold whole replicas of the model")
+        inner = [group(s) for s in inner_sets]
+        cross_ranks = tuple(sorted(s[0] for s in inner_sets))
+        cross = group(cross_ranks)
+        if holders in mine:
+            names, params = mine[holders]
+            k = groups.index
+            out.append(Segment(names=names, params=params, inner=inner[k], inner_src=inner_sets[k][0],
+                               cross=cross if groups.rank in cross_ranks else None,
+                               link=link(cross) if link is not None and cross is not None and groups.rank in cross_ranks
+                               else None))
+    return out
+
+
 def flatten(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.detach().reshape(-1) for t in tensors])
 
@@ -98,22 +160,30 @@ def reduce_in_island(flat: torch.Tensor, groups: IslandGroups) -> None:
 
 def reduce_across_islands(flat: torch.Tensor, groups: IslandGroups, link: EmulatedLink | None,
                           compression: str = "none") -> None:
-    """SUM of the island leaders' `flat` over the slow link, then broadcast inside each island.
+    """SUM of the island leaders' `flat` over the slow link, then broadcast inside each island."""
+    reduce_across(flat, cross=groups.leaders, link=link, inner=groups.group, src=groups.leader,
+                  compression=compression)
 
-    Only leaders put bytes on the link; the other members of an island receive the result over
-    the island's fast group. With compression, the payload crosses as bf16/fp16 and is summed in
-    that dtype (two to a few islands: the rounding of the sum is that of one cast)."""
+
+def reduce_across(flat: torch.Tensor, *, cross: dist.ProcessGroup | None, link: EmulatedLink | None,
+                  inner: dist.ProcessGroup | None, src: int, compression: str = "none") -> None:
+    """SUM of `flat` over `cross` (one member per island; `link` when the slow link is emulated),
+    then broadcast from `src` to the rest of `inner` (its island's other holders).
+
+    Only members of `cross` put bytes on the link; the others receive the result over the island's
+    fast group. With compression, the payload crosses as bf16/fp16 and is summed in that dtype (two
+    to a few islands: the rounding of the sum is that of one cast)."""
     dtype = COMPRESSION_DTYPES[compression]
-    if groups.leaders is not None:
+    if cross is not None:
         payload = flat.to(dtype) if dtype is not None else flat
         if link is not None:
             link.all_reduce(payload)
         else:
-            dist.all_reduce(payload, group=groups.leaders)
+            dist.all_reduce(payload, group=cross)
         if payload is not flat:
             flat.copy_(payload)
-    if groups.group is not None:
-        dist.broadcast(flat, src=groups.leader, group=groups.group)
+    if inner is not None:
+        dist.broadcast(flat, src=src, group=inner)
 
 
 def grads_or_zeros(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -140,18 +210,29 @@ class DiLoCo:
 
     def __init__(self, params: Iterable[torch.nn.Parameter], *, groups: IslandGroups, global_samples: int,
                  share_fn: Callable[[], int], inner_steps: int, outer_lr: float = 0.7,
-                 outer_momentum: float = 0.5, compression: str = "none", link: EmulatedLink | None = None):
+                 outer_momentum: float = 0.5, compression: str = "none", link: EmulatedLink | None = None,
+                 segments: Sequence[Segment] | None = None, counts_samples: bool = True):
         """global_samples: samples per step over all islands (the plan's global batch);
         share_fn: this rank's samples this step (read every step: shares may be rebalanced);
-        inner_steps: H, the same for every island."""
+        inner_steps: H, the same for every island. segments: how this rank's parameters are held
+        (make_segments; default: `params` is the whole model, held by every rank of the island);
+        counts_samples: this rank adds its share to the island's sample count (one rank per
+        replica: a pipeline's stages all see the same samples)."""
         if compression not in COMPRESSION_DTYPES:
             raise PlanError(f"sync.compression is {compression!r}. Fix: use one of {sorted(COMPRESSION_DTYPES)}")
         if inner_steps < 1:
             raise PlanError(f"sync.outer_every is {inner_steps}. Fix: use 1 or more inner steps per outer step")
-        self.params = [p for p in params]
+        if segments is None:
+            whole: list[torch.Tensor] = list(params)
+            segments = [Segment(names=[str(i) for i in range(len(whole))], params=whole, inner=groups.group,
+                                inner_src=groups.leader, cross=groups.leaders, link=link)]
+        self.segments = list(segments)
+        self.params = [p for seg in self.segments for p in seg.params]
+        self.names = [n for seg in self.segments for n in seg.names]
         self.groups = groups
         self.global_samples = global_samples
         self.share_fn = share_fn
+        self.counts_samples = counts_samples
         self.inner_steps = inner_steps
         self.compression = compression
         self.link = link
@@ -176,8 +257,8 @@ class DiLoCo:
             # No buffer before the first outer step: zeros then act the same (SGD's first step sets
             # buf = grad, and 0 * momentum + grad is grad).
             buffers.append(torch.zeros_like(g) if buf is None else buf.detach().clone())
-        outer = {"global": {str(i): g.detach().clone() for i, g in enumerate(self.global_params)},
-                 "momentum": {str(i): b for i, b in enumerate(buffers)},
+        outer = {"global": {n: g.detach().clone() for n, g in zip(self.names, self.global_params, strict=True)},
+                 "momentum": dict(zip(self.names, buffers, strict=True)),
                  "counters": torch.tensor([self.steps_done, self.outer_steps], dtype=torch.int64)}
         island = {"round_samples": torch.tensor([self.round_samples], dtype=torch.float64)}
         return {"outer": outer, f"island{self.groups.index}": island}
@@ -185,9 +266,9 @@ class DiLoCo:
     @torch.no_grad()
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         outer = sd["outer"]
-        for i, g in enumerate(self.global_params):
-            g.copy_(outer["global"][str(i)])
-            self.outer_opt.state[g]["momentum_buffer"] = outer["momentum"][str(i)].clone()
+        for n, g in zip(self.names, self.global_params, strict=True):
+            g.copy_(outer["global"][n])
+            self.outer_opt.state[g]["momentum_buffer"] = outer["momentum"][n].clone()
         self.steps_done, self.outer_steps = (int(x) for x in outer["counters"].tolist())
         self.round_samples = float(sd[f"island{self.groups.index}"]["round_samples"][0])
 
@@ -196,15 +277,30 @@ class DiLoCo:
 
         chipfuse divides each rank's summed loss by the GLOBAL token count, so the island SUM is
         (island samples / global samples) x the island's mean gradient: that factor is undone here.
-        The island's sample count rides in the same all-reduce, so rebalanced shares are followed."""
-        grads = grads_or_zeros(self.params)
-        flat = torch.cat([flatten(grads), torch.tensor([float(self.share_fn())], dtype=grads[0].dtype)])
-        reduce_in_island(flat, self.groups)
-        island_samples = float(flat[-1])
-        if island_samples > 0:
-            flat.mul_(self.global_samples / island_samples)
-        unflatten_into(flat[:-1], grads)
+        The island's sample count is summed over the island each step, so rebalanced shares are
+        followed (with one segment it rides in the gradients' all-reduce)."""
+        share = float(self.share_fn()) if self.counts_samples else 0.0
+        # The whole model in one segment over the island: the count rides in the gradients' all-reduce.
+        ride = len(self.segments) == 1 and self.segments[0].inner is self.groups.group
+        island_samples = share if ride else self._island_samples(share)
+        for seg in self.segments:
+            grads = grads_or_zeros(seg.params)
+            flat = flatten(grads)
+            if ride:
+                flat = torch.cat([flat, torch.tensor([share], dtype=flat.dtype)])
+            if seg.inner is not None:
+                dist.all_reduce(flat, group=seg.inner)
+            if ride:
+                island_samples, flat = float(flat[-1]), flat[:-1]
+            if island_samples > 0:
+                flat.mul_(self.global_samples / island_samples)
+            unflatten_into(flat, grads)
         self.round_samples += island_samples
+
+    def _island_samples(self, share: float) -> float:
+        t = torch.tensor([share], dtype=torch.float64)
+        reduce_in_island(t, self.groups)
+        return float(t.item())
 
     def after_inner_step(self) -> bool:
         """Count an inner step; run the outer step when the round is over. True if it ran."""
@@ -225,12 +321,17 @@ class DiLoCo:
         # Pseudo-gradient weighted by the island's share of the round's tokens, so that the SUM
         # across islands is the token-weighted mean (every island took steps_done inner steps).
         weight = self.round_samples / (self.global_samples * self.steps_done) if self.steps_done else 0.0
-        delta = (flatten(self.global_params) - flatten(self.params)).mul_(weight)
-        reduce_across_islands(delta, self.groups, self.link, self.compression)
-        offset = 0
-        for g in self.global_params:
-            g.grad = delta[offset: offset + g.numel()].view_as(g).clone()
-            offset += g.numel()
+        i = 0
+        for seg in self.segments:
+            glob = self.global_params[i: i + len(seg.params)]
+            i += len(seg.params)
+            delta = (flatten(glob) - flatten(seg.params)).mul_(weight)
+            reduce_across(delta, cross=seg.cross, link=seg.link, inner=seg.inner, src=seg.inner_src,
+                          compression=self.compression)
+            offset = 0
+            for g in glob:
+                g.grad = delta[offset: offset + g.numel()].view_as(g).clone()
+                offset += g.numel()
         self.outer_opt.step()
         for p, g in zip(self.params, self.global_params, strict=True):
             p.copy_(g)

@@ -25,8 +25,8 @@ from chipfuse.cluster.pool import Pool
 from chipfuse.plan.islands import island_layout, slowest_link
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime.data_parallel import all_reduce_gradients
-from chipfuse.runtime.diloco import DiLoCo, IslandGroups, make_island_groups, sync_gradients
-from chipfuse.runtime.links import EmulatedLink
+from chipfuse.runtime.diloco import DiLoCo, IslandGroups, make_island_groups, make_segments, sync_gradients
+from chipfuse.runtime.links import EmulatedLink, LinkStats
 from chipfuse.runtime.topology import units_of_model
 
 
@@ -59,6 +59,10 @@ class GradientSync:
         """When replicas hold different weights between syncs (islands), the checkpoint key under
         which this rank's own model and optimizer go; None when every replica holds the same."""
         return None
+
+    def merged(self, per_rank: list[dict]) -> dict:
+        """describe() of every rank (in rank order), as the run's summary reports it."""
+        return per_rank[0]
 
     def describe(self) -> dict:
         out: dict = {"mode": "sync"}
@@ -154,29 +158,52 @@ class IslandSync(HierarchicalSync):
         return {**super().describe(), "mode": "islands", "outer_every": self.diloco.inner_steps,
                 "outer_steps": self.diloco.outer_steps, "compression": self.diloco.compression}
 
+    def merged(self, per_rank: list[dict]) -> dict:
+        """describe() of every rank, as one: what island 0 put on the slow link, over all of its
+        ranks (a pipeline's stages each send their own layers)."""
+        out = dict(per_rank[0])
+        links = [per_rank[r]["link"] for r in self.groups.islands[0] if "link" in per_rank[r]]
+        if links:
+            out["link"] = {**links[0], **LinkStats.summed(links).to_dict()}
+        return out
+
 
 def _link_between(pool: Pool, islands: Sequence[Sequence[str]], groups: IslandGroups) -> EmulatedLink | None:
     """The emulated link joining the islands' leaders: the pool's slowest link between islands.
     Only an all-emulated pool on one host is padded: real devices, and workers on several hosts,
     pay their real network (and the padding needs one clock for every rank)."""
+    make = _link_maker(pool, islands, groups)
+    return make(groups.leaders) if make is not None and groups.leaders is not None else None
+
+
+def _link_maker(pool: Pool, islands: Sequence[Sequence[str]], groups: IslandGroups
+                ) -> Callable[[Any], EmulatedLink] | None:
+    """Links over the pool's slowest link between islands for any group that crosses it, all
+    counted in one set of statistics (they share the physical link); None when not emulated."""
     world = sum(len(i) for i in groups.islands)
     one_host = int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world
-    if groups.leaders is None or not one_host or not all(d.emulated for d in pool.devices):
+    if len(islands) < 2 or not one_host or not all(d.emulated for d in pool.devices):
         return None
     nodes = [sorted({pool.device(d).node for d in isl}) for isl in islands]
     ln = min((slowest_link(pool, a, b) for i, a in enumerate(nodes) for b in nodes[i + 1:]),
              key=lambda x: (x.bandwidth, -x.latency_s))
-    return EmulatedLink(bandwidth_bytes_s=ln.bandwidth, latency_s=ln.latency_s, group=groups.leaders)
+    stats = LinkStats()
+
+    def make(group: Any) -> EmulatedLink:
+        link = EmulatedLink(bandwidth_bytes_s=ln.bandwidth, latency_s=ln.latency_s, group=group)
+        link.stats = stats
+        return link
+    return make
 
 
 def build_gradient_sync(plan: Plan, pool: Pool, params: Sequence[torch.nn.Parameter], *, rank: int,
                         rank_devices: Sequence[str], share_fn: Callable[[], int],
-                        default: GradientSync | None = None) -> GradientSync:
+                        default: GradientSync | None = None, worker: Any = None) -> GradientSync:
     """rank_devices: the device name of every rank, in rank order; share_fn: this rank's samples
     in the current step; default: the sync of a plan without islands on one node (the worker's
-    UnitSync; a flat all-reduce when None). Islands and an emulated multi-node pool need whole-model
-    one-device replicas (Topology.check refuses the others). Every rank must call this at the same
-    point: it creates process groups."""
+    UnitSync; a flat all-reduce when None); worker: the PipelineWorker, whose units (which ranks
+    hold which layers) let islands hold pipelines; without it `params` is the whole model on every
+    rank. Every rank must call this at the same point: it creates process groups."""
     world_size = len(rank_devices)
 
     def ranks(groups: Sequence[Sequence[str]]) -> list[list[int]]:
@@ -185,12 +212,19 @@ def build_gradient_sync(plan: Plan, pool: Pool, params: Sequence[torch.nn.Parame
     if plan.sync.islands:
         islands = island_layout(plan)
         groups = make_island_groups(ranks(islands), rank=rank, world_size=world_size)
-        link = _link_between(pool, islands, groups)
+        make_link = _link_maker(pool, islands, groups)
+        link = make_link(groups.leaders) if make_link is not None and groups.leaders is not None else None
+        segments, counts = None, True
+        if worker is not None:
+            segments = make_segments(*_unit_holders(worker), groups, link=make_link)
+            counts = worker.role.first and worker.role.leader
+            links = [seg.link for seg in segments if seg.link is not None]
+            link = links[0] if links else link
         s = plan.sync
         diloco = DiLoCo(params, groups=groups, global_samples=plan.global_batch, share_fn=share_fn,
                         inner_steps=s.outer_every, outer_lr=s.outer_lr, outer_momentum=s.outer_momentum,
-                        compression=s.compression, link=link)
-        return IslandSync(params, groups, link, diloco)
+                        compression=s.compression, link=link, segments=segments, counts_samples=counts)
+        return IslandSync(list(params) if worker is None else list(worker.module.parameters()), groups, link, diloco)
     nodes: dict[str, list[str]] = {}
     for d in rank_devices:
         nodes.setdefault(pool.device(d).node, []).append(d)
@@ -199,3 +233,23 @@ def build_gradient_sync(plan: Plan, pool: Pool, params: Sequence[torch.nn.Parame
         groups = make_island_groups(ranks(by_node), rank=rank, world_size=world_size)
         return HierarchicalSync(params, groups, _link_between(pool, by_node, groups))
     return default or GradientSync(params)
+
+
+def _unit_holders(worker: Any) -> tuple[list[tuple[int, ...]], dict[tuple[int, ...], tuple[list[str], list[Any]]]]:
+    """Every set of ranks that hold the same units (the same on every rank) and, for the sets this
+    rank is in, the names and tensors of its parameters in them."""
+    from chipfuse.runtime.parallel.checkpointing import clean_name
+
+    name_of = {id(p): clean_name(n) for n, p in worker.module.named_parameters()}
+    holder_sets = sorted(set(worker.unit_ranks.values()))
+    mine: dict[tuple[int, ...], tuple[list[str], list[Any]]] = {}
+    for u in units_of_model(worker.plan.model):
+        ps = worker.unit_params.get(u, [])
+        if ps:
+            names, params = mine.setdefault(worker.unit_ranks[u], ([], []))
+            names.extend(name_of[id(p)] for p in ps)
+            params.extend(ps)
+    held = sum(len(ps) for _, ps in mine.values())
+    if held != len(name_of):  # every tensor in exactly one unit, or an island would drift apart
+        raise RuntimeError(f"units hold {held} of the stage's {len(name_of)} parameters")
+    return holder_sets, mine

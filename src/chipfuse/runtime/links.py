@@ -52,8 +52,20 @@ class LinkStats:
         busy = self.elapsed_s - self.latency_total_s
         return self.wire_bytes / busy if busy > 0 else float("inf")
 
+    @classmethod
+    def summed(cls, dicts: list[dict]) -> LinkStats:
+        """The stats of several members' to_dict() added up (what they put on one shared link)."""
+        out = cls()
+        for d in dicts:
+            for k in ("calls", "late_calls"):
+                setattr(out, k, getattr(out, k) + int(d[k]))
+            for k in ("payload_bytes", "wire_bytes", "elapsed_s", "real_s", "latency_total_s"):
+                setattr(out, k, getattr(out, k) + float(d.get(k, 0.0)))
+        return out
+
     def to_dict(self) -> dict:
-        return {"calls": self.calls, "payload_bytes": self.payload_bytes, "wire_bytes": self.wire_bytes,
+        return {"latency_total_s": self.latency_total_s, "calls": self.calls, "payload_bytes": self.payload_bytes,
+                "wire_bytes": self.wire_bytes,
                 "elapsed_s": self.elapsed_s, "real_s": self.real_s, "late_calls": self.late_calls,
                 "effective_bandwidth_bytes_s": self.effective_bandwidth}
 

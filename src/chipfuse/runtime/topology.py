@@ -229,16 +229,21 @@ class Topology:
                         raise PlanError(f"{where}.offload: device {d!r} is a CPU: its memory is host memory, so "
                                         f"offload={st.offload!r} saves nothing. Fix: set offload = \"none\" for its "
                                         "stage and use sharding or checkpointing to save memory")
-        if plan.sync.islands and not self.replicated_units:
-            raise PlanError(f"{source}: sync.islands: DiLoCo islands run over whole-model one-device replicas; this "
-                            "plan has pipeline stages or stage groups. Fix: drop sync.islands, or give each island "
-                            "one-device replicas (docs/slow_links.md)")
+        if plan.sync.islands:
+            self._check_islands(source)
         n = len(plan.devices)
         if world_size is not None and world_size != n:
             raise PlanError(f"{source}: the plan uses {n} devices ({', '.join(plan.devices)}) but the job has "
                             f"{world_size} ranks. Fix: start it with --nproc-per-node {n}")
         if host_devices is not None:
             self.check_host(host_devices, source)
+
+    def _check_islands(self, source: str) -> None:
+        from chipfuse.plan.islands import island_layout, islands_refusal
+
+        why = islands_refusal(self.plan, island_layout(self.plan))
+        if why:
+            raise PlanError(f"{source}: sync.islands: {why} (docs/slow_links.md)")
 
     def check_host(self, host_devices: dict[str, int], source: str = "<plan>") -> None:
         """Real (not emulated) devices need their chips on this host: host_devices is the count per

@@ -18,7 +18,13 @@ def main(argv: list[str]) -> int:
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         torchrun_main(argv)
-    except ChildFailedError:
+    except ChildFailedError as e:
+        # A worker killed by a signal (not the agent's SIGTERM to the survivors) printed nothing itself.
+        for rank, f in sorted(e.failures.items()):
+            if f.exitcode < 0 and f.signal_name() != "SIGTERM":
+                print(f"chipfuse: error: worker rank {rank} was killed by {f.signal_name()} (pid {f.pid}). Fix: look "
+                      "for the kernel's reason (out of host memory: dmesg), or run with fewer workers per host",
+                      file=sys.stderr, flush=True)
         return 1
     return 0
 

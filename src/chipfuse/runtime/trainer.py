@@ -4,7 +4,7 @@ functions, the topology (runtime/topology.py) validates it and owns the process 
 
 Every feature holds for every plan: checkpoints and resume, the NaN policy (a non-finite loss skips
 the update on every rank), online rebalancing of replica shares, memory strategies, optimizer and
-compute dtypes, DiLoCo islands (whole-model replicas), pacing of emulated devices, and the summary
+compute dtypes, DiLoCo islands (of one-device replicas or pipelines), pacing of emulated devices, and the summary
 with fusion efficiency."""
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     # plan.sync: per-layer sums over replicas, or islands with DiLoCo between them (docs/slow_links.md)
     params = list(worker.module.parameters())
     grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank,
-                                    share_fn=lambda: worker.share, default=UnitSync(worker))
+                                    share_fn=lambda: worker.share, default=UnitSync(worker), worker=worker)
     endure.attach(grad_sync)  # checkpoints keep its state (DiLoCo's outer loop); a resume restores it
     log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
                   path=Path(cfg.metrics_path) if info.is_main and cfg.metrics_path else None)
@@ -191,9 +191,10 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         "solo_fwd_s": worker.solo_fwd_s, "solo_bwd_s": worker.solo_bwd_s, "peak_bytes": worker.peak_bytes(),
         "solo_tokens_per_s": worker.whole_stage_tokens_per_s() if pace else None,
         "events": events[-3:] if events else []})
+    sync_desc = grad_sync.merged(_gather_objects(grad_sync.describe()))
     if not info.is_main:
         return None
-    return _summary(plan, pool, cfg, log, ranks, topo) | {"sync": grad_sync.describe(), **endure.summary(),
+    return _summary(plan, pool, cfg, log, ranks, topo) | {"sync": sync_desc, **endure.summary(),
                                                           "shares": endure.shares, "data": loader.describe(),
                                                           **recipe_step.summary(), **validator.summary()}
 
@@ -257,8 +258,10 @@ def _summary(plan: Plan, pool: Pool, cfg: TrainConfig, log: StepLog, ranks: list
         "step_s": [row["step_s"] for row in log.rows],
         # A device that holds a stage is credited with the whole model at its measured per-layer rate.
         "solo_tokens_per_s": solo,
-        **checked_fields("fusion_efficiency", checked_ratio(tps, solo_sum, hi=1.0, what="fusion efficiency",
-                                                            why="a job cannot outrun its devices alone")),
+        **(checked_fields("fusion_efficiency", checked_ratio(tps, solo_sum, hi=1.0, what="fusion efficiency",
+                                                             why="a job cannot outrun its devices alone"))
+           if cfg.solo_samples > 0 else {"fusion_efficiency": None,
+                                         "fusion_efficiency_fault": "not measured (--solo-samples 0)"}),
         "devices": devices,
         "timeline": {r.device: ranks[r.rank]["events"] for r in topo.roles},
         "metrics_path": cfg.metrics_path,
