@@ -7,9 +7,13 @@ Tolerances, and why:
   two halves then all-reduces them, and a sharded group sums its members' rows by reduce-scatter,
   so fp32 additions run in another order than on one device: a few ulps of values ~1e-2, and a
   little more on the few gradients that are sums of many cancelling terms.
-- losses over a few AdamW steps: atol 1e-4 (the first step's loss is the same forward up to the
-  same reordering; AdamW's division by sqrt(v) amplifies rounding on tiny gradients afterwards). A
-  wrong shard, a head counted twice or a missing member's rows moves the loss by 1e-2 or more.
+- 50-step loss curves: atol 1e-4 over the first 20 steps (the first step's loss is the same forward
+  up to the same reordering; differences stay at 1e-7..1e-5 while training is smooth), and 5e-3
+  over all 50: AdamW's division by sqrt(v) amplifies ulp-level differences where the loss of these
+  tiny models spikes (measured, lr 3e-3: Llama PP-2 x TP-2 4.2e-3 at step 48, offload in a
+  pipeline 2.4e-4 at step 33, the others below 5e-5). A wrong shard, a head counted twice or a
+  missing member's rows moves the loss by 1e-2 or more from the first steps, and the step-0
+  gradients are checked one by one.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from tests.distributed import run_ranks
 from tests.hf_tiny import TINY
 from tests.pipeline_helpers import TINY_GPT, TINY_LLAMA, pool_of, reference, run_steps
 
-STEPS = 4
+STEPS = 50
+EARLY, CURVE_ATOL = 20, 5e-3
 CFG = WorkerConfig(pace=False, lr=3e-3)  # pacing only sleeps; it changes no number
 
 
@@ -52,7 +57,9 @@ def _check(results: list[dict], ref: dict, tied: dict[str, str] | None = None) -
         assert {tied.get(n, n) for n in r["grads"]} <= ref["grads"].keys()
         for name, g in r["grads"].items():
             torch.testing.assert_close(g, ref["grads"][tied.get(name, name)], atol=1e-5, rtol=1e-4, msg=name)
-        torch.testing.assert_close(torch.tensor(r["losses"]), torch.tensor(ref["losses"]), atol=1e-4, rtol=0)
+        got, want = torch.tensor(r["losses"]), torch.tensor(ref["losses"])
+        torch.testing.assert_close(got[:EARLY], want[:EARLY], atol=1e-4, rtol=0)
+        torch.testing.assert_close(got, want, atol=CURVE_ATOL, rtol=0)
 
 
 def test_tensor_parallel_stage_and_a_one_device_replica_match_one_device():
