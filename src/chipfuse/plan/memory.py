@@ -22,7 +22,10 @@ Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of ch
   output and GELU output; SwiGLU keeps 4f: gate, up, silu(gate), product), a checkpointed block
   its input h, plus, in backward, one block's worth while it is recomputed; the embedding, head and
   loss keep 2h + V + 8. "selective" checkpoints blocks 0, 2, 4, ... (runtime.memory). Values are
-  4 bytes in fp32, 2 in bf16/fp16 (the logits' fp32 copy is counted in V).
+  4 bytes in fp32, 2 in bf16/fp16 (the logits' fp32 copy is counted in V). A Hugging Face stage
+  (family "hf") saves what transformers' code saves, per architecture: hf_stage_saved_bytes with the
+  coefficients of model.arch.SAVED, equal to the meter's count (tests/test_memory_hf.py). The rebuilt
+  block is held for one micro-batch at a time, the rest for every micro-batch in flight.
 - in flight: 1F1B keeps up to (stages - index) micro-batches of a stage, GPipe all of them.
 - on a real chip the runtime itself holds memory too: the CUDA/ROCm context with the BLAS
   workspaces (RUNTIME_CONTEXT_BYTES), communication buffers when the device talks to others
@@ -141,10 +144,32 @@ def _opt_bytes(numels: list[float], optimizer_dtype: str, shards: int) -> float:
     return total
 
 
+def stage_activation_bytes(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool, last: bool,
+                           dtype: str = "fp32", tp: int = 1, seq_len: int | None = None,
+                           first_layer: int | None = None, tokens_in_flight: int,
+                           micro_batch_tokens: int | None = None) -> float:
+    """Saved activation bytes of a stage: what every micro-batch in flight keeps, plus one checkpointed
+    block rebuilt in backward, held for one micro-batch at a time (`micro_batch_tokens`; None: as many
+    tokens as are in flight, the bound without the split)."""
+    mb_tokens = micro_batch_tokens or tokens_in_flight
+    if spec.family == "hf":
+        return max(kept * tokens_in_flight + rebuilt * mb_tokens for kept, rebuilt in _hf_places(
+            spec, num_layers, checkpoint, first=first, last=last, dtype=dtype, tp=tp,
+            seq_len=seq_len or spec.seq_len, first_layer=first_layer))
+    per_token = activation_bytes_per_token(spec, num_layers, checkpoint, first=first, last=last, dtype=dtype, tp=tp)
+    rebuilt = 0.0
+    if checkpoint != "none":
+        h, t = spec.dim, tp
+        mlp = (4 if spec.family == "llama" else 2) * spec.ffn
+        rebuilt = DTYPE_BYTES[dtype] * (REPLICATED_H * h + (3 * h + mlp + 2 * spec.num_heads) / t)
+    return (per_token - rebuilt) * tokens_in_flight + rebuilt * mb_tokens
+
+
 def activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool,
                                last: bool, dtype: str = "fp32", tp: int = 1, seq_len: int | None = None,
                                first_layer: int | None = None) -> float:
-    """Saved activation bytes per token of a stage of `num_layers` blocks, peak in backward.
+    """Saved activation bytes per token of a stage of `num_layers` blocks, peak in backward, with one
+    checkpointed block rebuilt (stage_activation_bytes holds that one for one micro-batch only).
 
     A Hugging Face spec (family 'hf') is priced by hf_activation_bytes_per_token; `seq_len` (the plan's,
     default the model's) and `first_layer` (None: the stage's worst place in the model) matter there."""
@@ -243,19 +268,28 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
     return visible, rebuilt
 
 
+def _hf_places(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool, last: bool, dtype: str, tp: int,
+               seq_len: int, first_layer: int | None) -> list[tuple[float, float]]:
+    """hf_stage_saved_bytes at `first_layer`, or at every place the stage could take in the model when None
+    (the planner's stage shapes; the caller keeps the worst)."""
+    starts = [first_layer] if first_layer is not None else (
+        [0] if first else [spec.num_layers - num_layers] if last else range(max(1, spec.num_layers - num_layers + 1)))
+    return [hf_stage_saved_bytes(spec, range(s, s + num_layers), checkpoint, first=first, last=last, dtype=dtype,
+                                 tp=tp, seq_len=seq_len) for s in starts]
+
+
 def hf_activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool, last: bool,
                                   dtype: str, tp: int, seq_len: int, first_layer: int | None) -> float:
     """hf_stage_saved_bytes's two terms added (the meter's count and the block a real chip rebuilds), at
-    `first_layer`, or at the stage's worst place in the model when None (the planner's stage shapes)."""
-    starts = [first_layer] if first_layer is not None else (
-        [0] if first else [spec.num_layers - num_layers] if last else range(max(1, spec.num_layers - num_layers + 1)))
-    return max(sum(hf_stage_saved_bytes(spec, range(s, s + num_layers), checkpoint, first=first, last=last,
-                                        dtype=dtype, tp=tp, seq_len=seq_len)) for s in starts)
+    the stage's worst place when `first_layer` is None."""
+    return max(sum(f) for f in _hf_places(spec, num_layers, checkpoint, first=first, last=last, dtype=dtype, tp=tp,
+                                          seq_len=seq_len, first_layer=first_layer))
 
 
 def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, capacity_bytes: int, num_layers: int,
                         first: bool, last: bool, group_size: int, tokens_in_flight: int, tp: int = 1,
-                        seq_len: int | None = None, first_layer: int | None = None) -> DeviceMemory:
+                        seq_len: int | None = None, first_layer: int | None = None,
+                        micro_batch_tokens: int | None = None) -> DeviceMemory:
     """Predicted peak of one device of a stage group: `group_size` data (shard) ranks, each of `tp`
     tensor-parallel ranks (parameters split t ways)."""
     block, embed, head = ([n / tp for n in x] for x in gpt_tensor_numels(spec))
@@ -278,9 +312,9 @@ def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, cap
         p = g = o = 0.0
     elif strategy.offload == "optimizer":
         o = 0.0
-    act = activation_bytes_per_token(spec, num_layers, strategy.checkpoint, first=first, last=last,
-                                     dtype=strategy.dtype, tp=tp, seq_len=seq_len,
-                                     first_layer=first_layer) * tokens_in_flight
+    act = stage_activation_bytes(spec, num_layers, strategy.checkpoint, first=first, last=last, dtype=strategy.dtype,
+                                 tp=tp, seq_len=seq_len, first_layer=first_layer, tokens_in_flight=tokens_in_flight,
+                                 micro_batch_tokens=micro_batch_tokens)
     return DeviceMemory(device=device, capacity_bytes=capacity_bytes, params_bytes=p, grads_bytes=g,
                         optimizer_bytes=o, activation_bytes=act, gathered_bytes=gathered)
 
@@ -331,7 +365,8 @@ def plan_memory(plan, pool) -> list[DeviceMemory]:
                 mem = stage_device_memory(plan.model, strategy, device=d, capacity_bytes=usable_bytes(pool.device(d)),
                                           num_layers=s.num_layers, first=j == 0, last=j == num_stages - 1,
                                           group_size=group, tokens_in_flight=max(1, in_flight) * per_device_mb * plan.seq_len,
-                                          tp=s.tp_degree, seq_len=plan.seq_len, first_layer=s.first_layer)
+                                          tp=s.tp_degree, seq_len=plan.seq_len, first_layer=s.first_layer,
+                                          micro_batch_tokens=per_device_mb * plan.seq_len)
                 out.append(mem)
     return out
 
@@ -471,7 +506,7 @@ def stage_memory(costs: ModelCosts, sh: StageShape, *, dtype: str, optimizer_dty
                              optimizer_dtype=optimizer_dtype),
         device="", capacity_bytes=0, num_layers=sh.num_layers, first=sh.is_first, last=sh.is_last,
         group_size=sh.data_degree, tokens_in_flight=sh.in_flight * sh.tokens_per_device(costs.seq_len), tp=sh.tp,
-        seq_len=costs.seq_len)
+        seq_len=costs.seq_len, micro_batch_tokens=sh.tokens_per_device(costs.seq_len))
     return StageMemory(weights=dm.params_bytes, grads=dm.grads_bytes, optimizer=dm.optimizer_bytes,
                        activations=dm.activation_bytes, transient=dm.gathered_bytes)
 
