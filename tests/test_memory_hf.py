@@ -91,3 +91,18 @@ def test_saved_activations_match_the_meter(name: str, checkpoint: str) -> None:
                                            last=where == "last", seq_len=T, first_layer=layers.start)
         assert total == pytest.approx(visible + rebuilt)
         assert (rebuilt > 0) == (checkpoint != "none")
+
+
+def test_gradients_and_activations_add_up_over_several_micro_batches() -> None:
+    """Over several micro-batches a step holds the first ones' gradients while later ones' activations
+    live (the trainer's meter counts both: P + O + G + A); one micro-batch holds the larger."""
+    from chipfuse.plan.memory import Strategy, stage_device_memory
+
+    spec = _spec("gpt2")
+    kw = dict(device="d", capacity_bytes=0, num_layers=2, first=True, last=False, group_size=1, tokens_in_flight=64,
+              seq_len=T)
+    one = stage_device_memory(spec, Strategy(), **kw)
+    many = stage_device_memory(spec, Strategy(), micro_batches=8, **kw)
+    assert one.peak_bytes == one.params_bytes + one.optimizer_bytes + max(one.grads_bytes, one.activation_bytes)
+    assert many.peak_bytes == pytest.approx(one.params_bytes + one.optimizer_bytes + one.grads_bytes
+                                            + one.activation_bytes)

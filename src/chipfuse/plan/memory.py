@@ -9,7 +9,9 @@ Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of ch
   torchao quantising only tensors of >= 4096 values (smaller ones keep 8 B/param).
 - the peak: P + O + max(G, A + W), the larger of "just after backward" (all gradients, few
   activations) and "start of backward" (all activations, few gradients); A = saved activations,
-  W = parameters gathered for compute under FSDP2.
+  W = parameters gathered for compute under FSDP2. With more than one micro-batch per step the
+  gradients of the first are held while the later ones' activations live: P + O + G + A + W (what
+  the emulated meter counts in a pipeline, to the byte on tests/test_memory_hf.py's architectures).
 - shard full (ZeRO-3): P, G, O divided by the group's data degree; W = the root's embedding and
   head (kept gathered) + two blocks (the one computing and the one prefetched).
   shard grads / optimizer (FSDP2 reshard_after_forward=False, ZeRO-2's peak): P, G, O divided; W = all P.
@@ -99,11 +101,14 @@ class DeviceMemory:
     activation_bytes: float
     gathered_bytes: float
     """Parameters gathered by FSDP2 for compute (transient)."""
+    accumulates: bool = False
+    """More than one micro-batch per step: the gradients of earlier micro-batches are held while later
+    ones' activations live, so the peak adds them (module docstring)."""
 
     @property
     def peak_bytes(self) -> float:
-        return self.params_bytes + self.optimizer_bytes + max(self.grads_bytes,
-                                                              self.activation_bytes + self.gathered_bytes)
+        return self.params_bytes + self.optimizer_bytes + _grads_and_activations(
+            self.grads_bytes, self.activation_bytes + self.gathered_bytes, self.accumulates)
 
     @property
     def missing_bytes(self) -> float:
@@ -116,6 +121,12 @@ class DeviceMemory:
                  "optimizer state": self.optimizer_bytes, "activations": self.activation_bytes,
                  "gathered parameters": self.gathered_bytes}
         return max(terms, key=terms.__getitem__)
+
+
+def _grads_and_activations(grads: float, activations: float, accumulates: bool) -> float:
+    """The peak's share of gradients and activations: both at once when micro-batches accumulate into the
+    gradients (the meter counts them so), else the larger (one micro-batch: no gradient while forward)."""
+    return grads + activations if accumulates else max(grads, activations)
 
 
 def gpt_tensor_numels(spec: ModelSpec) -> tuple[list[int], list[int], list[int]]:
@@ -289,7 +300,7 @@ def hf_activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: 
 def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, capacity_bytes: int, num_layers: int,
                         first: bool, last: bool, group_size: int, tokens_in_flight: int, tp: int = 1,
                         seq_len: int | None = None, first_layer: int | None = None,
-                        micro_batch_tokens: int | None = None) -> DeviceMemory:
+                        micro_batch_tokens: int | None = None, micro_batches: int = 1) -> DeviceMemory:
     """Predicted peak of one device of a stage group: `group_size` data (shard) ranks, each of `tp`
     tensor-parallel ranks (parameters split t ways)."""
     block, embed, head = ([n / tp for n in x] for x in gpt_tensor_numels(spec))
@@ -316,7 +327,8 @@ def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, cap
                                  tp=tp, seq_len=seq_len, first_layer=first_layer, tokens_in_flight=tokens_in_flight,
                                  micro_batch_tokens=micro_batch_tokens)
     return DeviceMemory(device=device, capacity_bytes=capacity_bytes, params_bytes=p, grads_bytes=g,
-                        optimizer_bytes=o, activation_bytes=act, gathered_bytes=gathered)
+                        optimizer_bytes=o, activation_bytes=act, gathered_bytes=gathered,
+                        accumulates=micro_batches > 1)
 
 
 def compute_dtype(plan_dtype: str, chip) -> str:
@@ -366,7 +378,8 @@ def plan_memory(plan, pool) -> list[DeviceMemory]:
                                           num_layers=s.num_layers, first=j == 0, last=j == num_stages - 1,
                                           group_size=group, tokens_in_flight=max(1, in_flight) * per_device_mb * plan.seq_len,
                                           tp=s.tp_degree, seq_len=plan.seq_len, first_layer=s.first_layer,
-                                          micro_batch_tokens=per_device_mb * plan.seq_len)
+                                          micro_batch_tokens=per_device_mb * plan.seq_len,
+                                          micro_batches=r.num_micro_batches)
                 out.append(mem)
     return out
 
@@ -464,11 +477,14 @@ class StageMemory:
     activations: float
     transient: float
     """Parameters gathered for compute (FSDP2)."""
+    accumulates: bool = False
+    """DeviceMemory.accumulates."""
 
     @property
     def total(self) -> int:
-        """The peak: P + O + max(G, A + W) (module docstring)."""
-        return int(math.ceil(self.weights + self.optimizer + max(self.grads, self.activations + self.transient)))
+        """The peak: P + O + max(G, A + W), or P + O + G + A + W over several micro-batches (module docstring)."""
+        return int(math.ceil(self.weights + self.optimizer + _grads_and_activations(
+            self.grads, self.activations + self.transient, self.accumulates)))
 
     def to_dict(self) -> dict[str, int]:
         return {"weights": int(self.weights), "grads": int(self.grads), "optimizer": int(self.optimizer),
@@ -490,6 +506,8 @@ class StageShape:
     micro_batch_size: int = 1
     in_flight: int = 1
     """Micro-batches whose activations the stage holds at once."""
+    micro_batches: int = 1
+    """Micro-batches per step (more than one: gradients accumulate while activations live)."""
 
     @property
     def data_degree(self) -> int:
@@ -506,9 +524,9 @@ def stage_memory(costs: ModelCosts, sh: StageShape, *, dtype: str, optimizer_dty
                              optimizer_dtype=optimizer_dtype),
         device="", capacity_bytes=0, num_layers=sh.num_layers, first=sh.is_first, last=sh.is_last,
         group_size=sh.data_degree, tokens_in_flight=sh.in_flight * sh.tokens_per_device(costs.seq_len), tp=sh.tp,
-        seq_len=costs.seq_len, micro_batch_tokens=sh.tokens_per_device(costs.seq_len))
+        seq_len=costs.seq_len, micro_batch_tokens=sh.tokens_per_device(costs.seq_len), micro_batches=sh.micro_batches)
     return StageMemory(weights=dm.params_bytes, grads=dm.grads_bytes, optimizer=dm.optimizer_bytes,
-                       activations=dm.activation_bytes, transient=dm.gathered_bytes)
+                       activations=dm.activation_bytes, transient=dm.gathered_bytes, accumulates=dm.accumulates)
 
 
 def max_layers_fitting(costs: ModelCosts, sh: StageShape, capacity: int, *, dtype: str, optimizer_dtype: str) -> int:
