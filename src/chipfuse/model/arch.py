@@ -285,6 +285,11 @@ ACT_SAVES = {"gelu_new": 4, "gelu_fast": 4, "gelu": 1, "gelu_pytorch_tanh": 1, "
 """Values per ffn unit an activation keeps besides its output (GPT-2's MLP, which reads it whole)."""
 
 
+def saved_type(spec: ModelSpec) -> str:
+    """The SAVED row of a spec: its model_type, 'llama' for a Llama preset (built as LlamaForCausalLM)."""
+    return "llama" if spec.family == "llama" else str(spec.model_type)
+
+
 def _cfg(spec: ModelSpec, key: str, default: Any = None) -> Any:
     return (spec.hf_config or {}).get(key, default)
 
@@ -309,7 +314,7 @@ def rotary_sets(spec: ModelSpec, layers: range) -> int:
     """Sets of rotary cos/sin a stage of these layers computes, 0 without rotary: HFStage computes them
     once per layer type of the stage (Gemma 3's local and global frequencies differ; the others'
     are equal but computed again), once where the masks do not go by layer type."""
-    if not SAVED[str(spec.model_type)].rotary:
+    if not SAVED[saved_type(spec)].rotary:
         return 0
     types = _cfg(spec, "layer_types")
     if layout_of(spec).masks == "by_layer_type" and types:
@@ -347,7 +352,7 @@ def saved_block(spec: ModelSpec, layer: int, seq_len: int, *, training: bool = T
       element; CUDA's fused dropout keeps one byte): one h per residual dropout site (two per layer);
     - GPT-2's activation: ACT_SAVES (gelu_new's Python ops keep four ffn besides the output).
     """
-    mt = str(spec.model_type)
+    mt = saved_type(spec)
     row = SAVED[mt]
     b = row.block
     drop = dropout_rates(spec) if training else {}

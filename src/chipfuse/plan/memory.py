@@ -163,7 +163,7 @@ def stage_activation_bytes(spec: ModelSpec, num_layers: int, checkpoint: str, *,
     block rebuilt in backward, held for one micro-batch at a time (`micro_batch_tokens`; None: as many
     tokens as are in flight, the bound without the split)."""
     mb_tokens = micro_batch_tokens or tokens_in_flight
-    if spec.family == "hf":
+    if spec.family in ("hf", "llama"):  # both run as transformers' own layers
         return max(kept * tokens_in_flight + rebuilt * mb_tokens for kept, rebuilt in _hf_places(
             spec, num_layers, checkpoint, first=first, last=last, dtype=dtype, tp=tp,
             seq_len=seq_len or spec.seq_len, first_layer=first_layer))
@@ -182,9 +182,10 @@ def activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str
     """Saved activation bytes per token of a stage of `num_layers` blocks, peak in backward, with one
     checkpointed block rebuilt (stage_activation_bytes holds that one for one micro-batch only).
 
-    A Hugging Face spec (family 'hf') is priced by hf_activation_bytes_per_token; `seq_len` (the plan's,
+    A Hugging Face spec (family 'hf', or a 'llama' preset, built as LlamaForCausalLM) is priced by
+    hf_activation_bytes_per_token; `seq_len` (the plan's,
     default the model's) and `first_layer` (None: the stage's worst place in the model) matter there."""
-    if spec.family == "hf":
+    if spec.family in ("hf", "llama"):  # both run as transformers' own layers
         return hf_activation_bytes_per_token(spec, num_layers, checkpoint, first=first, last=last, dtype=dtype,
                                              tp=tp, seq_len=seq_len or spec.seq_len, first_layer=first_layer)
     h, t = spec.dim, tp
