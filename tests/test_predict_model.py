@@ -90,7 +90,8 @@ def test_one_memory_model_for_planner_and_runtime_check():
     from chipfuse.model.costs import model_costs
 
     planner = stage_memory(model_costs(spec, 1024), StageShape(num_layers=12, is_first=True, is_last=True, group_size=1,
-                                                               checkpoint="full", micro_batch_size=2, in_flight=1),
+                                                               checkpoint="full", micro_batch_size=2, in_flight=1,
+                                                               micro_batches=2),  # share 4 in micro-batches of 2
                            dtype="bf16", optimizer_dtype="fp32").total
     runtime = check_plan_memory(plan, pool)[0].peak_bytes  # what `chipfuse train --plan` checks before start
     assert runtime == pytest.approx(planner, abs=1)

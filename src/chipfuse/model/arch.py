@@ -194,3 +194,184 @@ def spec_from_config_dict(raw: dict[str, Any], *, name: str, source: str) -> Any
                      num_layers=c.num_hidden_layers, dim=c.hidden_size, num_heads=c.num_attention_heads,
                      num_kv_heads=getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
                      vocab_size=c.vocab_size, tie_embeddings=bool(c.tie_word_embeddings), **shape)
+
+
+# ------------------------------------------------------------------------------ saved activations
+@dataclass(frozen=True, kw_only=True)
+class Saved:
+    """Values autograd keeps for backward, per token, as coefficients of the model's widths:
+    `h` x hidden size, `ffn` x intermediate size, `q` x heads * head_dim, `kv` x kv_heads * head_dim,
+    `heads` / `kv_heads` x head counts (log-sum-exp, per-head norm statistics), `scalars` per token
+    (norm statistics), `scores` x heads * seq_len (attention probabilities an eager or math attention
+    keeps), `mask` x seq_len (a float attention mask), `per_sequence` values kept once per micro-batch
+    rather than per token (Gemma's norm weight, 1 + weight): counted per sequence, so exact for a
+    micro-batch of one sequence and an over-count by the micro-batch size otherwise (a few widths
+    per layer against hundreds per token)."""
+
+    h: float = 0.0
+    ffn: float = 0.0
+    q: float = 0.0
+    kv: float = 0.0
+    heads: float = 0.0
+    kv_heads: float = 0.0
+    scalars: float = 0.0
+    scores: float = 0.0
+    mask: float = 0.0
+    per_sequence: float = 0.0
+
+    def __add__(self, o: Saved) -> Saved:
+        return Saved(**{k: getattr(self, k) + getattr(o, k) for k in self.__dataclass_fields__})
+
+    def times(self, n: float) -> Saved:
+        return Saved(**{k: n * getattr(self, k) for k in self.__dataclass_fields__})
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedCoeffs:
+    """What one decoder layer of an architecture saves for backward, in transformers' own code
+    (read in transformers/models/<type>/modeling_<type>.py, sdpa_attention.py, activations.py) and
+    measured by tests/test_memory_hf.py. Widths in `Saved`'s terms."""
+
+    block: Saved
+    """A layer with torch's fused SDPA (flash kernel: q, k, v, output and one log-sum-exp per head),
+    no float mask, no dropout."""
+    rotary: bool = True
+    """cos and sin (2 x head_dim per position), computed once per stage and saved by q * cos."""
+    qkv_storage: float = 0.0
+    """Fused q/k/v projection (GPT-2's c_attn, Phi-3's qkv_proj): v is a view of the whole output,
+    so the saved v holds q + 2 kv values (already in `block`); the math path keeps it too."""
+
+
+# Norms. RMSNorm (Llama-like): x (h), rsqrt (1 scalar), x * rsqrt (h, saved by weight * .); the
+# linear after a pre-norm saves its output (h). Gemma's norm multiplies by (1 + weight): that
+# (h,) tensor is saved per norm (a per-sequence term). LayerNorm: x (h), mean and rstd (2 scalars);
+# the next linear saves its output (h).
+_RMS_PRE = Saved(h=3, scalars=1)
+_RMS_POST = Saved(h=2, scalars=1)
+_LN_PRE = Saved(h=2, scalars=2)
+# Fused SDPA with grouped-query attention (enable_gqa): q after rotary (q), k after rotary (kv), v (kv,
+# a transposed view of v_proj's output), one log-sum-exp per head, the output (q), which o_proj reads
+# as a view (no second copy).
+_SDPA = Saved(q=2, kv=2, heads=1)
+# SwiGLU / GeGLU: gate output (act's input), up output, act output, their product (down_proj's input).
+_GLU = Saved(ffn=4)
+_QK_NORM = Saved(q=2, heads=1, kv=2, kv_heads=1)  # RMSNorm over head_dim on q and on k
+
+_LLAMA = _RMS_PRE + _SDPA + _RMS_PRE + _GLU
+_GEMMA2_NORMS = _RMS_PRE + _RMS_POST + _RMS_PRE + _RMS_POST  # pre/post attention, pre/post MLP
+
+SAVED: dict[str, SavedCoeffs] = {
+    "llama": SavedCoeffs(block=_LLAMA), "mistral": SavedCoeffs(block=_LLAMA),
+    "qwen2": SavedCoeffs(block=_LLAMA),
+    "qwen3": SavedCoeffs(block=_LLAMA + _QK_NORM),
+    "gemma": SavedCoeffs(block=_LLAMA),
+    # Gemma 2 trains with eager attention (transformers' default for it): see saved_block.
+    "gemma2": SavedCoeffs(block=_GEMMA2_NORMS + _SDPA + _GLU),
+    "gemma3_text": SavedCoeffs(block=_GEMMA2_NORMS + _QK_NORM + _SDPA + _GLU),
+    # Phi-3: fused qkv_proj (v is a view of its q + 2 kv output), o_proj reads a reshaped copy of
+    # the attention output (q), fused gate_up_proj (2 ffn) + silu output + product.
+    "phi3": SavedCoeffs(block=_RMS_PRE + Saved(q=4, kv=3, heads=1) + _RMS_PRE + _GLU, qkv_storage=1),
+    # GPT-2: c_attn's one output holds q, k and v (q + 2 kv), log-sum-exp, output (read by c_proj as a
+    # view); gelu_new written as Python ops keeps its input, tanh output, 1 + tanh and 0.5 * x, and
+    # c_proj keeps its output (5 ffn).
+    "gpt2": SavedCoeffs(block=_LN_PRE + Saved(q=2, kv=2, heads=1) + _LN_PRE + Saved(ffn=5), rotary=False,
+                        qkv_storage=1),
+    # OPT: q is scaled into a copy (q), k and v are views of their projections (kv each), output (q);
+    # fc1's input (h), ReLU's output (ffn), which fc2 reads (the same tensor).
+    "opt": SavedCoeffs(block=_LN_PRE + _SDPA + _LN_PRE + Saved(ffn=1), rotary=False),
+}
+ACT_SAVES = {"gelu_new": 4, "gelu_fast": 4, "gelu": 1, "gelu_pytorch_tanh": 1, "quick_gelu": 2, "relu": 0,
+             "silu": 1}
+"""Values per ffn unit an activation keeps besides its output (GPT-2's MLP, which reads it whole)."""
+
+
+def saved_type(spec: ModelSpec) -> str:
+    """The SAVED row of a spec: its model_type, 'llama' for a Llama preset (built as LlamaForCausalLM)."""
+    return "llama" if spec.family == "llama" else str(spec.model_type)
+
+
+def _cfg(spec: ModelSpec, key: str, default: Any = None) -> Any:
+    return (spec.hf_config or {}).get(key, default)
+
+
+def dropout_rates(spec: ModelSpec) -> dict[str, float]:
+    """The config's dropout rates by where they act: 'resid' (after attention and after the MLP),
+    'embed' (after the first stage's embedding), 'attn' (on attention probabilities)."""
+    mt = spec.model_type
+    if mt == "gpt2":
+        return {"resid": _cfg(spec, "resid_pdrop", 0.0), "embed": _cfg(spec, "embd_pdrop", 0.0),
+                "attn": _cfg(spec, "attn_pdrop", 0.0)}
+    if mt == "opt":
+        # activation_dropout is a config field OPT's layer never applies.
+        return {"resid": _cfg(spec, "dropout", 0.0), "attn": _cfg(spec, "attention_dropout", 0.0)}
+    out = {"attn": _cfg(spec, "attention_dropout", 0.0) or 0.0}
+    if mt == "phi3":
+        out["resid"] = _cfg(spec, "resid_pdrop", 0.0) or 0.0  # resid_attn_dropout, resid_mlp_dropout
+    return out
+
+
+def rotary_sets(spec: ModelSpec, layers: range) -> int:
+    """Sets of rotary cos/sin a stage of these layers computes, 0 without rotary: HFStage computes them
+    once per layer type of the stage (Gemma 3's local and global frequencies differ; the others'
+    are equal but computed again), once where the masks do not go by layer type."""
+    if not SAVED[saved_type(spec)].rotary:
+        return 0
+    types = _cfg(spec, "layer_types")
+    if layout_of(spec).masks == "by_layer_type" and types:
+        return len({types[i] for i in layers if i < len(types)}) or 1
+    return 1
+
+
+def masked_window(spec: ModelSpec, layer: int, seq_len: int) -> bool:
+    """Whether layer `layer` attends through a sliding window shorter than the sequence: transformers
+    then gives SDPA a mask (kept, seq_len per token) instead of is_causal."""
+    window = _cfg(spec, "sliding_window")
+    if not window or seq_len <= window:
+        return False
+    lay = layout_of(spec)
+    if lay.masks == "window":
+        return True
+    if lay.masks == "by_layer_type":
+        types = _cfg(spec, "layer_types") or []
+        return layer < len(types) and types[layer] == "sliding_attention"
+    return False
+
+
+def saved_block(spec: ModelSpec, layer: int, seq_len: int, *, training: bool = True) -> Saved:
+    """Values one decoder layer (`layer`, its number in the whole model) keeps for backward per token.
+
+    Starts from SAVED's fused-SDPA row and changes what the config changes:
+    - a sliding window shorter than the sequence: SDPA gets a float mask (seq_len) and k, v repeated to
+      every query head (q each, instead of kv each);
+    - attention dropout while training: SDPA on CPU leaves the fused kernel for its math path, which
+      keeps q and k scaled copies (q, kv), v, the probabilities, the dropout mask and the dropped
+      probabilities (3 x heads x seq_len), and o_proj/c_proj reads a copy of the output (q);
+    - Gemma 2's eager attention: scaled q (q), k and v repeated (q each), tanh of the soft-capped
+      scores and the softmax (2 x heads x seq_len; 1 without soft-capping), o_proj's input copy (q);
+    - dropout masks while training: CPU's dropout keeps its mask in the compute dtype (a value per
+      element; CUDA's fused dropout keeps one byte): one h per residual dropout site (two per layer);
+    - GPT-2's activation: ACT_SAVES (gelu_new's Python ops keep four ffn besides the output).
+    """
+    mt = saved_type(spec)
+    row = SAVED[mt]
+    b = row.block
+    drop = dropout_rates(spec) if training else {}
+    masked = masked_window(spec, layer, seq_len)
+    if mt == "gemma2":
+        soft = 2 if _cfg(spec, "attn_logit_softcapping") else 1
+        b = b + _SDPA.times(-1) + Saved(q=4, scores=soft)
+    elif drop.get("attn", 0.0) > 0:
+        fused = Saved(q=row.qkv_storage + 1, kv=2 * row.qkv_storage, heads=1) if row.qkv_storage else _SDPA
+        v = Saved(q=row.qkv_storage, kv=2 * row.qkv_storage) if row.qkv_storage else Saved(kv=1)
+        b = b + fused.times(-1) + Saved(q=2, kv=1, scores=3) + v
+    elif masked:
+        b = b + Saved(kv=-2, q=2, mask=1)
+    if mt == "gpt2":
+        act = str(_cfg(spec, "activation_function", "gelu_new"))
+        b = b + Saved(ffn=ACT_SAVES.get(act, 4) - 4)
+    if drop.get("resid", 0.0) > 0:
+        b = b + Saved(h=2)
+    if mt in ("gemma", "gemma2", "gemma3_text"):
+        norms = 2 if mt == "gemma" else 4
+        b = b + Saved(per_sequence=norms * spec.dim + (2 * spec.arch().head_dim if spec.arch().qk_norm else 0))
+    return b

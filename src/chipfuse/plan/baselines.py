@@ -49,7 +49,8 @@ def _checkpoint_that_fits(ctx: Context, layers: list[int], mbs: int, memory: int
         ok = True
         for i in {0, p - 1}:
             sh = StageShape(num_layers=layers[i], is_first=i == 0, is_last=i == p - 1, group_size=1,
-                            checkpoint=ck, micro_batch_size=mbs, in_flight=in_flight(ctx.schedule, p, i, m))
+                            checkpoint=ck, micro_batch_size=mbs, in_flight=in_flight(ctx.schedule, p, i, m),
+                            micro_batches=m)
             if stage_memory(ctx.costs, sh, dtype=ctx.dtype, optimizer_dtype=ctx.optimizer_dtype).total > memory:
                 ok = False
         if ok:

@@ -203,7 +203,8 @@ def plan_tables(plan: Plan, pool: Pool, profile: Profile | None = None, *, index
             hw = ix.hw(st.devices)
             sh = StageShape(num_layers=st.num_layers, is_first=i == 0, is_last=i == p - 1, group_size=len(st.devices),
                             tp=st.tp_degree, checkpoint=st.checkpoint, shard=st.shard, offload=st.offload,
-                            micro_batch_size=r.micro_batch_size, in_flight=in_flight(plan.schedule, p, i, m))
+                            micro_batch_size=r.micro_batch_size, in_flight=in_flight(plan.schedule, p, i, m),
+                            micro_batches=m)
             key = (hw, sh)
             if key not in cache:
                 bt = block_time(costs, hw, sh, dtype=plan.dtype)
@@ -235,7 +236,8 @@ def memory_per_device(plan: Plan, pool: Pool) -> dict[str, int]:
         for i, st in enumerate(r.stages):
             sh = StageShape(num_layers=st.num_layers, is_first=i == 0, is_last=i == p - 1, group_size=len(st.devices),
                             tp=st.tp_degree, checkpoint=st.checkpoint, shard=st.shard, offload=st.offload,
-                            micro_batch_size=r.micro_batch_size, in_flight=in_flight(plan.schedule, p, i, m))
+                            micro_batch_size=r.micro_batch_size, in_flight=in_flight(plan.schedule, p, i, m),
+                            micro_batches=m)
             total = stage_memory(costs, sh, dtype=plan.dtype, optimizer_dtype=plan.optimizer_dtype).total
             out.update({d: total for d in st.devices})
     return out

@@ -9,7 +9,9 @@ Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of ch
   torchao quantising only tensors of >= 4096 values (smaller ones keep 8 B/param).
 - the peak: P + O + max(G, A + W), the larger of "just after backward" (all gradients, few
   activations) and "start of backward" (all activations, few gradients); A = saved activations,
-  W = parameters gathered for compute under FSDP2.
+  W = parameters gathered for compute under FSDP2. With more than one micro-batch per step the
+  gradients of the first are held while the later ones' activations live: P + O + G + A + W (what
+  the emulated meter counts in a pipeline, to the byte on tests/test_memory_hf.py's architectures).
 - shard full (ZeRO-3): P, G, O divided by the group's data degree; W = the root's embedding and
   head (kept gathered) + two blocks (the one computing and the one prefetched).
   shard grads / optimizer (FSDP2 reshard_after_forward=False, ZeRO-2's peak): P, G, O divided; W = all P.
@@ -22,7 +24,10 @@ Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of ch
   output and GELU output; SwiGLU keeps 4f: gate, up, silu(gate), product), a checkpointed block
   its input h, plus, in backward, one block's worth while it is recomputed; the embedding, head and
   loss keep 2h + V + 8. "selective" checkpoints blocks 0, 2, 4, ... (runtime.memory). Values are
-  4 bytes in fp32, 2 in bf16/fp16 (the logits' fp32 copy is counted in V).
+  4 bytes in fp32, 2 in bf16/fp16 (the logits' fp32 copy is counted in V). A Hugging Face stage
+  (family "hf") saves what transformers' code saves, per architecture: hf_stage_saved_bytes with the
+  coefficients of model.arch.SAVED, equal to the meter's count (tests/test_memory_hf.py). The rebuilt
+  block is held for one micro-batch at a time, the rest for every micro-batch in flight.
 - in flight: 1F1B keeps up to (stages - index) micro-batches of a stage, GPipe all of them.
 - on a real chip the runtime itself holds memory too: the CUDA/ROCm context with the BLAS
   workspaces (RUNTIME_CONTEXT_BYTES), communication buffers when the device talks to others
@@ -36,10 +41,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from chipfuse.errors import PlanError
 from chipfuse.model.costs import ModelCosts
 from chipfuse.model.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from chipfuse.model.arch import Saved
 
 RUNTIME_CONTEXT_BYTES = 768 * 2**20
 """CUDA context, cuBLAS/cuDNN workspaces and kernels loaded (measured: 0.5-1 GiB on recent GPUs)."""
@@ -92,11 +101,14 @@ class DeviceMemory:
     activation_bytes: float
     gathered_bytes: float
     """Parameters gathered by FSDP2 for compute (transient)."""
+    accumulates: bool = False
+    """More than one micro-batch per step: the gradients of earlier micro-batches are held while later
+    ones' activations live, so the peak adds them (module docstring)."""
 
     @property
     def peak_bytes(self) -> float:
-        return self.params_bytes + self.optimizer_bytes + max(self.grads_bytes,
-                                                              self.activation_bytes + self.gathered_bytes)
+        return self.params_bytes + self.optimizer_bytes + _grads_and_activations(
+            self.grads_bytes, self.activation_bytes + self.gathered_bytes, self.accumulates)
 
     @property
     def missing_bytes(self) -> float:
@@ -109,6 +121,12 @@ class DeviceMemory:
                  "optimizer state": self.optimizer_bytes, "activations": self.activation_bytes,
                  "gathered parameters": self.gathered_bytes}
         return max(terms, key=terms.__getitem__)
+
+
+def _grads_and_activations(grads: float, activations: float, accumulates: bool) -> float:
+    """The peak's share of gradients and activations: both at once when micro-batches accumulate into the
+    gradients (the meter counts them so), else the larger (one micro-batch: no gradient while forward)."""
+    return grads + activations if accumulates else max(grads, activations)
 
 
 def gpt_tensor_numels(spec: ModelSpec) -> tuple[list[int], list[int], list[int]]:
@@ -137,9 +155,39 @@ def _opt_bytes(numels: list[float], optimizer_dtype: str, shards: int) -> float:
     return total
 
 
+def stage_activation_bytes(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool, last: bool,
+                           dtype: str = "fp32", tp: int = 1, seq_len: int | None = None,
+                           first_layer: int | None = None, tokens_in_flight: int,
+                           micro_batch_tokens: int | None = None) -> float:
+    """Saved activation bytes of a stage: what every micro-batch in flight keeps, plus one checkpointed
+    block rebuilt in backward, held for one micro-batch at a time (`micro_batch_tokens`; None: as many
+    tokens as are in flight, the bound without the split)."""
+    mb_tokens = micro_batch_tokens or tokens_in_flight
+    if spec.family in ("hf", "llama"):  # both run as transformers' own layers
+        return max(kept * tokens_in_flight + rebuilt * mb_tokens for kept, rebuilt in _hf_places(
+            spec, num_layers, checkpoint, first=first, last=last, dtype=dtype, tp=tp,
+            seq_len=seq_len or spec.seq_len, first_layer=first_layer))
+    per_token = activation_bytes_per_token(spec, num_layers, checkpoint, first=first, last=last, dtype=dtype, tp=tp)
+    rebuilt = 0.0
+    if checkpoint != "none":
+        h, t = spec.dim, tp
+        mlp = (4 if spec.family == "llama" else 2) * spec.ffn
+        rebuilt = DTYPE_BYTES[dtype] * (REPLICATED_H * h + (3 * h + mlp + 2 * spec.num_heads) / t)
+    return (per_token - rebuilt) * tokens_in_flight + rebuilt * mb_tokens
+
+
 def activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool,
-                               last: bool, dtype: str = "fp32", tp: int = 1) -> float:
-    """Saved activation bytes per token of a stage of `num_layers` blocks, peak in backward."""
+                               last: bool, dtype: str = "fp32", tp: int = 1, seq_len: int | None = None,
+                               first_layer: int | None = None) -> float:
+    """Saved activation bytes per token of a stage of `num_layers` blocks, peak in backward, with one
+    checkpointed block rebuilt (stage_activation_bytes holds that one for one micro-batch only).
+
+    A Hugging Face spec (family 'hf', or a 'llama' preset, built as LlamaForCausalLM) is priced by
+    hf_activation_bytes_per_token; `seq_len` (the plan's,
+    default the model's) and `first_layer` (None: the stage's worst place in the model) matter there."""
+    if spec.family in ("hf", "llama"):  # both run as transformers' own layers
+        return hf_activation_bytes_per_token(spec, num_layers, checkpoint, first=first, last=last, dtype=dtype,
+                                             tp=tp, seq_len=seq_len or spec.seq_len, first_layer=first_layer)
     h, t = spec.dim, tp
     mlp = (4 if spec.family == "llama" else 2) * spec.ffn
     block = REPLICATED_H * h + (3 * h + mlp + 2 * spec.num_heads) / t
@@ -157,8 +205,103 @@ def activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str
     return DTYPE_BYTES[dtype] * saved
 
 
+def saved_values(spec: ModelSpec, s: Saved, seq_len: int, tp: int = 1) -> float:
+    """Values per token of `s` (model.arch.Saved) for this model, on one of `tp` tensor-parallel ranks:
+    heads, head dims, ffn and attention scores split; the hidden width, norms and masks replicated."""
+    a = spec.arch()
+    q, kv = spec.num_heads * a.head_dim, spec.kv_heads * a.head_dim
+    split = s.ffn * spec.ffn + s.q * q + s.kv * kv + s.heads * spec.num_heads + s.kv_heads * spec.kv_heads \
+        + s.scores * spec.num_heads * seq_len
+    return s.h * spec.dim + s.scalars + s.mask * seq_len + s.per_sequence / seq_len + split / tp
+
+
+def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, first: bool, last: bool,
+                         dtype: str = "fp32", tp: int = 1, seq_len: int,
+                         training: bool = True) -> tuple[float, float]:
+    """(bytes per token autograd's saved-tensor hooks see, bytes per token of the one block rebuilt in
+    backward) of a Hugging Face stage running `layers` (numbers in the whole model).
+
+    Blocks: model.arch.saved_block (per architecture, from transformers' code). A block under
+    checkpointing keeps its input (h); torch's checkpoint rebuilds it in backward under its own
+    saved-tensor hooks, so the meter (runtime.emulate.MemoryMeter) never sees the rebuilt block, a real
+    chip holds it: the second figure. "selective" checkpoints layers 0, 2, 4, ... of the whole model.
+    Per stage: rotary cos/sin (2 x head_dim per position and set); the token ids (int64, 8 bytes) on
+    the first stage, GPT-2's position ids (8 bytes per position) and embedding dropout mask (h); on the
+    last, the final norm and the head's input (model.arch: LayerNorm h + 2, RMSNorm 3h + 1, OPT's
+    project_out), Gemma 2's soft-capped logits (V), the loss's log-softmax (V in fp32 whatever the
+    compute dtype) and targets (int64). Position-shaped tensors (cos/sin, position ids: one row for the
+    whole micro-batch) are counted per token: exact for one sequence per micro-batch, an over-count by
+    the micro-batch size otherwise (small: a few head_dims against hundreds of widths per token).
+    Values are DTYPE_BYTES[dtype] each (bf16 under autocast: the figure is not measured there; norm
+    statistics upcast to fp32 are counted at the compute dtype)."""
+    from chipfuse.model.arch import Saved, dropout_rates, rotary_sets, saved_block
+
+    b = DTYPE_BYTES[dtype]
+    a = spec.arch()
+    h = spec.dim
+    visible = 0.0
+    rebuilt = 0.0
+    for i in layers:
+        blk = saved_values(spec, saved_block(spec, i, seq_len, training=training), seq_len, tp)
+        ck = checkpoint == "full" or (checkpoint == "selective" and i % 2 == 0)
+        visible += h if ck else blk
+        if ck:
+            rebuilt = max(rebuilt, blk)
+    sets = rotary_sets(spec, layers)
+    if checkpoint != "full" and sets:
+        visible += sets * 2 * a.head_dim  # cos, sin: head_dim each per position
+    visible *= b
+    rebuilt *= b
+    drop = dropout_rates(spec) if training else {}
+    if first:
+        visible += 8  # token ids
+        if spec.model_type in ("gpt2", "opt"):
+            visible += 8  # position ids (per position)
+        if spec.model_type in ("gemma", "gemma2", "gemma3_text"):
+            visible += 4 / seq_len  # the embedding's scale (a scalar tensor per micro-batch)
+        if drop.get("embed", 0.0) > 0:
+            visible += b * h  # the embedding dropout's mask
+        if spec.model_type == "opt" and a.embed_dim != h:
+            visible += b * a.embed_dim  # project_in's input
+    if last:
+        if spec.model_type == "opt":
+            proj = a.embed_dim != h
+            tail = Saved(h=(1 if a.final_norm else 0) + (1 if proj else 0) + (0 if proj else 1),
+                         scalars=2 if a.final_norm else 0)
+            head_in = a.embed_dim if proj else 0
+        elif a.norm == "layernorm":
+            tail, head_in = Saved(h=2, scalars=2), 0
+        else:
+            gemma = spec.model_type in ("gemma", "gemma2", "gemma3_text")
+            tail, head_in = Saved(h=3, scalars=1, per_sequence=h if gemma else 0), 0
+        cap = (spec.hf_config or {}).get("final_logit_softcapping") if spec.model_type == "gemma2" else None
+        visible += b * (saved_values(spec, tail, seq_len) + head_in + (spec.vocab_size / tp if cap else 0.0))
+        visible += 4 * spec.vocab_size / tp + 8 + 4 / seq_len  # log-softmax in fp32, int64 targets, the loss
+    return visible, rebuilt
+
+
+def _hf_places(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool, last: bool, dtype: str, tp: int,
+               seq_len: int, first_layer: int | None) -> list[tuple[float, float]]:
+    """hf_stage_saved_bytes at `first_layer`, or at every place the stage could take in the model when None
+    (the planner's stage shapes; the caller keeps the worst)."""
+    starts = [first_layer] if first_layer is not None else (
+        [0] if first else [spec.num_layers - num_layers] if last else range(max(1, spec.num_layers - num_layers + 1)))
+    return [hf_stage_saved_bytes(spec, range(s, s + num_layers), checkpoint, first=first, last=last, dtype=dtype,
+                                 tp=tp, seq_len=seq_len) for s in starts]
+
+
+def hf_activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool, last: bool,
+                                  dtype: str, tp: int, seq_len: int, first_layer: int | None) -> float:
+    """hf_stage_saved_bytes's two terms added (the meter's count and the block a real chip rebuilds), at
+    the stage's worst place when `first_layer` is None."""
+    return max(sum(f) for f in _hf_places(spec, num_layers, checkpoint, first=first, last=last, dtype=dtype, tp=tp,
+                                          seq_len=seq_len, first_layer=first_layer))
+
+
 def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, capacity_bytes: int, num_layers: int,
-                        first: bool, last: bool, group_size: int, tokens_in_flight: int, tp: int = 1) -> DeviceMemory:
+                        first: bool, last: bool, group_size: int, tokens_in_flight: int, tp: int = 1,
+                        seq_len: int | None = None, first_layer: int | None = None,
+                        micro_batch_tokens: int | None = None, micro_batches: int = 1) -> DeviceMemory:
     """Predicted peak of one device of a stage group: `group_size` data (shard) ranks, each of `tp`
     tensor-parallel ranks (parameters split t ways)."""
     block, embed, head = ([n / tp for n in x] for x in gpt_tensor_numels(spec))
@@ -181,10 +324,12 @@ def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, cap
         p = g = o = 0.0
     elif strategy.offload == "optimizer":
         o = 0.0
-    act = activation_bytes_per_token(spec, num_layers, strategy.checkpoint, first=first, last=last,
-                                     dtype=strategy.dtype, tp=tp) * tokens_in_flight
+    act = stage_activation_bytes(spec, num_layers, strategy.checkpoint, first=first, last=last, dtype=strategy.dtype,
+                                 tp=tp, seq_len=seq_len, first_layer=first_layer, tokens_in_flight=tokens_in_flight,
+                                 micro_batch_tokens=micro_batch_tokens)
     return DeviceMemory(device=device, capacity_bytes=capacity_bytes, params_bytes=p, grads_bytes=g,
-                        optimizer_bytes=o, activation_bytes=act, gathered_bytes=gathered)
+                        optimizer_bytes=o, activation_bytes=act, gathered_bytes=gathered,
+                        accumulates=micro_batches > 1)
 
 
 def compute_dtype(plan_dtype: str, chip) -> str:
@@ -233,7 +378,9 @@ def plan_memory(plan, pool) -> list[DeviceMemory]:
                 mem = stage_device_memory(plan.model, strategy, device=d, capacity_bytes=usable_bytes(pool.device(d)),
                                           num_layers=s.num_layers, first=j == 0, last=j == num_stages - 1,
                                           group_size=group, tokens_in_flight=max(1, in_flight) * per_device_mb * plan.seq_len,
-                                          tp=s.tp_degree)
+                                          tp=s.tp_degree, seq_len=plan.seq_len, first_layer=s.first_layer,
+                                          micro_batch_tokens=per_device_mb * plan.seq_len,
+                                          micro_batches=r.num_micro_batches)
                 out.append(mem)
     return out
 
@@ -331,11 +478,14 @@ class StageMemory:
     activations: float
     transient: float
     """Parameters gathered for compute (FSDP2)."""
+    accumulates: bool = False
+    """DeviceMemory.accumulates."""
 
     @property
     def total(self) -> int:
-        """The peak: P + O + max(G, A + W) (module docstring)."""
-        return int(math.ceil(self.weights + self.optimizer + max(self.grads, self.activations + self.transient)))
+        """The peak: P + O + max(G, A + W), or P + O + G + A + W over several micro-batches (module docstring)."""
+        return int(math.ceil(self.weights + self.optimizer + _grads_and_activations(
+            self.grads, self.activations + self.transient, self.accumulates)))
 
     def to_dict(self) -> dict[str, int]:
         return {"weights": int(self.weights), "grads": int(self.grads), "optimizer": int(self.optimizer),
@@ -357,6 +507,8 @@ class StageShape:
     micro_batch_size: int = 1
     in_flight: int = 1
     """Micro-batches whose activations the stage holds at once."""
+    micro_batches: int = 1
+    """Micro-batches per step (more than one: gradients accumulate while activations live)."""
 
     @property
     def data_degree(self) -> int:
@@ -372,9 +524,10 @@ def stage_memory(costs: ModelCosts, sh: StageShape, *, dtype: str, optimizer_dty
         costs.spec, Strategy(checkpoint=sh.checkpoint, shard=sh.shard, offload=sh.offload, dtype=dtype,
                              optimizer_dtype=optimizer_dtype),
         device="", capacity_bytes=0, num_layers=sh.num_layers, first=sh.is_first, last=sh.is_last,
-        group_size=sh.data_degree, tokens_in_flight=sh.in_flight * sh.tokens_per_device(costs.seq_len), tp=sh.tp)
+        group_size=sh.data_degree, tokens_in_flight=sh.in_flight * sh.tokens_per_device(costs.seq_len), tp=sh.tp,
+        seq_len=costs.seq_len, micro_batch_tokens=sh.tokens_per_device(costs.seq_len), micro_batches=sh.micro_batches)
     return StageMemory(weights=dm.params_bytes, grads=dm.grads_bytes, optimizer=dm.optimizer_bytes,
-                       activations=dm.activation_bytes, transient=dm.gathered_bytes)
+                       activations=dm.activation_bytes, transient=dm.gathered_bytes, accumulates=dm.accumulates)
 
 
 def max_layers_fitting(costs: ModelCosts, sh: StageShape, capacity: int, *, dtype: str, optimizer_dtype: str) -> int:

@@ -153,8 +153,10 @@ def option_tables(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, d
     for c, s, o in opts:
         def shape(n: int, f: int, first: bool = False, last: bool = False, c: str = c, s: str = s,
                   o: str = o) -> StageShape:
+            # micro_batches=2: the tables serve every micro-batch count, so they price accumulation
+            # (gradients held while activations live), exact for pipelines, a bound for one micro-batch.
             return StageShape(num_layers=n, is_first=first, is_last=last, group_size=g, tp=t, checkpoint=c,
-                              shard=s, offload=o, micro_batch_size=mbs, in_flight=f)
+                              shard=s, offload=o, micro_batch_size=mbs, in_flight=f, micro_batches=2)
 
         def mem(sh: StageShape) -> float:
             return stage_memory(costs, sh, dtype=dtype, optimizer_dtype=optimizer_dtype).total
