@@ -83,6 +83,15 @@ pair inside a node and a link between nodes, and keeps the file inside its time 
 HF_MEMORY_MATCHES_RUNTIME = False
 
 
+def test_rehearse_refuses_bad_input_in_one_line(tmp_path, capsys):
+    out = tmp_path / "r.toml"
+    assert main(["pool", "rehearse", str(tmp_path / "none.toml"), "--model", "gpt2", "--out", str(out)]) == 2
+    assert main(["pool", "rehearse", str(EXAMPLES / "export-mix.toml"), "--model", "gpt-9", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and "no such pool file" in err[0] and "'gpt-9'" in err[1] and all("Fix:" in e for e in err)
+    assert not out.exists()  # nothing written
+
+
 @pytest.mark.parametrize("example", sorted(MODELS))
 def test_emitted_plan_passes_checks_and_runs_three_steps(example, tmp_path, capsys):
     from chipfuse.plan.memory_model import check_plan_memory

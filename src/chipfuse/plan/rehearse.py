@@ -50,8 +50,9 @@ SPEED_BUDGET = 1.4
 worth after the pacer's slack the ratios compress (docs/emulation.md)."""
 TOP_SPEED = 0.6
 """Speed of the fastest kept chip when the budget allows it."""
-MIN_SPEED = 0.05
-"""Slower chips are run at this speed (a CPU next to an H800 would be 1000 times slower: minutes a step)."""
+MIN_SPEED = 0.1
+"""Slower chips are run at this speed (a CPU next to an H800 would be 1000 times slower: minutes a step;
+at 0.1 a tiny model's step still takes well under a second)."""
 HEADROOM = 2.5
 """The kept devices' caps hold at least this many times the tiny model's training state (else they are
 raised together, and the rehearsal says so): with fewer devices than the pool, a model the whole pool
