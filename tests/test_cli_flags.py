@@ -9,6 +9,7 @@ FROZEN = {
     "pool show": ["--json"],
     "pool detect": ["--bench", "--json"],
     "pool catalog": ["--json"],
+    "pool rehearse": ["--dtype", "--json", "--max-devices", "--model", "--out"],
     "train": ["--checkpoint-dir", "--checkpoint-every", "--checkpoint-keep", "--data", "--decay-steps", "--dry-run",
               "--eval-every", "--eval-samples", "--even", "--exclude", "--global-batch", "--grad-clip", "--init-from", "--json",
               "--lr", "--lr-schedule", "--metrics", "--micro-batch", "--min-lr", "--model", "--nan-policy",

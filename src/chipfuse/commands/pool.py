@@ -1,4 +1,4 @@
-"""`chipfuse pool show|detect|catalog`."""
+"""`chipfuse pool show|detect|catalog|rehearse`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import argparse
 
 from chipfuse.cluster.catalog import GiB, load_catalog
 from chipfuse.cluster.pool import load_pool, pool_to_dict
+from chipfuse.plan.plan import DTYPES
+from chipfuse.plan.rehearse import MAX_DEVICES
 from chipfuse.report.output import console, human_bytes, table, write_json
+from chipfuse.validate import arg_int
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,6 +26,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     cat = psub.add_parser("catalog", help="list the chip catalog")
     cat.add_argument("--json", metavar="PATH")
     cat.set_defaults(func=cmd_catalog)
+    reh = psub.add_parser("rehearse", help="a few EMULATED devices and a tiny model that rehearse a pool's plans on "
+                          "this machine (docs/planner.md)")
+    reh.add_argument("file", help="the real pool's TOML file")
+    reh.add_argument("--model", required=True, help="the model you mean to train (preset or Hugging Face config.json)")
+    reh.add_argument("--max-devices", type=arg_int(1, 64), default=MAX_DEVICES,
+                     help=f"devices to keep (default {MAX_DEVICES}: workers this machine runs at once)")
+    reh.add_argument("--dtype", choices=DTYPES, default="bf16", help="compute dtype the speeds follow (default bf16)")
+    reh.add_argument("--out", required=True, metavar="FILE", help="write the rehearsal pool here (a Hugging Face "
+                     "tiny model goes to FILE's folder, as STEM-model/config.json)")
+    reh.add_argument("--json", metavar="PATH")
+    reh.set_defaults(func=cmd_rehearse)
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -90,4 +104,43 @@ def cmd_catalog(args: argparse.Namespace) -> int:
     write_json(args.json, {c.name: {"vendor": c.vendor, "memory_bytes": c.memory_bytes, "flops_bf16": c.flops_bf16,
                                     "flops_fp32": c.flops_fp32, "mem_bw": c.mem_bw, "link_bw": c.link_bw,
                                     "source": c.source} for c in cat.values()})
+    return 0
+
+
+def cmd_rehearse(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from chipfuse.model.spec import resolve_model
+    from chipfuse.plan.rehearse import rehearse
+
+    r = rehearse(load_pool(args.file), resolve_model(args.model), max_devices=args.max_devices, dtype=args.dtype)
+    out = Path(args.out)
+    model_arg = r.model_arg
+    if r.hf_config is not None:
+        folder = out.parent / f"{out.stem}-model"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "config.json").write_text(json.dumps(r.hf_config, indent=2) + "\n")
+        model_arg = str(folder / "config.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(r.pool_toml)
+    rows = [[k.name, k.node, k.chip, f"{k.ratio:.3g}", f"x{k.speed:.3g}", human_bytes(k.real_memory_bytes),
+             human_bytes(k.memory_bytes)] for k in r.kept]
+    console.print(table(f"rehearsal of {r.pool_name}: {len(r.kept)} of {r.devices_in_pool} devices, EMULATED on this "
+                        "machine's CPU", ["device", "node", "chip", "peak / fastest", "speed", "usable on the chip",
+                                          "emulated cap"], rows))
+    links = ", ".join(x for x, on in (("inside a node", r.intra_node_link), ("between nodes", r.inter_node_link)) if on)
+    console.print(f"kept nodes {list(r.nodes_kept)} (links: {links or 'none'}); chip kinds left out: "
+                  f"{', '.join(r.kinds_left_out) or 'none'}")
+    console.print(f"model {r.real_model.name} -> {r.model.name} ({r.model.num_layers} layers, width {r.model.dim}, "
+                  f"vocabulary {r.model.vocab_size}); memory caps = usable memory x {r.memory_scale:.3g} (tiny / real "
+                  f"training state)" + (f" x {r.memory_boost:.3g}" if r.memory_boost > 1 else ""))
+    for n in r.notes:
+        console.print(f"note: {n}")
+    plan = out.with_name(f"{out.stem}-plan.json")
+    console.print(f"rehearsal pool written to {out}; next:\n  chipfuse plan --pool {out} --model {model_arg} "
+                  f"--global-batch {r.global_batch} --seq-len {r.seq_len} --dtype {r.dtype} --json {plan}\n"
+                  f"  chipfuse train --pool {out} --plan {plan} --steps 3\n"
+                  "(a rehearsal shows that the plan's shape runs; its times are this machine's, not the fleet's)")
+    write_json(args.json, {**r.to_dict(), "pool_file": str(out), "model_arg": model_arg})
     return 0

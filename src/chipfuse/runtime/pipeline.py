@@ -323,6 +323,7 @@ class PipelineWorker:
         sync = sync or UnitSync(self)
         t0 = time.perf_counter()
         self.opt.zero_grad(set_to_none=True)
+        self.update_meter()  # last step's gradients are freed: the meter must not count them in this one
         local_loss = self.forward_backward(step)
         t1 = time.perf_counter()
         sync.reduce()

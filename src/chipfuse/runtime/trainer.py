@@ -157,6 +157,7 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
         padded0 = _padded(worker)
         t_step = time.perf_counter()
         worker.opt.zero_grad(set_to_none=True)
+        worker.update_meter()  # last step's gradients are freed: the meter must not count them in this one
         local_loss = worker.forward_backward(step)
         t_comm = time.perf_counter()
         grad_sync.reduce()
