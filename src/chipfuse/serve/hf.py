@@ -164,15 +164,21 @@ class StageModel(nn.Module):
         return DynamicCache(config=self.config)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, start: int, cache: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cache: Any, *, logits: bool = True) -> torch.Tensor:
         """One sequence: x is token ids [1, T] on the first stage, hidden states [1, T, h] after it.
-        Returns hidden states, or on the last stage the logits of the last position [V] in fp32."""
-        pos = torch.arange(start, start + x.shape[1]).unsqueeze(0)
+        Returns hidden states, or on the last stage (unless `logits` is False) the logits of the last
+        position [V] in fp32."""
+        T = x.shape[1]
+        pos = torch.arange(start, start + T).unsqueeze(0)
         if self.embed is not None:
             x = self.embed(x)
             if self.pos is not None:
                 x = x + self.pos(pos)
-        kw: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "attention_mask": None}
+        # A whole prompt (start 0) or one decode token needs no mask (SDPA's causal flag / nothing); a later
+        # chunk of a prompt does: its queries see the cached positions and their own causal part, while
+        # SDPA's causal flag aligns to the top-left corner and would hide the cache.
+        mask = torch.ones(T, start + T, dtype=torch.bool).tril(start)[None, None] if start and T > 1 else None
+        kw: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "attention_mask": mask}
         if "position_ids" in self._kw:
             kw["position_ids"] = pos
         if self.rotary is not None:
@@ -180,7 +186,7 @@ class StageModel(nn.Module):
         for blk in self.blocks:
             out = blk(x, **kw)
             x = out[0] if isinstance(out, tuple) else out
-        if self.head is None:
+        if self.head is None or not logits:
             return x
         assert self.norm is not None
         return self.head(self.norm(x[:, -1:]))[0, -1].float()
