@@ -1,16 +1,15 @@
 """A Hugging Face decoder folder, cut into serving stages: each rank builds the model on the meta device
 and loads from the safetensors only the tensors of its own layers.
 
-`discover_parts` is the ONE place that knows where a transformers causal LM keeps its embedding, decoder
-layers, final norm, head and rotary/positional parts (the training side's model/hf.py does the same
-for training stages; the two are meant to merge into one).
+Where the embedding, decoder layers, positions, final norm, head and rotary module live is the
+architecture's layout in chipfuse.model.arch (the table training's stage split reads too), so an
+architecture added there is trained and served alike.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,44 +17,9 @@ import torch
 import torch.nn as nn
 
 from chipfuse.errors import ChipfuseError
-
-NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Parts:
-    """Dotted module names inside a transformers *ForCausalLM."""
-
-    embed: str
-    positions: str | None
-    """Learned absolute position embedding (GPT-2's wpe), added on the first stage."""
-    layers: str
-    norm: str
-    head: str
-    rotary: str | None
-    """Parameter-free rotary module; every stage keeps its own and computes (cos, sin) from positions."""
-
-
-def discover_parts(model: nn.Module, num_layers: int, source: str = "<model>") -> Parts:
-    """Find the parts of a decoder-only causal LM by structure, not by class name."""
-    names = {id(m): n for n, m in model.named_modules()}
-    emb = model.get_input_embeddings()  # type: ignore[operator]
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    layers = next((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers), None)
-    if emb is None or head is None or layers is None:
-        raise ChipfuseError(f"{source}: cannot find the embedding, the {num_layers} decoder layers and the head of "
-                            f"{type(model).__name__}. Fix: use a decoder-only causal LM (Llama, Qwen2, Mistral, GPT-2...)")
-    parent_name = layers.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    prefix = parent_name + "." if parent_name else ""
-    children = dict(parent.named_children())
-    norm = next((prefix + k for k in NORM_NAMES if k in children), None)
-    if norm is None:
-        raise ChipfuseError(f"{source}: no final norm among {sorted(children)} of {type(model).__name__}. "
-                            "Fix: this architecture is not supported for serving yet")
-    rotary = prefix + "rotary_emb" if "rotary_emb" in children else None
-    pos = next((prefix + k for k, m in children.items() if isinstance(m, nn.Embedding) and m is not emb), None)
-    return Parts(embed=names[id(emb)], positions=pos, layers=layers, norm=norm, head=names[id(head)], rotary=rotary)
+from chipfuse.model.arch import layout_of
+from chipfuse.model.hf import check_covered
+from chipfuse.model.split import get
 
 
 def read_config(model_dir: str | Path) -> Any:
@@ -104,20 +68,28 @@ class StageModel(nn.Module):
         if first_layer < 0 or num_layers < 1 or first_layer + num_layers > L:
             raise ChipfuseError(f"{d}: stage layers {first_layer}..+{num_layers} outside the model's {L} layers. "
                                 "Fix: re-plan for this model")
+        spec = model_spec(d)
+        lay = layout_of(spec)
+        if lay.kind not in ("rotary", "gpt2"):
+            raise ChipfuseError(f"{d}: model_type {spec.model_type!r} is trained by chipfuse but not served yet (its "
+                                "learned positions start at an offset). Fix: serve a Llama-, Qwen-, Mistral-, Gemma- "
+                                "or GPT-2-style model")
         with torch.device("meta"):
             full = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        self.parts = parts = discover_parts(full, L, str(d))
+        check_covered(full, lay, str(spec.model_type))
+        self.lay = lay
         self.first, self.last = first_layer == 0, first_layer + num_layers == L
         self.layer_ids = list(range(first_layer, first_layer + num_layers))
-        blocks = full.get_submodule(parts.layers)
+        blocks = get(full, lay.layers)
         self.blocks = nn.ModuleList([blocks[i] for i in self.layer_ids])
-        self.embed = full.get_submodule(parts.embed) if self.first else None
-        self.pos = full.get_submodule(parts.positions) if self.first and parts.positions else None
-        self.norm = full.get_submodule(parts.norm) if self.last else None
-        self.head = full.get_submodule(parts.head) if self.last else None
+        self.embed = get(full, lay.embed) if self.first else None
+        # The first stage's learned positions (GPT-2's wpe), the last stage's final norm: present pieces only.
+        self.pos = nn.ModuleList([m for n in lay.first if (m := get(full, n)) is not None] if self.first else [])
+        self.post = nn.ModuleList([m for n in lay.last if (m := get(full, n)) is not None] if self.last else [])
+        self.head = get(full, lay.head) if self.last else None
         self.rotary = None
-        if parts.rotary:
-            rot = full.get_submodule(parts.rotary)
+        rot = get(full, lay.rotary) if lay.rotary else None
+        if rot is not None:
             self.rotary = type(rot)(config=self.config)  # its inv_freq buffer is computed, not stored
         self._load(d, full, dtype)
         self.eval()
@@ -131,7 +103,7 @@ class StageModel(nn.Module):
         files = _weight_files(d)
         full_names = {id(m): n for n, m in full.named_modules()}
         wanted: dict[str, nn.Module] = {}
-        for m in (self.embed, self.pos, self.norm, self.head, *self.blocks):
+        for m in (self.embed, *self.pos, *self.post, self.head, *self.blocks):
             if m is not None:
                 wanted[full_names[id(m)]] = m
         tied = bool(getattr(self.config, "tie_word_embeddings", False))
@@ -142,8 +114,8 @@ class StageModel(nn.Module):
                 for name, t in tensors:
                     key = f"{prefix}.{name}"
                     src = key
-                    if src not in files and tied and prefix == self.parts.head:
-                        src = f"{self.parts.embed}.{name}"  # tied head: the embedding's matrix
+                    if src not in files and tied and prefix == self.lay.head:
+                        src = f"{self.lay.embed}.{name}"  # tied head: the embedding's matrix
                     if src not in files:
                         if kind == "buffer":
                             raise ChipfuseError(f"{d}: buffer {key} is not in the safetensors and chipfuse cannot "
@@ -172,8 +144,8 @@ class StageModel(nn.Module):
         pos = torch.arange(start, start + T).unsqueeze(0)
         if self.embed is not None:
             x = self.embed(x)
-            if self.pos is not None:
-                x = x + self.pos(pos)
+            for p in self.pos:
+                x = x + p(pos)
         # A whole prompt (start 0) or one decode token needs no mask (SDPA's causal flag / nothing); a later
         # chunk of a prompt does: its queries see the cached positions and their own causal part, while
         # SDPA's causal flag aligns to the top-left corner and would hide the cache.
@@ -188,8 +160,12 @@ class StageModel(nn.Module):
             x = out[0] if isinstance(out, tuple) else out
         if self.head is None or not logits:
             return x
-        assert self.norm is not None
-        return self.head(self.norm(x[:, -1:]))[0, -1].float()
+        x = x[:, -1:]
+        for m in self.post:
+            x = m(x)
+        out = self.head(x)[0, -1].float()
+        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2: as its own forward does
+        return torch.tanh(out / cap) * cap if cap is not None else out
 
 
 def model_spec(model_dir: str | Path):
