@@ -246,3 +246,43 @@ def test_http_client_that_disconnects_frees_its_slot(server, engine3):
     assert not engine3.requests  # cancelled on every stage, slot free
     # and the server still answers
     assert engine3.generate(PROMPTS[3], 3)[0] == engine3.generate(PROMPTS[3], 3)[0]
+
+
+def test_generate_from_a_training_checkpoint_equals_transformers_on_its_export(tmp_path, capsys):
+    """`chipfuse generate --model CHECKPOINT`: the checkpoint of 2 training steps is exported on the fly
+    (chipfuse export's reader) and gives transformers' greedy tokens on the exported folder; a folder that
+    is neither a model nor a checkpoint is one line naming it."""
+    from chipfuse.cli import main
+    from chipfuse.model.gpt import loss_sum
+    from chipfuse.model.spec import resolve_model
+    from chipfuse.model.split import build_stage
+    from chipfuse.model.weights import export_checkpoint
+    from chipfuse.runtime import checkpoint
+    from tests.pipeline_helpers import plan_of
+
+    src = tiny_model(tmp_path / "src", "llama", layers=2)
+    spec = resolve_model(str(src))
+    plan = plan_of(spec, [([("a", 2)], 2, 2)])
+    module = build_stage(spec, plan.replicas[0].stages, 0, init_from=str(src))
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(2):
+        x = torch.randint(0, spec.vocab_size, (2, 33))
+        opt.zero_grad()
+        loss_sum(module(x[:, :-1]), x[:, 1:]).backward()
+        opt.step()
+    ck = checkpoint.save(tmp_path / "ck", step=2, model=module, optimizer=opt, plan=plan.to_dict(),
+                         extra={"tokenizer": str(src)})
+    out = tmp_path / "gen.json"
+    assert main(["generate", "--model", str(ck), "--prompt", "w1 w5 w9 w2", "--max-new-tokens", "6",
+                 "--dtype", "fp32", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    exported = tmp_path / "hf"
+    export_checkpoint(ck, exported)
+    ids = list(load_tokenizer(src)("w1 w5 w9 w2")["input_ids"])
+    assert got["tokens"] == reference(exported, ids, 6) and got["emulated"] is True
+    assert got["tokens"] != reference(src, ids, 6)  # the trained weights, not the ones training started from
+    assert "EMULATED" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path) in err[0] and "manifest.json" in err[0] and "Fix:" in err[0]

@@ -15,7 +15,8 @@ EMULATED_STEP_S = 0.002
 
 
 def add_engine_arguments(p: argparse.ArgumentParser, *, concurrency: int) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer) "
+                   "or a chipfuse checkpoint (RUN_DIR/checkpoints/step_NNNNNN, exported on the fly)")
     p.add_argument("--pool", default="builtin", help="pool TOML file (default: the built-in emulated pool)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default bf16)")
     p.add_argument("--context-len", type=int, default=None, help="tokens per request, prompt + answer "
@@ -75,6 +76,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from chipfuse.serve.hf import model_folder
+
+    source = args.model
+    with model_folder(source) as d:
+        args.model = str(d)
+        return _generate(args, source)
+
+
+def _generate(args: argparse.Namespace, source: str) -> int:
     from chipfuse.serve.engine import Request
     from chipfuse.serve.hf import load_tokenizer, model_spec
 
@@ -122,7 +132,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(text)
     n = len(state["tokens"])
     decode_s = total_s - (state["first_s"] or 0.0)
-    out = {"text": text, "tokens": state["tokens"], "prompt_tokens": len(ids), "finish_reason": state["end"][1],
+    out = {"model": source, "text": text, "tokens": state["tokens"], "prompt_tokens": len(ids), "finish_reason": state["end"][1],
            "ttft_s": state["first_s"], "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
            "plan": engine.plan.to_dict(), "lost_devices": engine.lost, "quantisation_check": engine.quality, "emulated": pool.emulated,
            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}

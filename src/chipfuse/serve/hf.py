@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,31 @@ from chipfuse.errors import ChipfuseError
 from chipfuse.model.arch import layout_of
 from chipfuse.model.hf import check_covered
 from chipfuse.model.split import get
+
+
+@contextmanager
+def model_folder(model: str | Path) -> Iterator[Path]:
+    """The Hugging Face folder to serve `--model` from: the folder itself, or for a chipfuse training
+    checkpoint (a folder with manifest.json) its `chipfuse export` into a temporary folder, removed after."""
+    p = Path(model)
+    if (p / "config.json").is_file():
+        yield p
+        return
+    if not (p / "manifest.json").is_file():
+        raise ChipfuseError(f"{p}: neither a Hugging Face model folder (no config.json) nor a chipfuse checkpoint (no "
+                            "manifest.json). Fix: give --model a model folder or a checkpoint folder "
+                            "(RUN_DIR/checkpoints/step_NNNNNN)")
+    from chipfuse.model.weights import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="chipfuse-export-") as tmp:
+        res = export_checkpoint(p, Path(tmp) / "export")  # one reader of checkpoints: `chipfuse export`'s
+        if not res["tokenizer_files"]:
+            raise ChipfuseError(f"{p}: the checkpoint records no tokenizer folder. Fix: `chipfuse export {p} --out DIR "
+                                "--tokenizer TOKENIZER_DIR`, then give --model DIR")
+        # The folder's name is the model's name (ModelSpec, /v1/models): the trained model's, not a random one.
+        named = Path(tmp) / (str(res["model"]).replace("/", "_") or "model")
+        (Path(tmp) / "export").rename(named)
+        yield named
 
 
 def read_config(model_dir: str | Path) -> Any:
