@@ -198,7 +198,8 @@ def test_http_api(server, llama, engine3):
 
     auth = {"Authorization": "Bearer sekrit"}
     with httpx.Client(base_url=server, headers=auth, timeout=60) as c:
-        assert c.get("/health").json()["status"] == "ok"
+        health = c.get("/health").json()
+        assert health["status"] == "ok" and health["emulated"] is True
         assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0})
         body = r.json()

@@ -47,7 +47,9 @@ def _serve(args: argparse.Namespace, source: str) -> int:
     info = {"url": f"http://{args.host}:{args.port}/v1", "model": name, "model_source": source, "plan": engine.plan.to_dict(),
             "emulated": pool.emulated, "quantisation_check": engine.quality, "started_at": time.time()}
     write_json(args.json, info)
-    console.print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI API; /health)", highlight=False)
+    console.print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI API; /health)"
+                  + (" on EMULATED devices (a rehearsal: speeds and memory are emulated)" if pool.emulated else ""),
+                  highlight=False)
     try:
         uvicorn.run(make_app(engine, tok, model_name=name, api_key=args.api_key), host=args.host, port=args.port,
                     log_level="warning")
