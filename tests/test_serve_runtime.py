@@ -276,7 +276,7 @@ def test_generate_from_a_training_checkpoint_equals_transformers_on_its_export(t
                          extra={"tokenizer": str(src)})
     out = tmp_path / "gen.json"
     assert main(["generate", "--model", str(ck), "--prompt", "w1 w5 w9 w2", "--max-new-tokens", "6",
-                 "--dtype", "fp32", "--json", str(out)]) == 0
+                 "--dtype", "fp32", "--prefill-chunk", "3", "--json", str(out)]) == 0  # 2 chunks
     got = json.loads(out.read_text())
     exported = tmp_path / "hf"
     export_checkpoint(ck, exported)

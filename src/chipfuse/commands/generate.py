@@ -23,6 +23,8 @@ def add_engine_arguments(p: argparse.ArgumentParser, *, concurrency: int) -> Non
                    "(default: the model's maximum)")
     p.add_argument("--concurrency", type=int, default=concurrency, help=f"requests in flight (default {concurrency})")
     p.add_argument("--serve-plan", metavar="JSON", help="a plan from `chipfuse plan --serve --json` instead of planning")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS", help="prompt tokens one micro-batch "
+                   "carries at most: longer prompts are prefilled in chunks while other requests decode (default 512)")
 
 
 def open_engine(args: argparse.Namespace):
@@ -49,7 +51,9 @@ def open_engine(args: argparse.Namespace):
                   + (" [EMULATED devices]" if pool.emulated else ""), highlight=False)
     for e in plan.excluded:
         console.print(f"left out {e.device}: {e.reason}", highlight=False)
-    cfg = ServeConfig(emulated_step_s=EMULATED_STEP_S if pool.emulated else 0.0)
+    if args.prefill_chunk < 1:
+        raise ChipfuseError(f"--prefill-chunk {args.prefill_chunk}. Fix: use at least 1 token")
+    cfg = ServeConfig(emulated_step_s=EMULATED_STEP_S if pool.emulated else 0.0, prefill_chunk_tokens=args.prefill_chunk)
     engine = Engine(args.model, pool, plan, cfg).start()
     from chipfuse.serve.quant import quality_report
 
