@@ -191,9 +191,7 @@ class StageModel(nn.Module):
         x = x[:, -1:]
         for m in self.post:
             x = m(x)
-        out = self.head(x)[0, -1].float()
-        cap = getattr(self.config, "final_logit_softcapping", None)  # Gemma 2: as its own forward does
-        return torch.tanh(out / cap) * cap if cap is not None else out
+        return self.head(x)[0, -1].float()
 
 
 def model_spec(model_dir: str | Path):
