@@ -24,9 +24,9 @@ FROZEN = {
     "export": ["--json", "--out", "--tokenizer"],
     "profile": ["--json", "--micro-batch", "--model", "--no-links", "--pool", "--seq-len", "--slack"],
     "generate": ["--concurrency", "--context-len", "--dtype", "--json", "--max-new-tokens", "--model", "--pool",
-                 "--prompt", "--seed", "--serve-plan", "--temperature", "--top-p"],
+                 "--prefill-chunk", "--prompt", "--seed", "--serve-plan", "--temperature", "--top-p"],
     "serve": ["--api-key", "--concurrency", "--context-len", "--dtype", "--host", "--json", "--model", "--pool",
-              "--port", "--serve-plan"],
+              "--port", "--prefill-chunk", "--serve-plan"],
 }
 
 

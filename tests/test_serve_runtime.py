@@ -14,7 +14,7 @@ import torch
 
 from chipfuse.cluster.builtin import default_pool
 from chipfuse.plan.serve import fixed_plan
-from chipfuse.serve.engine import Engine, ServeConfig
+from chipfuse.serve.engine import Engine, Request, ServeConfig
 from chipfuse.serve.hf import StageModel, load_tokenizer, model_spec
 from tests.serve_models import reference, tiny_model
 
@@ -29,10 +29,11 @@ def llama(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine3(llama):
     """3 stages of 1, 2 and 1 layers on the built-in pool's unequal emulated devices, paced (slowly enough
-    that a streamed answer is still running when its client disconnects)."""
+    that a streamed answer is still running when its client disconnects); prompts prefilled in chunks of 4
+    tokens, so that every parity test below also runs chunked prefill across stage boundaries."""
     plan = fixed_plan(default_pool(), model_spec(llama), {"fast": 1, "mid": 2, "slow": 1}, context_len=128,
                       concurrency=4, dtype="fp32")
-    eng = Engine(llama, default_pool(), plan, ServeConfig(emulated_step_s=0.002)).start()
+    eng = Engine(llama, default_pool(), plan, ServeConfig(emulated_step_s=0.002, prefill_chunk_tokens=4)).start()
     yield eng
     eng.close()
 
@@ -70,6 +71,56 @@ def test_stage_chain_kv_caches_equal_the_full_models(tmp_path, arch):
                 torch.testing.assert_close(c.layers[layer].keys, ref_cache.layers[layer].keys, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(c.layers[layer].values, ref_cache.layers[layer].values, rtol=1e-5,
                                            atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_prompt_prefilled_in_chunks_gives_the_full_models_tokens(tmp_path, arch):
+    """Chunks after the first attend to the cached positions (a mask, not SDPA's top-left causal flag)."""
+    from transformers import AutoModelForCausalLM
+
+    d = tiny_model(tmp_path, arch, layers=2)
+    stages = [StageModel(d, 0, 1), StageModel(d, 1, 1)]
+    caches = [s.new_cache() for s in stages]
+    prompt = PROMPTS[2]
+    for start in range(0, len(prompt), 4):
+        h = torch.tensor([prompt[start:start + 4]])
+        for s, c in zip(stages, caches, strict=True):
+            h = s(h, start, c)
+    full = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = full(torch.tensor([prompt])).logits[0, -1]
+    torch.testing.assert_close(h, ref, rtol=1e-4, atol=1e-4)  # fp32, sums in another order: rounding only
+
+
+def test_decode_keeps_going_while_a_long_prompt_is_prefilled(llama, engine3):
+    """A request decoding when a 60-token prompt arrives keeps getting tokens while that prompt is prefilled
+    in chunks of 4 (the whole prompt in one step would hold it for that step), and both answers stay exact."""
+    order: list[str] = []
+    running = threading.Event()
+    done = threading.Semaphore(0)
+
+    def on(name: str):
+        def f(ev: tuple) -> None:
+            if ev[0] == "token":
+                order.append(name)
+                if order.count("a") == 2:
+                    running.set()
+            else:
+                done.release()
+        return f
+
+    long_prompt = [(7 * i) % 200 + 3 for i in range(60)]
+    a = Request(prompt=PROMPTS[1], max_new=40, on_event=on("a"))
+    engine3.submit(a)
+    running.wait(60)
+    order.append("submit")
+    c = Request(prompt=long_prompt, max_new=4, on_event=on("c"))
+    engine3.submit(c)
+    done.acquire(timeout=120)
+    done.acquire(timeout=120)
+    between = order[order.index("submit"):order.index("c")]
+    assert between.count("a") >= 4, order  # 15 chunks: several trips around the pipeline, a token each
+    assert a.generated == reference(llama, PROMPTS[1], 40) and c.generated == reference(llama, long_prompt, 4)
 
 
 def test_three_stage_unequal_greedy_equals_transformers_and_concurrency_changes_nothing(llama, engine3):
@@ -147,7 +198,8 @@ def test_http_api(server, llama, engine3):
 
     auth = {"Authorization": "Bearer sekrit"}
     with httpx.Client(base_url=server, headers=auth, timeout=60) as c:
-        assert c.get("/health").json()["status"] == "ok"
+        health = c.get("/health").json()
+        assert health["status"] == "ok" and health["emulated"] is True
         assert c.get("/v1/models").json()["data"][0]["id"] == "tiny"
         r = c.post("/v1/completions", json={"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0})
         body = r.json()
@@ -195,3 +247,43 @@ def test_http_client_that_disconnects_frees_its_slot(server, engine3):
     assert not engine3.requests  # cancelled on every stage, slot free
     # and the server still answers
     assert engine3.generate(PROMPTS[3], 3)[0] == engine3.generate(PROMPTS[3], 3)[0]
+
+
+def test_generate_from_a_training_checkpoint_equals_transformers_on_its_export(tmp_path, capsys):
+    """`chipfuse generate --model CHECKPOINT`: the checkpoint of 2 training steps is exported on the fly
+    (chipfuse export's reader) and gives transformers' greedy tokens on the exported folder; a folder that
+    is neither a model nor a checkpoint is one line naming it."""
+    from chipfuse.cli import main
+    from chipfuse.model.gpt import loss_sum
+    from chipfuse.model.spec import resolve_model
+    from chipfuse.model.split import build_stage
+    from chipfuse.model.weights import export_checkpoint
+    from chipfuse.runtime import checkpoint
+    from tests.pipeline_helpers import plan_of
+
+    src = tiny_model(tmp_path / "src", "llama", layers=2)
+    spec = resolve_model(str(src))
+    plan = plan_of(spec, [([("a", 2)], 2, 2)])
+    module = build_stage(spec, plan.replicas[0].stages, 0, init_from=str(src))
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-2)
+    torch.manual_seed(0)
+    for _ in range(2):
+        x = torch.randint(0, spec.vocab_size, (2, 33))
+        opt.zero_grad()
+        loss_sum(module(x[:, :-1]), x[:, 1:]).backward()
+        opt.step()
+    ck = checkpoint.save(tmp_path / "ck", step=2, model=module, optimizer=opt, plan=plan.to_dict(),
+                         extra={"tokenizer": str(src)})
+    out = tmp_path / "gen.json"
+    assert main(["generate", "--model", str(ck), "--prompt", "w1 w5 w9 w2", "--max-new-tokens", "6",
+                 "--dtype", "fp32", "--prefill-chunk", "3", "--json", str(out)]) == 0  # 2 chunks
+    got = json.loads(out.read_text())
+    exported = tmp_path / "hf"
+    export_checkpoint(ck, exported)
+    ids = list(load_tokenizer(src)("w1 w5 w9 w2")["input_ids"])
+    assert got["tokens"] == reference(exported, ids, 6) and got["emulated"] is True
+    assert got["tokens"] != reference(src, ids, 6)  # the trained weights, not the ones training started from
+    assert "EMULATED" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path), "--prompt", "w1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(tmp_path) in err[0] and "manifest.json" in err[0] and "Fix:" in err[0]

@@ -15,13 +15,16 @@ EMULATED_STEP_S = 0.002
 
 
 def add_engine_arguments(p: argparse.ArgumentParser, *, concurrency: int) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--model", required=True, help="Hugging Face model folder (config.json, safetensors, tokenizer) "
+                   "or a chipfuse checkpoint (RUN_DIR/checkpoints/step_NNNNNN, exported on the fly)")
     p.add_argument("--pool", default="builtin", help="pool TOML file (default: the built-in emulated pool)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16", help="compute dtype (default bf16)")
     p.add_argument("--context-len", type=int, default=None, help="tokens per request, prompt + answer "
                    "(default: the model's maximum)")
     p.add_argument("--concurrency", type=int, default=concurrency, help=f"requests in flight (default {concurrency})")
     p.add_argument("--serve-plan", metavar="JSON", help="a plan from `chipfuse plan --serve --json` instead of planning")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS", help="prompt tokens one micro-batch "
+                   "carries at most: longer prompts are prefilled in chunks while other requests decode (default 512)")
 
 
 def open_engine(args: argparse.Namespace):
@@ -48,7 +51,9 @@ def open_engine(args: argparse.Namespace):
                   + (" [EMULATED devices]" if pool.emulated else ""), highlight=False)
     for e in plan.excluded:
         console.print(f"left out {e.device}: {e.reason}", highlight=False)
-    cfg = ServeConfig(emulated_step_s=EMULATED_STEP_S if pool.emulated else 0.0)
+    if args.prefill_chunk < 1:
+        raise ChipfuseError(f"--prefill-chunk {args.prefill_chunk}. Fix: use at least 1 token")
+    cfg = ServeConfig(emulated_step_s=EMULATED_STEP_S if pool.emulated else 0.0, prefill_chunk_tokens=args.prefill_chunk)
     engine = Engine(args.model, pool, plan, cfg).start()
     from chipfuse.serve.quant import quality_report
 
@@ -75,6 +80,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from chipfuse.serve.hf import model_folder
+
+    source = args.model
+    with model_folder(source) as d:
+        args.model = str(d)
+        return _generate(args, source)
+
+
+def _generate(args: argparse.Namespace, source: str) -> int:
     from chipfuse.serve.engine import Request
     from chipfuse.serve.hf import load_tokenizer, model_spec
 
@@ -122,7 +136,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     print(text)
     n = len(state["tokens"])
     decode_s = total_s - (state["first_s"] or 0.0)
-    out = {"text": text, "tokens": state["tokens"], "prompt_tokens": len(ids), "finish_reason": state["end"][1],
+    out = {"model": source, "text": text, "tokens": state["tokens"], "prompt_tokens": len(ids), "finish_reason": state["end"][1],
            "ttft_s": state["first_s"], "tokens_per_s": (n - 1) / decode_s if n > 1 and decode_s > 0 else None,
            "plan": engine.plan.to_dict(), "lost_devices": engine.lost, "quantisation_check": engine.quality, "emulated": pool.emulated,
            "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed}

@@ -22,23 +22,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from chipfuse.serve.hf import load_tokenizer, model_spec
-    from chipfuse.serve.http import make_app
+    from chipfuse.serve.hf import model_folder
 
     if not 0 < args.port < 65536:
         raise ChipfuseError(f"--port {args.port}. Fix: use a port in 1..65535")
     if args.concurrency < 1:
         raise ChipfuseError(f"--concurrency {args.concurrency}. Fix: use at least 1")
+    source = args.model
+    with model_folder(source) as d:  # a checkpoint: exported for as long as the server runs
+        args.model = str(d)
+        return _serve(args, source)
+
+
+def _serve(args: argparse.Namespace, source: str) -> int:
+    import uvicorn
+
+    from chipfuse.serve.hf import load_tokenizer, model_spec
+    from chipfuse.serve.http import make_app
+
     model_spec(args.model)
     tok = load_tokenizer(args.model)
     engine, pool = open_engine(args)
     name = engine.plan.model.name
-    info = {"url": f"http://{args.host}:{args.port}/v1", "model": name, "plan": engine.plan.to_dict(),
+    info = {"url": f"http://{args.host}:{args.port}/v1", "model": name, "model_source": source, "plan": engine.plan.to_dict(),
             "emulated": pool.emulated, "quantisation_check": engine.quality, "started_at": time.time()}
     write_json(args.json, info)
-    console.print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI API; /health)", highlight=False)
+    console.print(f"serving {name} at http://{args.host}:{args.port}/v1 (OpenAI API; /health)"
+                  + (" on EMULATED devices (a rehearsal: speeds and memory are emulated)" if pool.emulated else ""),
+                  highlight=False)
     try:
         uvicorn.run(make_app(engine, tok, model_name=name, api_key=args.api_key), host=args.host, port=args.port,
                     log_level="warning")

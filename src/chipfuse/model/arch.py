@@ -48,6 +48,11 @@ class Layout:
     'colwise' or 'rowwise'. None: tensor parallel is not run for this architecture (`no_tp` says why)."""
     no_tp: str = ""
 
+    @property
+    def rotary(self) -> str | None:
+        """The parameter-free rotary module beside the layers ('rotary' kind): every stage keeps its own."""
+        return self.layers.rpartition(".")[0] + ".rotary_emb" if self.kind == "rotary" else None
+
 
 # Megatron's split by transformers' own names: q, k, v, gate, up by output columns, o and down by
 # input rows. These attentions infer their head count from the projection's width

@@ -84,7 +84,7 @@ def hf_init(model: nn.Module) -> InitFn:
     return init
 
 
-def _check_covered(full: nn.Module, lay: Layout, model_type: str) -> None:
+def check_covered(full: nn.Module, lay: Layout, model_type: str) -> None:
     """Refuse an architecture whose parameters are not all in one of the stage pieces."""
     roots = (lay.embed, lay.layers, *lay.first, *lay.last, lay.head)
     stray = [n for n, _ in full.named_parameters() if not any(n == r or n.startswith(r + ".") for r in roots)]
@@ -227,7 +227,7 @@ def build_hf_stage(spec: ModelSpec, stage: StagePart, *, first: bool, last: bool
             load_weights(mod, init_from, tied=mod.tied)
         return mod
     meta = meta_model(spec)
-    _check_covered(meta, lay, str(spec.model_type or spec.family))
+    check_covered(meta, lay, str(spec.model_type or spec.family))
     mod = HFStage(meta, lay, stage, first=first, last=last)
     materialise(mod, hf_init(meta), seed, device=device)
     _init_tied_copies(mod, meta, seed)

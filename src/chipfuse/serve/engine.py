@@ -44,6 +44,9 @@ class ServeConfig:
     """Fault injection for rehearsal and tests: device -> its process exits after that many steps."""
     replan: bool = True
     """On a lost device, re-place the model on the survivors (else stop answering)."""
+    prefill_chunk_tokens: int = 512
+    """Prompt tokens one micro-batch carries at most (chunked prefill, chipfuse.serve.batching): a longer
+    prompt is prefilled over several micro-batches while the requests already decoding keep going."""
 
 
 @dataclass(kw_only=True)
@@ -69,6 +72,8 @@ class Engine:
     def __init__(self, model_dir: str | Path, pool: Pool, plan: ServePlan, cfg: ServeConfig | None = None):
         self.model_dir, self.pool, self.plan = str(model_dir), pool, plan
         self.cfg = cfg or ServeConfig()
+        if self.cfg.prefill_chunk_tokens < 1:
+            raise ChipfuseError(f"prefill chunk of {self.cfg.prefill_chunk_tokens} tokens. Fix: use at least 1")
         self.requests: dict[str, Request] = {}
         self.lock = threading.RLock()
         self.lost: list[str] = []
@@ -95,6 +100,7 @@ class Engine:
         authkey = secrets.token_bytes(16)
         listener = Listener(("127.0.0.1", 0), authkey=authkey)
         spec = {"plan": self.plan.to_dict(), "model_dir": self.model_dir, "pace": self.pace_tables(),
+                "prefill_tokens": self.cfg.prefill_chunk_tokens,
                 "address": list(listener.address), "authkey": authkey.hex(),
                 "fail_after_steps": {d: n for d, n in self.cfg.fail_after_steps.items() if d not in self.lost}}
         run = Path(self._tmp.name) / f"run{len(self.lost)}"

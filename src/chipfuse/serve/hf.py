@@ -1,16 +1,18 @@
 """A Hugging Face decoder folder, cut into serving stages: each rank builds the model on the meta device
 and loads from the safetensors only the tensors of its own layers.
 
-`discover_parts` is the ONE place that knows where a transformers causal LM keeps its embedding, decoder
-layers, final norm, head and rotary/positional parts (the training side's model/hf.py does the same
-for training stages; the two are meant to merge into one).
+Where the embedding, decoder layers, positions, final norm, head and rotary module live is the
+architecture's layout in chipfuse.model.arch (the table training's stage split reads too), so an
+architecture added there is trained and served alike.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
-from dataclasses import dataclass
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,44 +20,34 @@ import torch
 import torch.nn as nn
 
 from chipfuse.errors import ChipfuseError
-
-NORM_NAMES = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "final_norm")
-
-
-@dataclass(frozen=True, kw_only=True)
-class Parts:
-    """Dotted module names inside a transformers *ForCausalLM."""
-
-    embed: str
-    positions: str | None
-    """Learned absolute position embedding (GPT-2's wpe), added on the first stage."""
-    layers: str
-    norm: str
-    head: str
-    rotary: str | None
-    """Parameter-free rotary module; every stage keeps its own and computes (cos, sin) from positions."""
+from chipfuse.model.arch import layout_of
+from chipfuse.model.hf import check_covered
+from chipfuse.model.split import get
 
 
-def discover_parts(model: nn.Module, num_layers: int, source: str = "<model>") -> Parts:
-    """Find the parts of a decoder-only causal LM by structure, not by class name."""
-    names = {id(m): n for n, m in model.named_modules()}
-    emb = model.get_input_embeddings()  # type: ignore[operator]
-    head = model.get_output_embeddings()  # type: ignore[operator]
-    layers = next((n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == num_layers), None)
-    if emb is None or head is None or layers is None:
-        raise ChipfuseError(f"{source}: cannot find the embedding, the {num_layers} decoder layers and the head of "
-                            f"{type(model).__name__}. Fix: use a decoder-only causal LM (Llama, Qwen2, Mistral, GPT-2...)")
-    parent_name = layers.rpartition(".")[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    prefix = parent_name + "." if parent_name else ""
-    children = dict(parent.named_children())
-    norm = next((prefix + k for k in NORM_NAMES if k in children), None)
-    if norm is None:
-        raise ChipfuseError(f"{source}: no final norm among {sorted(children)} of {type(model).__name__}. "
-                            "Fix: this architecture is not supported for serving yet")
-    rotary = prefix + "rotary_emb" if "rotary_emb" in children else None
-    pos = next((prefix + k for k, m in children.items() if isinstance(m, nn.Embedding) and m is not emb), None)
-    return Parts(embed=names[id(emb)], positions=pos, layers=layers, norm=norm, head=names[id(head)], rotary=rotary)
+@contextmanager
+def model_folder(model: str | Path) -> Iterator[Path]:
+    """The Hugging Face folder to serve `--model` from: the folder itself, or for a chipfuse training
+    checkpoint (a folder with manifest.json) its `chipfuse export` into a temporary folder, removed after."""
+    p = Path(model)
+    if (p / "config.json").is_file():
+        yield p
+        return
+    if not (p / "manifest.json").is_file():
+        raise ChipfuseError(f"{p}: neither a Hugging Face model folder (no config.json) nor a chipfuse checkpoint (no "
+                            "manifest.json). Fix: give --model a model folder or a checkpoint folder "
+                            "(RUN_DIR/checkpoints/step_NNNNNN)")
+    from chipfuse.model.weights import export_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="chipfuse-export-") as tmp:
+        res = export_checkpoint(p, Path(tmp) / "export")  # one reader of checkpoints: `chipfuse export`'s
+        if not res["tokenizer_files"]:
+            raise ChipfuseError(f"{p}: the checkpoint records no tokenizer folder. Fix: `chipfuse export {p} --out DIR "
+                                "--tokenizer TOKENIZER_DIR`, then give --model DIR")
+        # The folder's name is the model's name (ModelSpec, /v1/models): the trained model's, not a random one.
+        named = Path(tmp) / (str(res["model"]).replace("/", "_") or "model")
+        (Path(tmp) / "export").rename(named)
+        yield named
 
 
 def read_config(model_dir: str | Path) -> Any:
@@ -104,20 +96,28 @@ class StageModel(nn.Module):
         if first_layer < 0 or num_layers < 1 or first_layer + num_layers > L:
             raise ChipfuseError(f"{d}: stage layers {first_layer}..+{num_layers} outside the model's {L} layers. "
                                 "Fix: re-plan for this model")
+        spec = model_spec(d)
+        lay = layout_of(spec)
+        if lay.kind not in ("rotary", "gpt2"):
+            raise ChipfuseError(f"{d}: model_type {spec.model_type!r} is trained by chipfuse but not served yet (its "
+                                "learned positions start at an offset). Fix: serve a Llama-, Qwen-, Mistral-, Gemma- "
+                                "or GPT-2-style model")
         with torch.device("meta"):
             full = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        self.parts = parts = discover_parts(full, L, str(d))
+        check_covered(full, lay, str(spec.model_type))
+        self.lay = lay
         self.first, self.last = first_layer == 0, first_layer + num_layers == L
         self.layer_ids = list(range(first_layer, first_layer + num_layers))
-        blocks = full.get_submodule(parts.layers)
+        blocks = get(full, lay.layers)
         self.blocks = nn.ModuleList([blocks[i] for i in self.layer_ids])
-        self.embed = full.get_submodule(parts.embed) if self.first else None
-        self.pos = full.get_submodule(parts.positions) if self.first and parts.positions else None
-        self.norm = full.get_submodule(parts.norm) if self.last else None
-        self.head = full.get_submodule(parts.head) if self.last else None
+        self.embed = get(full, lay.embed) if self.first else None
+        # The first stage's learned positions (GPT-2's wpe), the last stage's final norm: present pieces only.
+        self.pos = nn.ModuleList([m for n in lay.first if (m := get(full, n)) is not None] if self.first else [])
+        self.post = nn.ModuleList([m for n in lay.last if (m := get(full, n)) is not None] if self.last else [])
+        self.head = get(full, lay.head) if self.last else None
         self.rotary = None
-        if parts.rotary:
-            rot = full.get_submodule(parts.rotary)
+        rot = get(full, lay.rotary) if lay.rotary else None
+        if rot is not None:
             self.rotary = type(rot)(config=self.config)  # its inv_freq buffer is computed, not stored
         self._load(d, full, dtype)
         self.eval()
@@ -131,7 +131,7 @@ class StageModel(nn.Module):
         files = _weight_files(d)
         full_names = {id(m): n for n, m in full.named_modules()}
         wanted: dict[str, nn.Module] = {}
-        for m in (self.embed, self.pos, self.norm, self.head, *self.blocks):
+        for m in (self.embed, *self.pos, *self.post, self.head, *self.blocks):
             if m is not None:
                 wanted[full_names[id(m)]] = m
         tied = bool(getattr(self.config, "tie_word_embeddings", False))
@@ -142,8 +142,8 @@ class StageModel(nn.Module):
                 for name, t in tensors:
                     key = f"{prefix}.{name}"
                     src = key
-                    if src not in files and tied and prefix == self.parts.head:
-                        src = f"{self.parts.embed}.{name}"  # tied head: the embedding's matrix
+                    if src not in files and tied and prefix == self.lay.head:
+                        src = f"{self.lay.embed}.{name}"  # tied head: the embedding's matrix
                     if src not in files:
                         if kind == "buffer":
                             raise ChipfuseError(f"{d}: buffer {key} is not in the safetensors and chipfuse cannot "
@@ -164,15 +164,21 @@ class StageModel(nn.Module):
         return DynamicCache(config=self.config)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, start: int, cache: Any) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int, cache: Any, *, logits: bool = True) -> torch.Tensor:
         """One sequence: x is token ids [1, T] on the first stage, hidden states [1, T, h] after it.
-        Returns hidden states, or on the last stage the logits of the last position [V] in fp32."""
-        pos = torch.arange(start, start + x.shape[1]).unsqueeze(0)
+        Returns hidden states, or on the last stage (unless `logits` is False) the logits of the last
+        position [V] in fp32."""
+        T = x.shape[1]
+        pos = torch.arange(start, start + T).unsqueeze(0)
         if self.embed is not None:
             x = self.embed(x)
-            if self.pos is not None:
-                x = x + self.pos(pos)
-        kw: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "attention_mask": None}
+            for p in self.pos:
+                x = x + p(pos)
+        # A whole prompt (start 0) or one decode token needs no mask (SDPA's causal flag / nothing); a later
+        # chunk of a prompt does: its queries see the cached positions and their own causal part, while
+        # SDPA's causal flag aligns to the top-left corner and would hide the cache.
+        mask = torch.ones(T, start + T, dtype=torch.bool).tril(start)[None, None] if start and T > 1 else None
+        kw: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "attention_mask": mask}
         if "position_ids" in self._kw:
             kw["position_ids"] = pos
         if self.rotary is not None:
@@ -180,10 +186,12 @@ class StageModel(nn.Module):
         for blk in self.blocks:
             out = blk(x, **kw)
             x = out[0] if isinstance(out, tuple) else out
-        if self.head is None:
+        if self.head is None or not logits:
             return x
-        assert self.norm is not None
-        return self.head(self.norm(x[:, -1:]))[0, -1].float()
+        x = x[:, -1:]
+        for m in self.post:
+            x = m(x)
+        return self.head(x)[0, -1].float()
 
 
 def model_spec(model_dir: str | Path):

@@ -163,7 +163,7 @@ class API:
         e = self.engine
         ok = e.failed is None
         return JSONResponse({"status": "ok" if ok else "failed", "devices": list(e.plan.devices), "lost": e.lost,
-                             "notes": e.notes, "error": e.failed}, status_code=200 if ok else 503)
+                             "emulated": e.pool.emulated, "notes": e.notes, "error": e.failed}, status_code=200 if ok else 503)
 
     async def models(self, request: HTTPRequest) -> Response:
         if self.api_key and request.headers.get("authorization", "") != f"Bearer {self.api_key}":

@@ -52,7 +52,9 @@ def quality_report(model_dir: str | Path, plan: Any, text: str = FIXED_TEXT) -> 
         return None
     from transformers import AutoModelForCausalLM
 
-    from chipfuse.serve.hf import discover_parts, load_tokenizer
+    from chipfuse.model.arch import layout_of
+    from chipfuse.model.split import get
+    from chipfuse.serve.hf import load_tokenizer
 
     dtype = torch.bfloat16 if plan.dtype == "bf16" else torch.float32
     tok = load_tokenizer(model_dir)
@@ -61,7 +63,7 @@ def quality_report(model_dir: str | Path, plan: Any, text: str = FIXED_TEXT) -> 
     def run(quantised: bool) -> torch.Tensor:
         m = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True).eval()
         if quantised:
-            blocks = m.get_submodule(discover_parts(m, m.config.num_hidden_layers, str(model_dir)).layers)
+            blocks = get(m, layout_of(plan.model).layers)
             for wd in ("int8", "int4"):
                 quantize_blocks([blocks[i] for i, w in quant.items() if w == wd], wd)
         with torch.no_grad():

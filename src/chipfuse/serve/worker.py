@@ -2,59 +2,37 @@
 
 Rank i holds stage i of the ServePlan (its layers and their KV caches, one cache per sequence). Rank 0
 also schedules: it takes requests from the frontend (chipfuse.serve.engine) over a local connection,
-forms groups of sequences between decode steps (continuous batching: a request joins at its prefill and
-leaves when it stops), keeps up to one group per stage in flight so that all stages work at once, and
-sends each group's hidden states down the pipeline; the last rank samples one token per sequence and
-returns the tokens to rank 0. Tensors travel over torch.distributed point-to-point (gloo on CPU).
+forms micro-batches between steps (continuous batching with chunked prefill: chipfuse.serve.batching
+says which sequences and prompt chunks go next), keeps up to one micro-batch per stage in flight so that
+all stages work at once, and sends each one's hidden states down the pipeline; the last rank samples one
+token per sequence (none for a prompt chunk that does not end its prompt) and returns them to rank 0. Tensors travel over torch.distributed point-to-point (gloo on CPU).
 
 Message from stage i to i+1 (and from the last stage back to 0):
   header int64[4]   op (STEP / STOP), sequences n, tokens T, releases r
   releases int64[r] sequence ids whose KV caches every stage frees
-  meta int64[n, 3]  sequence id, start position, tokens of this step
+  meta int64[n, 5]  sequence id, start position, tokens of this step, samples (0/1), decode (0/1)
   sampling f64[n,3] temperature, top-p, seed (read by the last stage)
   payload           token ids int64[T] (into stage 0) / hidden states [T, h] / sampled tokens int64[n] (back)
-Sequences inside a group run one after another through each layer (one KV cache each), so every token
+Sequences inside a micro-batch run one after another through each layer (one KV cache each), so every token
 equals what transformers computes for that sequence alone.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from chipfuse.serve.batching import Batcher, Seq
+
 STEP, STOP = 1, 0
+META = 5  # sequence id, start position, tokens, samples (0/1), decode (0/1)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-@dataclass(kw_only=True)
-class Seq:
-    req_id: str
-    tokens: list[int]
-    max_new: int
-    temperature: float
-    top_p: float
-    seed: int
-    stop_ids: tuple[int, ...]
-    cached: int = 0
-    generated: int = 0
-    in_flight: bool = False
-    cancelled: bool = False
-
-
-@dataclass(kw_only=True)
-class Group:
-    ids: list[int]
-    meta: torch.Tensor
-    samp: torch.Tensor
-    releases: list[int] = field(default_factory=list)
 
 
 class Stage:
@@ -87,7 +65,8 @@ class Stage:
             self.gens.pop(i, None)
 
     def run(self, meta: torch.Tensor, samp: torch.Tensor, payload: torch.Tensor) -> torch.Tensor:
-        """This stage's part of one group step; on the last stage, the sampled tokens."""
+        """This stage's part of one micro-batch; on the last stage, the sampled tokens (-1 where a prompt
+        chunk that does not end its prompt samples nothing)."""
         t0 = time.perf_counter()
         self.steps += 1
         if self.fail_after and self.steps > self.fail_after:
@@ -95,23 +74,29 @@ class Stage:
                   file=sys.stderr, flush=True)
             os._exit(17)
         outs: list[Any] = []
-        off, decode, prefill_s = 0, 0, 0.0
-        for (sid, start, n), (temp, top_p, seed) in zip(meta.tolist(), samp.tolist(), strict=True):
+        off, decode, prefill_tokens = 0, 0, 0
+        for (sid, start, n, want, is_decode), (temp, top_p, seed) in zip(meta.tolist(), samp.tolist(), strict=True):
             if start == 0:
                 self.caches[sid] = self.model.new_cache()
                 if self.model.last:
                     self.gens[sid] = torch.Generator().manual_seed(int(seed))
             x = payload[off:off + n].unsqueeze(0)
             off += n
-            if start == 0 or n > 1:
-                prefill_s += self.pace["prefill_s"][min(n, len(self.pace["prefill_s"]) - 1)] if self.pace else 0.0
+            decode += is_decode
+            prefill_tokens += 0 if is_decode else n
+            if not self.model.last:
+                outs.append(self.model(x, start, self.caches[sid])[0])
+            elif want:
+                outs.append(sample(self.model(x, start, self.caches[sid]), temp, top_p, self.gens.get(sid)))
             else:
-                decode += 1
-            y = self.model(x, start, self.caches[sid])
-            outs.append(sample(y, temp, top_p, self.gens.get(sid)) if self.model.last else y[0])
+                self.model(x, start, self.caches[sid], logits=False)  # fills the KV cache only
+                outs.append(-1)
         if self.pacer is not None:
-            dec = self.pace["decode_s"]
-            self.pacer.pad(t0, (dec[min(decode, len(dec) - 1)] if decode else 0.0) + prefill_s)
+            # A real chip runs a micro-batch's prompt tokens as one prefill and its decodes as one step.
+            dec, pre = self.pace["decode_s"], self.pace["prefill_s"]
+            top = len(pre) - 1
+            pre_s = pre[prefill_tokens] if prefill_tokens <= top else pre[top] * prefill_tokens / top
+            self.pacer.pad(t0, (dec[min(decode, len(dec) - 1)] if decode else 0.0) + pre_s)
         if self.model.last:
             return torch.tensor(outs, dtype=torch.int64)
         return torch.cat(outs) if outs else torch.empty(0, self.model.config.hidden_size, dtype=self.dtype)
@@ -175,7 +160,7 @@ def recv_group(src: int, hidden: int, dtype: torch.dtype, tokens_in: bool) -> tu
     h = _recv((4,), torch.int64, src).tolist()
     op, n, T, r = h
     releases = _recv((r,), torch.int64, src).tolist()
-    meta = _recv((n, 3), torch.int64, src)
+    meta = _recv((n, META), torch.int64, src)
     samp = _recv((n, 3), torch.float64, src)
     payload = _recv((T,), torch.int64, src) if tokens_in else _recv((T, hidden), dtype, src)
     return op, meta, samp, releases, payload
@@ -200,109 +185,58 @@ def middle_loop(stage: Stage) -> None:
 
 
 class Scheduler:
-    """Rank 0: requests in, groups out, tokens back to the frontend."""
+    """Rank 0: requests in, micro-batches out (chipfuse.serve.batching decides which), tokens back to the
+    frontend."""
 
     def __init__(self, stage: Stage, conn: Any, spec: dict[str, Any]):
-        self.stage, self.conn = stage, conn
-        self.k = stage.k
-        self.context_len = spec["plan"]["context_len"]
-        self.max_seqs = spec["plan"]["concurrency"]
-        # Groups in flight (the plan's choice; 0: one per stage): each stage steps every group once per token.
-        self.groups = spec["plan"].get("groups") or min(self.k, self.max_seqs)
-        self.seqs: dict[int, Seq] = {}
-        self.waiting: list[int] = []  # admitted once a slot frees (the KV cache is sized for max_seqs)
-        self.by_req: dict[str, int] = {}
-        self.releases: list[int] = []
-        self.in_flight: list[Group] = []
-        self.next_id = 0
+        plan = spec["plan"]
+        self.stage, self.conn, self.k = stage, conn, stage.k
+        # Groups of decoding sequences in flight (the plan's choice; 0: one per stage).
+        self.batcher = Batcher(max_seqs=plan["concurrency"], groups=plan.get("groups") or min(self.k, plan["concurrency"]),
+                               stages=self.k, prefill_tokens=int(spec.get("prefill_tokens") or 512),
+                               context_len=plan["context_len"])
         self.stopping = False
 
-    # ---------------------------------------------------------------- frontend messages
     def handle(self, msg: tuple) -> None:
         kind = msg[0]
         if kind == "add":
             _, req_id, prompt, max_new, temperature, top_p, seed, stop_ids = msg
-            sid = self.next_id
-            self.next_id += 1
-            self.seqs[sid] = Seq(req_id=req_id, tokens=list(prompt), max_new=max_new, temperature=temperature,
-                                 top_p=top_p, seed=seed, stop_ids=tuple(stop_ids))
-            self.by_req[req_id] = sid
-            self.waiting.append(sid)
+            self.batcher.add(Seq(req_id=req_id, tokens=list(prompt), max_new=max_new, temperature=temperature,
+                                 top_p=top_p, seed=seed, stop_ids=tuple(stop_ids)))
         elif kind == "cancel":
-            got = self.by_req.get(msg[1])
-            if got is not None and got in self.seqs:
-                self.seqs[got].cancelled = True
-                if not self.seqs[got].in_flight:
-                    self._finish(got, "cancelled")
+            self.emit(self.batcher.cancel(msg[1]))
         elif kind == "stop":
             self.stopping = True
 
-    def _finish(self, sid: int, reason: str) -> None:
-        s = self.seqs.pop(sid)
-        self.by_req.pop(s.req_id, None)
-        if sid in self.waiting:
-            self.waiting.remove(sid)
-        elif s.cached:
-            self.releases.append(sid)
-        self.conn.send(("done", s.req_id, reason))
+    def emit(self, events: list[tuple]) -> None:
+        for ev in events:
+            self.conn.send(ev)
 
-    def active(self) -> list[int]:
-        return [sid for sid in self.seqs if sid not in self.waiting]
-
-    # ---------------------------------------------------------------- the pipeline
-    def next_group(self) -> Group | None:
-        while self.waiting and len(self.active()) < self.max_seqs:
-            self.waiting.pop(0)
-        act = self.active()
-        ready = [sid for sid in act if not self.seqs[sid].in_flight]
-        if not ready or len(self.in_flight) >= self.groups:
-            return None
-        size = math.ceil(len(act) / min(len(act), self.groups))
-        ids = ready[:size]
-        meta, samp, payload = [], [], []
-        for sid in ids:
-            s = self.seqs[sid]
-            s.in_flight = True
-            new = s.tokens[s.cached:]
-            meta.append([sid, s.cached, len(new)])
-            samp.append([s.temperature, s.top_p, float(s.seed)])
-            payload.extend(new)
-        g = Group(ids=ids, meta=torch.tensor(meta, dtype=torch.int64), samp=torch.tensor(samp, dtype=torch.float64),
-                  releases=self.releases)
-        self.releases = []
-        self.in_flight.append(g)
-        self.stage.release(g.releases)
-        out = self.stage.run(g.meta, g.samp, torch.tensor(payload, dtype=torch.int64))
+    def send_next(self) -> bool:
+        parts = self.batcher.next_batch()
+        if parts is None:
+            return False
+        b = self.batcher
+        seqs = [b.seqs[p.sid] for p in parts]
+        meta = torch.tensor([[p.sid, p.start, p.n, int(p.sample), int(p.decode)] for p in parts], dtype=torch.int64)
+        samp = torch.tensor([[s.temperature, s.top_p, float(s.seed)] for s in seqs], dtype=torch.float64)
+        payload = torch.tensor([t for p, s in zip(parts, seqs, strict=True) for t in s.tokens[p.start:p.start + p.n]],
+                               dtype=torch.int64)
+        releases, b.releases = b.releases, []
+        self.stage.release(releases)
+        out = self.stage.run(meta, samp, payload)
         if self.k == 1:
-            self.done(out)
+            self.emit(b.complete(out.tolist()))
         else:
-            send_group(1, STEP, g.meta, g.samp, g.releases, out)
-        return g
-
-    def done(self, tokens: torch.Tensor) -> None:
-        g = self.in_flight.pop(0)
-        for sid, n, tok in zip(g.ids, g.meta[:, 2].tolist(), tokens.tolist(), strict=True):
-            s = self.seqs[sid]
-            s.in_flight = False
-            s.cached += n
-            if s.cancelled:
-                self._finish(sid, "cancelled")
-                continue
-            s.tokens.append(tok)
-            s.generated += 1
-            self.conn.send(("token", s.req_id, tok))
-            if tok in s.stop_ids:
-                self._finish(sid, "stop")
-            elif s.generated >= s.max_new:
-                self._finish(sid, "length")
-            elif len(s.tokens) >= self.context_len:
-                self._finish(sid, "context")
+            send_group(1, STEP, meta, samp, releases, out)
+        return True
 
     def loop(self) -> None:
         self.conn.send(("ready", {"device": self.stage.device}))
         hidden = self.stage.model.config.hidden_size
+        b = self.batcher
         while True:
-            timeout = 0 if (self.in_flight or any(not s.in_flight for s in self.seqs.values())) else 0.05
+            timeout = 0 if b.has_work() else 0.05
             while self.conn.poll(timeout):
                 try:
                     self.handle(self.conn.recv())
@@ -310,16 +244,17 @@ class Scheduler:
                     self.stopping = True
                     break
                 timeout = 0
-            if self.stopping and not self.in_flight:
+            if self.stopping and not b.in_flight:
                 if self.k > 1:
-                    empty = torch.empty(0, 3, dtype=torch.int64)
-                    send_group(1, STOP, empty, empty.double(), [], torch.empty(0, hidden, dtype=self.stage.dtype))
+                    empty = torch.empty(0, META, dtype=torch.int64)
+                    send_group(1, STOP, empty, torch.empty(0, 3, dtype=torch.float64), [],
+                               torch.empty(0, hidden, dtype=self.stage.dtype))
                 return
-            while not self.stopping and self.next_group() is not None:
+            while not self.stopping and self.send_next():
                 pass
-            if self.in_flight and self.k > 1:
+            if b.in_flight and self.k > 1:
                 _, _, _, _, tokens = recv_group(self.k - 1, hidden, self.stage.dtype, tokens_in=True)
-                self.done(tokens)
+                self.emit(b.complete(tokens.tolist()))
 
 
 def main(argv: list[str] | None = None) -> int:
