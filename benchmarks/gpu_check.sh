@@ -112,7 +112,7 @@ $PY - "$WORK" "$OUTJ" "$NAME" "$CHIP" "$NGPU" <<'PYEOF'
 import json, sys
 from pathlib import Path
 from chipfuse.cluster.pool import load_pool
-from chipfuse.plan.memory_model import plan_memory
+from chipfuse.plan.memory import plan_memory
 from chipfuse.plan.plan import Plan
 work, out, name, chip, ngpu = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
 pool = load_pool(work / "pool.toml")

@@ -23,7 +23,7 @@ import time
 from chipfuse.cluster.pool import pool_from_dict
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.max_model import LADDER, family_member, max_model, num_params
-from chipfuse.plan.memory_model import Strategy
+from chipfuse.plan.memory import Strategy
 from chipfuse.report.output import console, table, write_json
 from chipfuse.runtime.memory import MemoryConfig
 from chipfuse.runtime.memory_probe import spawn_probe

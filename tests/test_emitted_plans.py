@@ -80,7 +80,7 @@ pair inside a node and a link between nodes, and keeps the file inside its time 
 # fewer activation bytes than transformers' Llama saves (with every cap doubled these three plans train,
 # and the meter's peaks are 1.18-1.72 x the predicted ones: docs/planner.md). Their plans are still
 # checked; their 3 steps run once the Hugging Face memory model lands (set this to True then).
-HF_MEMORY_MATCHES_RUNTIME = False
+HF_MEMORY_MATCHES_RUNTIME = True
 
 
 def test_rehearse_refuses_bad_input_in_one_line(tmp_path, capsys):
@@ -94,7 +94,7 @@ def test_rehearse_refuses_bad_input_in_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("example", sorted(MODELS))
 def test_emitted_plan_passes_checks_and_runs_three_steps(example, tmp_path, capsys):
-    from chipfuse.plan.memory_model import check_plan_memory
+    from chipfuse.plan.memory import check_plan_memory
     from chipfuse.plan.plan import Plan
     from chipfuse.runtime.dist import host_devices
     from chipfuse.runtime.topology import check_runnable

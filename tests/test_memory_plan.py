@@ -8,7 +8,7 @@ from chipfuse.cluster.pool import pool_from_dict
 from chipfuse.errors import PlanError
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.max_model import max_model, num_params
-from chipfuse.plan.memory_model import Strategy, best_shard_group, check_plan_memory, stage_device_memory
+from chipfuse.plan.memory import Strategy, best_shard_group, check_plan_memory, stage_device_memory
 from chipfuse.plan.plan import Plan, Replica, Stage, data_parallel_plan
 from chipfuse.runtime.memory import MemoryConfig
 from chipfuse.runtime.memory_probe import run_probe

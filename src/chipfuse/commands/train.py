@@ -66,7 +66,7 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
     """The plan from --plan, or unequal data parallelism over the pool. Refused here, before any
     worker starts, if it does not match the pool or the model."""
     if args.plan:
-        from chipfuse.plan.memory_model import check_plan_memory
+        from chipfuse.plan.memory import check_plan_memory
         from chipfuse.runtime.dist import host_devices
         from chipfuse.runtime.topology import check_runnable
 
@@ -180,9 +180,11 @@ def _emulation_profile(args: argparse.Namespace, plan: Plan, pool: Pool, run_dir
 def launch_local(nproc: int, worker_args: list[str]) -> int:
     """Start `nproc` workers on this machine with torchrun (one thread each)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    # Rank 0 speaks for the job on stdout; every rank keeps its stderr, where its one-line error goes.
+    quiet = ",".join(f"{i}:1" for i in range(1, nproc)) or "0:0"
     with tempfile.TemporaryDirectory() as logs:
         cmd = [sys.executable, "-m", "chipfuse.runtime.torchrun", "--standalone", f"--nproc-per-node={nproc}",
-               "--log-dir", logs, "--redirects", "1:3,2:3", "-m", "chipfuse.cli", *worker_args]
+               "--log-dir", logs, "--redirects", quiet, "-m", "chipfuse.cli", *worker_args]
         return subprocess.call(cmd, env=env)
 
 

@@ -154,7 +154,7 @@ def device_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | No
 
 def device_memory_config(plan, pool, device_name: str) -> MemoryConfig:
     """The memory strategy of the stage holding `device_name` (plan.plan.Plan, cluster.pool.Pool)."""
-    from chipfuse.plan.memory_model import compute_dtype
+    from chipfuse.plan.memory import compute_dtype
 
     stage = next(s for r in plan.replicas for s in r.stages if device_name in s.devices)
     chip = pool.device(device_name).chip
