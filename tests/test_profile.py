@@ -53,3 +53,11 @@ def test_stage_targets_follow_the_profile(tmp_path):
     f, b = stage_targets(str(path), "d", ck, last=True, micro_batch_size=2, seq_len=32)
     assert (round(f, 6), round(b, 6)) == (0.031, 0.092)  # head added; backward recomputes the blocks' forward
     assert stage_targets(str(path), "other", mid, last=False, micro_batch_size=2, seq_len=32) is None
+    # A device of a tensor-parallel pair computes half of each matmul; a member of a sharded pair
+    # computes half the micro-batch's rows (2 of 4: the profile's 2-row entry, as is).
+    tp = Stage(devices=("d", "e"), first_layer=0, num_layers=3, tp_degree=2)
+    f, b = stage_targets(str(path), "d", tp, last=False, micro_batch_size=2, seq_len=32)
+    assert (round(f, 6), round(b, 6)) == (0.015, 0.03)
+    fsdp = Stage(devices=("d", "e"), first_layer=0, num_layers=3, shard="full")
+    f, b = stage_targets(str(path), "d", fsdp, last=False, micro_batch_size=4, seq_len=32)
+    assert (round(f, 6), round(b, 6)) == (0.03, 0.06)

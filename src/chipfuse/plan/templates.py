@@ -45,19 +45,34 @@ class Kind:
         return [names[i:i + g] for _, names in self.per_node for i in range(0, len(names) - g + 1, g)]
 
 
+RATE_TOLERANCE = 0.05
+"""Devices of one chip whose rates differ by less than this are one kind: a profile measures equal
+chips a few tenths of a percent apart, and splitting them would keep them out of one group."""
+
+
 def device_kinds(ix: PoolIndex) -> list[Kind]:
-    groups: dict[tuple, dict[str, list[str]]] = {}
+    similar: dict[tuple, list[tuple[float, str, str]]] = {}
+    order = {d.name: i for i, d in enumerate(ix.pool.devices)}
     outside = worst_outside_link(ix)
     for node in ix.pool.nodes:
         for d in node.devices:
-            key = (d.chip.name, d.memory_bytes, round(ix.rate(d.name), -6), node.intra_bandwidth, node.intra_latency_s,
-                   outside[node.name])
-            groups.setdefault(key, {}).setdefault(node.name, []).append(d.name)
+            key = (d.chip.name, d.memory_bytes, node.intra_bandwidth, node.intra_latency_s, outside[node.name])
+            similar.setdefault(key, []).append((ix.rate(d.name), node.name, d.name))
     kinds = []
-    for key, per_node in groups.items():
-        chip, mem, rate = key[:3]
-        kinds.append(Kind(name=chip, rate=rate, memory_bytes=mem,
-                          per_node=tuple((n, tuple(v)) for n, v in per_node.items())))
+    for key, devs in similar.items():
+        clusters: list[list[tuple[float, str, str]]] = []
+        for dev in sorted(devs):  # slowest first: a kind spans rates within RATE_TOLERANCE of its slowest
+            if clusters and dev[0] <= clusters[-1][0][0] * (1 + RATE_TOLERANCE):
+                clusters[-1].append(dev)
+            else:
+                clusters.append([dev])
+        for cl in clusters:
+            per_node: dict[str, list[str]] = {}
+            for _, node_name, name in sorted(cl, key=lambda x: order[x[2]]):
+                per_node.setdefault(node_name, []).append(name)
+            # The kind runs at its slowest member's rate: a group waits for it.
+            kinds.append(Kind(name=key[0], rate=cl[0][0], memory_bytes=key[1],
+                              per_node=tuple((n, tuple(v)) for n, v in per_node.items())))
     # Same chip on different interconnects or speeds: tell them apart in names.
     seen: dict[str, int] = {}
     out = []
@@ -137,8 +152,11 @@ class OptionTable:
 
 
 def option_tables(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, dtype: str,
-                  optimizer_dtype: str, offloads: tuple[str, ...] = OFFLOADS) -> dict[tuple[bool, bool], OptionTable]:
+                  optimizer_dtype: str, offloads: tuple[str, ...] = OFFLOADS,
+                  accumulates: bool = True) -> dict[tuple[bool, bool], OptionTable]:
     """The option tables of the four stage positions (first?, last?) of one unit config.
+    accumulates: a step runs several micro-batches, so earlier micro-batches' gradients are held
+    while later ones' activations live (plan.memory); False for a single micro-batch per step.
 
     What grows per block is the same in every position; only the fixed part (embedding, head,
     logits) differs, so the per-block figures are computed once.
@@ -153,10 +171,10 @@ def option_tables(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, d
     for c, s, o in opts:
         def shape(n: int, f: int, first: bool = False, last: bool = False, c: str = c, s: str = s,
                   o: str = o) -> StageShape:
-            # micro_batches=2: the tables serve every micro-batch count, so they price accumulation
-            # (gradients held while activations live), exact for pipelines, a bound for one micro-batch.
+            # Two micro-batches stand for every count above one: memory only asks whether any accumulate.
             return StageShape(num_layers=n, is_first=first, is_last=last, group_size=g, tp=t, checkpoint=c,
-                              shard=s, offload=o, micro_batch_size=mbs, in_flight=f, micro_batches=2)
+                              shard=s, offload=o, micro_batch_size=mbs, in_flight=f,
+                              micro_batches=2 if accumulates else 1)
 
         def mem(sh: StageShape) -> float:
             return stage_memory(costs, sh, dtype=dtype, optimizer_dtype=optimizer_dtype).total
@@ -167,13 +185,17 @@ def option_tables(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, d
 
         mid = shape(1, 1)
         bt = block_time(costs, hw, mid, dtype=dtype)
-        m01, m11, m12 = mem(shape(0, 1)), mem(mid), mem(shape(1, 2))
-        act = m12 - m11
-        per_block.append((bt.fwd_per_block_s + bt.bwd_per_block_s, m11 - m01 - act, act,
-                          once(mid) - once(shape(0, 1))))
+        act = mem(shape(1, 2)) - mem(mid)
+        # The per-block slope from 2 to 3 blocks: under ZeRO-3 the gathered weights stop growing at two
+        # blocks (plan.memory), so the slope from 0 to 1 would charge a whole block per block. The
+        # fixed part absorbs the rest (for a one-block stage: one gathered block too many, on the safe side).
+        lo, hi = (2, 3) if costs.num_layers >= 3 else (0, 1)
+        state = mem(shape(hi, 1)) - mem(shape(lo, 1)) - act
+        per_block.append((bt.fwd_per_block_s + bt.bwd_per_block_s, state, act, once(mid) - once(shape(0, 1))))
         for first, last in positions:
             extra = block_time(costs, hw, shape(1, 1, first, last), dtype=dtype) if last else bt
-            fixed[(first, last)].append((extra.fwd_extra_s + extra.bwd_extra_s, mem(shape(0, 1, first, last))))
+            fixed[(first, last)].append((extra.fwd_extra_s + extra.bwd_extra_s,
+                                         mem(shape(lo, 1, first, last)) - lo * (state + act)))
     a = np.array(per_block, dtype=float)
     out = {}
     for pos in positions:
@@ -240,13 +262,15 @@ class TemplateSolver:
             self._units[key] = self.kinds[kind].units(g)
         return self._units[key]
 
-    def table(self, kind: int, g: int, t: int, mbs: int, first: bool, last: bool) -> OptionTable:
-        key = (kind, g, t, mbs)
+    def table(self, kind: int, g: int, t: int, mbs: int, first: bool, last: bool,
+              accumulates: bool = True) -> OptionTable:
+        key = (kind, g, t, mbs, accumulates)
         tabs = self._tables.get(key)
         if tabs is None:
             hw = self.ix.hw(self.units(kind, g)[0])
             tabs = self._tables[key] = option_tables(self.costs, hw, g=g, t=t, mbs=mbs, dtype=self.dtype,
-                                                     optimizer_dtype=self.optimizer_dtype, offloads=self.offloads)
+                                                     optimizer_dtype=self.optimizer_dtype, offloads=self.offloads,
+                                                     accumulates=accumulates)
         return tabs[(first, last)]
 
     def placement(self, tpl: Template, r: int) -> list[tuple[str, ...]]:
@@ -272,7 +296,8 @@ class TemplateSolver:
         m = max(1, tpl.m_est)
         costs_, choices = [], []
         for i, (k, g, t) in enumerate(stages):
-            tab = self.table(k, g, t, tpl.mbs, i == 0, i == p - 1)
+            # m is the estimate the shares will meet; predict()'s final memory check is exact.
+            tab = self.table(k, g, t, tpl.mbs, i == 0, i == p - 1, accumulates=m > 1)
             fl = m if self.schedule == "gpipe" else max(1, min(m, p - i))
             key = (k, g, t, tpl.mbs, i == 0, i == p - 1, fl, m)
             if key not in self._costs:

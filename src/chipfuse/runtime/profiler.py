@@ -226,20 +226,30 @@ def _closest(timings: list[dict], tokens: int) -> tuple[float, float]:
 def stage_targets(profile_path: str, device: str, stage: Stage, *, last: bool, micro_batch_size: int,
                   seq_len: int) -> tuple[float, float] | None:
     """Forward and backward seconds of one micro-batch of `stage` on `device` by the profile:
-    its blocks, the head on the last stage, and a recomputed forward under checkpointing."""
+    its blocks, the head on the last stage, and a recomputed forward under checkpointing.
+
+    In a stage group each device computes its own part, as the cost model prices it
+    (plan.cost.block_time): 1/tp of every matmul, on micro_batch_size / data-degree rows. The
+    group's collectives are real (gloo) and run inside the padded span, so an emulated group is
+    not charged for them twice: the cost model adds them on top (docs/emulation.md)."""
     import json
+    import math
 
     prof = json.loads(Path(profile_path).read_text())
     blocks = prof.get("layer_times", {}).get(device)
     if not blocks:
         return None
-    tokens = micro_batch_size * seq_len
+    tp = stage.tp_degree
+    rows = math.ceil(micro_batch_size / max(1, len(stage.devices) // tp))
+    tokens = rows * seq_len
     f1, b1 = _closest(blocks, tokens)
-    f, b = stage.num_layers * f1, stage.num_layers * b1
-    if stage.checkpoint != "none":
+    f, b = stage.num_layers * f1 / tp, stage.num_layers * b1 / tp
+    if stage.checkpoint == "full":
         b += f
+    elif stage.checkpoint == "selective":
+        b += f / 2  # every other block re-runs its forward (runtime/parallel/checkpointing.py)
     heads = prof.get("head_times", {}).get(device)
     if last and heads:
         hf, hb = _closest(heads, tokens)
-        f, b = f + hf, b + hb
+        f, b = f + hf / tp, b + hb / tp
     return f, b
