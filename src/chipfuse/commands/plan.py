@@ -190,7 +190,8 @@ def _group_rows(plan: Plan, pool: Pool, mem: dict[str, int]) -> list[list]:
             rows.append([label if j == 0 else "", j, f"{len(s.devices)} x {chip}",
                          f"{s.first_layer}-{s.first_layer + s.num_layers - 1}", s.tp_degree,
                          r.batch_share if j == 0 else "", f"{r.num_micro_batches} x {r.micro_batch_size}" if j == 0 else "",
-                         memstr, f"{peak / GiB:.1f}/{cap / GiB:.0f}"])
+                         memstr, f"{peak / GiB:.1f}/{cap / GiB:.0f}" if cap >= GiB
+                         else f"{peak / 2**20:.1f}/{cap / 2**20:.1f} MiB"])
     return rows
 
 
@@ -203,7 +204,7 @@ def plan_table(plan: Plan, pool: Pool, memory_bytes: dict[str, int]):
     title = (f"plan for {plan.model.name} on {pool.name}: {len(plan.replicas)} replicas over {used} devices"
              + (f", {len(plan.excluded)} left out" if plan.excluded else ""))
     return table(title, ["replica", "stage", "devices", "layers", "tp", "share", "mb x size", "memory strategy",
-                         "GiB used/has"], _group_rows(plan, pool, memory_bytes))
+                         "GiB used/has"], _group_rows(plan, pool, memory_bytes))  # MiB below one GiB
 
 
 def strategy_table(res: SearchResult):
