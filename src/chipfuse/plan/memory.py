@@ -232,26 +232,35 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
     compute dtype) and targets (int64). Position-shaped tensors (cos/sin, position ids: one row for the
     whole micro-batch) are counted per token: exact for one sequence per micro-batch, an over-count by
     the micro-batch size otherwise (small: a few head_dims against hundreds of widths per token).
-    Values are DTYPE_BYTES[dtype] each (bf16 under autocast: the figure is not measured there; norm
-    statistics upcast to fp32 are counted at the compute dtype)."""
-    from chipfuse.model.arch import Saved, dropout_rates, rotary_sets, saved_block
+    Values are DTYPE_BYTES[dtype] each, except under bf16 autocast (the runtime's bf16 with fp32
+    master weights), where model.arch.saved_block_parts splits each block into values kept in fp32 and
+    in bf16 (SavedCoeffs.bf16 states the rule): the residual stream, every norm's input, statistics and
+    normalised product, a checkpointed block's input, rotary cos/sin and Gemma's (1 + weight) are fp32;
+    each linear keeps a bf16 copy of its input and of its weight (model.arch.linear_weight_values, per
+    micro-batch: counted per sequence like cos/sin, so an over-count by the micro-batch size); on the
+    last stage the head's input copy, its weight copy and Gemma 2's soft-capped logits are bf16."""
+    from chipfuse.model.arch import Saved, dropout_rates, linear_weight_values, rotary_sets, saved_block_parts
 
     b = DTYPE_BYTES[dtype]
+    autocast = dtype == "bf16"
+    wide_b = 4 if autocast else b  # bytes of the values autocast keeps in fp32
     a = spec.arch()
     h = spec.dim
     visible = 0.0
     rebuilt = 0.0
+    weights = 0.0  # matmul weights whose bf16 copies a micro-batch keeps
     for i in layers:
-        blk = saved_values(spec, saved_block(spec, i, seq_len, training=training), seq_len, tp)
+        wide, half = saved_block_parts(spec, i, seq_len, dtype=dtype, training=training)
         ck = checkpoint == "full" or (checkpoint == "selective" and i % 2 == 0)
-        visible += h if ck else blk
+        blk = wide_b * saved_values(spec, wide, seq_len, tp) + b * saved_values(spec, half, seq_len, tp)
+        if autocast:
+            blk += b * linear_weight_values(spec) / tp / seq_len
+        visible += wide_b * h if ck else blk
         if ck:
             rebuilt = max(rebuilt, blk)
     sets = rotary_sets(spec, layers)
     if checkpoint != "full" and sets:
-        visible += sets * 2 * a.head_dim  # cos, sin: head_dim each per position
-    visible *= b
-    rebuilt *= b
+        visible += wide_b * sets * 2 * a.head_dim  # cos, sin: head_dim each per position
     drop = dropout_rates(spec) if training else {}
     if first:
         visible += 8  # token ids
@@ -260,23 +269,33 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
         if spec.model_type in ("gemma", "gemma2", "gemma3_text"):
             visible += 4 / seq_len  # the embedding's scale (a scalar tensor per micro-batch)
         if drop.get("embed", 0.0) > 0:
-            visible += b * h  # the embedding dropout's mask
+            visible += wide_b * h  # the embedding dropout's mask (the embedding's output is fp32)
         if spec.model_type == "opt" and a.embed_dim != h:
             visible += b * a.embed_dim  # project_in's input
+            weights += a.embed_dim * h
     if last:
         if spec.model_type == "opt":
             proj = a.embed_dim != h
             tail = Saved(h=(1 if a.final_norm else 0) + (1 if proj else 0) + (0 if proj else 1),
                          scalars=2 if a.final_norm else 0)
             head_in = a.embed_dim if proj else 0
+            weights += a.embed_dim * h if proj else 0
         elif a.norm == "layernorm":
             tail, head_in = Saved(h=2, scalars=2), 0
         else:
             gemma = spec.model_type in ("gemma", "gemma2", "gemma3_text")
             tail, head_in = Saved(h=3, scalars=1, per_sequence=h if gemma else 0), 0
+        weights += spec.vocab_size * (a.embed_dim if spec.model_type == "opt" else h)
         cap = (spec.hf_config or {}).get("final_logit_softcapping") if spec.model_type == "gemma2" else None
-        visible += b * (saved_values(spec, tail, seq_len) + head_in + (spec.vocab_size / tp if cap else 0.0))
+        if autocast:
+            # The head (OPT: project_out) reads a bf16 copy of the fp32 norm output: one h moves to bf16.
+            visible += 4 * saved_values(spec, tail + Saved(h=-1), seq_len) + b * h
+        else:
+            visible += b * saved_values(spec, tail, seq_len)
+        visible += b * (head_in + (spec.vocab_size / tp if cap else 0.0))
         visible += 4 * spec.vocab_size / tp + 8 + 4 / seq_len  # log-softmax in fp32, int64 targets, the loss
+    if autocast:
+        visible += b * weights / tp / seq_len
     return visible, rebuilt
 
 
