@@ -26,7 +26,8 @@ Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of ch
   loss keep 2h + V + 8. "selective" checkpoints blocks 0, 2, 4, ... (runtime.memory). Values are
   4 bytes in fp32, 2 in bf16/fp16 (the logits' fp32 copy is counted in V). A Hugging Face stage
   (family "hf") saves what transformers' code saves, per architecture: hf_stage_saved_bytes with the
-  coefficients of model.arch.SAVED, equal to the meter's count (tests/test_memory_hf.py). The rebuilt
+  coefficients of model.arch.SAVED, equal to the meter's count (tests/test_memory_hf.py) in fp32 and in
+  bf16 autocast (some values fp32, plus a bf16 copy of the weights per micro-batch). The rebuilt
   block is held for one micro-batch at a time, the rest for every micro-batch in flight.
 - in flight: 1F1B keeps up to (stages - index) micro-batches of a stage, GPipe all of them.
 - on a real chip the runtime itself holds memory too: the CUDA/ROCm context with the BLAS
