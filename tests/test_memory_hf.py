@@ -53,7 +53,7 @@ def _full(name: str):
     return build_full(_spec(name))
 
 
-def measured_bytes(name: str, where: str, checkpoint: str, dtype: str = "fp32") -> int:
+def measured_bytes(name: str, where: str, checkpoint: str, dtype: str = "fp32", sequences: int = 1) -> int:
     """Peak bytes the meter counts as saved for backward (parameters excluded, as set_static does)."""
     torch.set_num_threads(1)  # as every worker does: on a shared 2-core machine more threads only contend
     torch.manual_seed(0)
@@ -66,10 +66,11 @@ def measured_bytes(name: str, where: str, checkpoint: str, dtype: str = "fp32") 
     apply_autocast(mod, dtype)  # the runtime's order: checkpointing, then autocast around forward
     meter = MemoryMeter(device_name="d", cap_bytes=None)
     meter.set_static(list(mod.parameters()))
-    x = torch.randint(3, 256, (1, T)) if where == "first" else torch.randn(1, T, spec.dim, requires_grad=True)
+    x = (torch.randint(3, 256, (sequences, T)) if where == "first"
+         else torch.randn(sequences, T, spec.dim, requires_grad=True))
     with meter.track():
         out = mod(x)
-        loss = loss_sum(out, torch.randint(3, 256, (1, T))) if where == "last" else out.float().sum()
+        loss = loss_sum(out, torch.randint(3, 256, (sequences, T))) if where == "last" else out.float().sum()
         # Backward only frees saved tensors, except under checkpointing, where it rebuilds blocks: run
         # it there (the meter must not see the rebuilt block, which the model adds apart); without
         # checkpointing the peak is the count at the end of forward, and skipping backward halves the time.
@@ -95,6 +96,19 @@ def test_saved_activations_match_the_meter(name: str, checkpoint: str, dtype: st
                                            last=where == "last", seq_len=T, first_layer=layers.start, dtype=dtype)
         assert total == pytest.approx(visible + rebuilt)
         assert (rebuilt > 0) == (checkpoint != "none")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "gemma2"])
+def test_per_micro_batch_tensors_are_shared_by_its_sequences(name: str, dtype: str) -> None:
+    """Two sequences per micro-batch: cos/sin, position ids, Gemma's norm weights and bf16 weight copies
+    are kept once per micro-batch, everything else per token."""
+    spec = _spec(name)
+    for where, layers in SPLIT.items():
+        visible, _ = hf_stage_saved_bytes(spec, layers, "none", first=where == "first", last=where == "last",
+                                          seq_len=T, dtype=dtype, sequences=2)
+        got = measured_bytes(name, where, "none", dtype, sequences=2)
+        assert abs(visible * 2 * T - got) <= 1, (name, where, dtype, visible * 2 * T, got)
 
 
 def test_gradients_and_activations_add_up_over_several_micro_batches() -> None:
