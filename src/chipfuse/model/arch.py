@@ -209,9 +209,8 @@ class Saved:
     `heads` / `kv_heads` x head counts (log-sum-exp, per-head norm statistics), `scalars` per token
     (norm statistics), `scores` x heads * seq_len (attention probabilities an eager or math attention
     keeps), `mask` x seq_len (a float attention mask), `per_sequence` values kept once per micro-batch
-    rather than per token (Gemma's norm weight, 1 + weight): counted per sequence, so exact for a
-    micro-batch of one sequence and an over-count by the micro-batch size otherwise (a few widths
-    per layer against hundreds per token)."""
+    rather than per token (Gemma's norm weight, 1 + weight): shared by the micro-batch's sequences
+    (plan.memory.saved_values' `sequences`)."""
 
     h: float = 0.0
     ffn: float = 0.0
