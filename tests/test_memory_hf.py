@@ -3,8 +3,9 @@ coefficients in model.arch.SAVED) against what the emulated meter counts for tra
 
 For every architecture chipfuse splits, a tiny model's first, middle and last stage runs forward and
 backward (its loss on the last stage) under runtime.emulate.MemoryMeter, the meter the emulated
-devices refuse with; the meter's peak of saved bytes must equal the model's figure. One process, no
-workers: each case is a few milliseconds of compute.
+devices refuse with; the meter's peak of saved bytes must equal the model's figure, in fp32 and in
+bf16 under autocast as the runtime applies it (runtime.memory.apply_autocast: fp32 master weights,
+some saved tensors stay fp32). One process, no workers: each case is a few milliseconds of compute.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from chipfuse.model.gpt import loss_sum
 from chipfuse.model.split import build_full, build_stage
 from chipfuse.plan.memory import activation_bytes_per_token, hf_stage_saved_bytes
 from chipfuse.runtime.emulate import MemoryMeter
+from chipfuse.runtime.memory import apply_autocast
 from chipfuse.runtime.parallel.checkpointing import apply_checkpointing
 from tests.hf_tiny import TINY
 
@@ -51,7 +53,7 @@ def _full(name: str):
     return build_full(_spec(name))
 
 
-def measured_bytes(name: str, where: str, checkpoint: str) -> int:
+def measured_bytes(name: str, where: str, checkpoint: str, dtype: str = "fp32", sequences: int = 1) -> int:
     """Peak bytes the meter counts as saved for backward (parameters excluded, as set_static does)."""
     torch.set_num_threads(1)  # as every worker does: on a shared 2-core machine more threads only contend
     torch.manual_seed(0)
@@ -61,12 +63,14 @@ def measured_bytes(name: str, where: str, checkpoint: str) -> int:
     mod = build_stage(spec, stages, index, full=_full(name))
     mod.train()
     apply_checkpointing(mod, checkpoint)
+    apply_autocast(mod, dtype)  # the runtime's order: checkpointing, then autocast around forward
     meter = MemoryMeter(device_name="d", cap_bytes=None)
     meter.set_static(list(mod.parameters()))
-    x = torch.randint(3, 256, (1, T)) if where == "first" else torch.randn(1, T, spec.dim, requires_grad=True)
+    x = (torch.randint(3, 256, (sequences, T)) if where == "first"
+         else torch.randn(sequences, T, spec.dim, requires_grad=True))
     with meter.track():
         out = mod(x)
-        loss = loss_sum(out, torch.randint(3, 256, (1, T))) if where == "last" else out.float().sum()
+        loss = loss_sum(out, torch.randint(3, 256, (sequences, T))) if where == "last" else out.float().sum()
         # Backward only frees saved tensors, except under checkpointing, where it rebuilds blocks: run
         # it there (the meter must not see the rebuilt block, which the model adds apart); without
         # checkpointing the peak is the count at the end of forward, and skipping backward halves the time.
@@ -75,22 +79,36 @@ def measured_bytes(name: str, where: str, checkpoint: str) -> int:
     return meter.peak_bytes - meter.static_bytes
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("checkpoint", ["none", "full"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_saved_activations_match_the_meter(name: str, checkpoint: str) -> None:
+def test_saved_activations_match_the_meter(name: str, checkpoint: str, dtype: str) -> None:
     spec = _spec(name)
     for where, layers in SPLIT.items():
         visible, rebuilt = hf_stage_saved_bytes(spec, layers, checkpoint, first=where == "first",
-                                                last=where == "last", seq_len=T)
-        got = measured_bytes(name, where, checkpoint)
+                                                last=where == "last", seq_len=T, dtype=dtype)
+        got = measured_bytes(name, where, checkpoint, dtype)
         # Exact: every tensor is counted, at one sequence per micro-batch (the per-sequence terms, rotary
         # cos/sin and norm weights, are exact there); 1 byte of slack for float rounding of the sum.
         assert abs(visible * T - got) <= 1, (name, where, checkpoint, visible * T, got)
         # The planner's figure adds the block a real chip rebuilds in backward (the meter does not see it).
         total = activation_bytes_per_token(spec, len(layers), checkpoint, first=where == "first",
-                                           last=where == "last", seq_len=T, first_layer=layers.start)
+                                           last=where == "last", seq_len=T, first_layer=layers.start, dtype=dtype)
         assert total == pytest.approx(visible + rebuilt)
         assert (rebuilt > 0) == (checkpoint != "none")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", ["llama", "gpt2", "opt", "gemma2"])
+def test_per_micro_batch_tensors_are_shared_by_its_sequences(name: str, dtype: str) -> None:
+    """Two sequences per micro-batch: cos/sin, position ids, Gemma's norm weights and bf16 weight copies
+    are kept once per micro-batch, everything else per token."""
+    spec = _spec(name)
+    for where, layers in SPLIT.items():
+        visible, _ = hf_stage_saved_bytes(spec, layers, "none", first=where == "first", last=where == "last",
+                                          seq_len=T, dtype=dtype, sequences=2)
+        got = measured_bytes(name, where, "none", dtype, sequences=2)
+        assert abs(visible * 2 * T - got) <= 1, (name, where, dtype, visible * 2 * T, got)
 
 
 def test_gradients_and_activations_add_up_over_several_micro_batches() -> None:

@@ -154,8 +154,9 @@ def test_unequal_shares_follow_speed():
 def test_refusal_says_how_much_is_missing_and_what_would_fit():
     pool = pool_from_dict({"name": "small", "node": [{"name": "n", "device": [
         # An emulated cap is exact (no runtime context to subtract). 1.15 GiB: with only plans the runtime
-        # runs (no parameter offload under tensor parallel), bf16 makes it fit (0.68 GiB) and fp32 does not
-        # (its best, a 2-stage pipeline offloading parameters, needs 1.24 GiB).
+        # runs (no parameter offload under tensor parallel), bf16 fits (0.98 GiB: autocast keeps the norms
+        # in fp32 and a bf16 copy of the weights per micro-batch, docs/memory.md) and fp32 does not (its
+        # best, a 2-stage pipeline offloading parameters, needs 1.24 GiB).
         {"name": "t", "chip": "L4", "count": 2, "emulate": {"speed": 1.0, "memory_gib": 1.15}}]}]})
     model = ModelSpec(name="big", family="llama", num_layers=4, dim=2048, num_heads=16, vocab_size=2048, seq_len=4096)
     with pytest.raises(NoPlanFits) as e:

@@ -209,9 +209,8 @@ class Saved:
     `heads` / `kv_heads` x head counts (log-sum-exp, per-head norm statistics), `scalars` per token
     (norm statistics), `scores` x heads * seq_len (attention probabilities an eager or math attention
     keeps), `mask` x seq_len (a float attention mask), `per_sequence` values kept once per micro-batch
-    rather than per token (Gemma's norm weight, 1 + weight): counted per sequence, so exact for a
-    micro-batch of one sequence and an over-count by the micro-batch size otherwise (a few widths
-    per layer against hundreds per token)."""
+    rather than per token (Gemma's norm weight, 1 + weight): shared by the micro-batch's sequences
+    (plan.memory.saved_values' `sequences`)."""
 
     h: float = 0.0
     ffn: float = 0.0
@@ -245,6 +244,16 @@ class SavedCoeffs:
     qkv_storage: float = 0.0
     """Fused q/k/v projection (GPT-2's c_attn, Phi-3's qkv_proj): v is a view of the whole output,
     so the saved v holds q + 2 kv values (already in `block`); the math path keeps it too."""
+    bf16: tuple[Saved, Saved] | None = None
+    """`block` under bf16 autocast (fp32 master weights), as (values kept in fp32, values kept in bf16);
+    None where it is not measured (saved_block_parts then keeps `block`, every value in fp32). The rule
+    (tests/test_memory_hf.py measures it): the residual stream stays fp32 (the embedding and the
+    stage input are fp32, and fp32 + bf16 is fp32), so a norm's input, its statistics and its
+    normalised product are fp32, and so are softmax / log-softmax outputs (autocast runs them in fp32),
+    SDPA's log-sum-exp, rotary cos/sin and Gemma's (1 + weight); every linear saves its own bf16 cast
+    of a fp32 input (q, k and v each: three h after a norm where fp32 saves one) and of its weight
+    (saved_weight_values, per micro-batch); what a linear or SDPA outputs, and what is computed from it,
+    is bf16."""
 
 
 # Norms. RMSNorm (Llama-like): x (h), rsqrt (1 scalar), x * rsqrt (h, saved by weight * .); the
@@ -263,27 +272,43 @@ _GLU = Saved(ffn=4)
 _QK_NORM = Saved(q=2, heads=1, kv=2, kv_heads=1)  # RMSNorm over head_dim on q and on k
 
 _LLAMA = _RMS_PRE + _SDPA + _RMS_PRE + _GLU
+# Under bf16 autocast (SavedCoeffs.bf16): per norm x, rsqrt and x * rsqrt in fp32, one bf16 input copy
+# per linear reading the norm (q, k, v: 3; gate, up: 2); SDPA's log-sum-exp in fp32, its q, k, v and
+# output in bf16; the MLP in bf16.
+_LLAMA_BF16 = (Saved(h=4, scalars=2, heads=1), Saved(h=5, q=2, kv=2, ffn=4))
 _GEMMA2_NORMS = _RMS_PRE + _RMS_POST + _RMS_PRE + _RMS_POST  # pre/post attention, pre/post MLP
 
 SAVED: dict[str, SavedCoeffs] = {
-    "llama": SavedCoeffs(block=_LLAMA), "mistral": SavedCoeffs(block=_LLAMA),
-    "qwen2": SavedCoeffs(block=_LLAMA),
-    "qwen3": SavedCoeffs(block=_LLAMA + _QK_NORM),
-    "gemma": SavedCoeffs(block=_LLAMA),
-    # Gemma 2 trains with eager attention (transformers' default for it): see saved_block.
-    "gemma2": SavedCoeffs(block=_GEMMA2_NORMS + _SDPA + _GLU),
-    "gemma3_text": SavedCoeffs(block=_GEMMA2_NORMS + _QK_NORM + _SDPA + _GLU),
+    "llama": SavedCoeffs(block=_LLAMA, bf16=_LLAMA_BF16), "mistral": SavedCoeffs(block=_LLAMA, bf16=_LLAMA_BF16),
+    "qwen2": SavedCoeffs(block=_LLAMA, bf16=_LLAMA_BF16),
+    # In bf16 the q/k norm's input is a fp32 copy (q, kv) and its normalised product is cast back to
+    # bf16 before the weight multiplies it (kept: q, kv).
+    "qwen3": SavedCoeffs(block=_LLAMA + _QK_NORM, bf16=(_LLAMA_BF16[0] + Saved(q=1, heads=1, kv=1, kv_heads=1),
+                                                        _LLAMA_BF16[1] + Saved(q=1, kv=1))),
+    "gemma": SavedCoeffs(block=_LLAMA, bf16=_LLAMA_BF16),
+    # Gemma 2 trains with eager attention (transformers' default for it): see saved_block. In bf16 its
+    # four norms keep x, rsqrt and the product in fp32; the fused-SDPA row is changed in saved_block.
+    "gemma2": SavedCoeffs(block=_GEMMA2_NORMS + _SDPA + _GLU,
+                          bf16=(Saved(h=8, scalars=4, heads=1), Saved(h=5, q=2, kv=2, ffn=4))),
+    # In bf16 Gemma's q/k norm computes in fp32 throughout (its input copy and product: fp32).
+    "gemma3_text": SavedCoeffs(block=_GEMMA2_NORMS + _QK_NORM + _SDPA + _GLU,
+                               bf16=(Saved(h=8, scalars=4, heads=1) + _QK_NORM, Saved(h=5, q=2, kv=2, ffn=4))),
     # Phi-3: fused qkv_proj (v is a view of its q + 2 kv output), o_proj reads a reshaped copy of
     # the attention output (q), fused gate_up_proj (2 ffn) + silu output + product.
-    "phi3": SavedCoeffs(block=_RMS_PRE + Saved(q=4, kv=3, heads=1) + _RMS_PRE + _GLU, qkv_storage=1),
+    # In bf16: one linear after each norm (one bf16 input copy each).
+    "phi3": SavedCoeffs(block=_RMS_PRE + Saved(q=4, kv=3, heads=1) + _RMS_PRE + _GLU, qkv_storage=1,
+                        bf16=(Saved(h=4, scalars=2, heads=1), Saved(h=2, q=4, kv=3, ffn=4))),
     # GPT-2: c_attn's one output holds q, k and v (q + 2 kv), log-sum-exp, output (read by c_proj as a
     # view); gelu_new written as Python ops keeps its input, tanh output, 1 + tanh and 0.5 * x, and
     # c_proj keeps its output (5 ffn).
+    # In bf16: LayerNorm's x, mean and rstd in fp32, c_attn's and c_fc's bf16 input copies.
     "gpt2": SavedCoeffs(block=_LN_PRE + Saved(q=2, kv=2, heads=1) + _LN_PRE + Saved(ffn=5), rotary=False,
-                        qkv_storage=1),
+                        qkv_storage=1, bf16=(Saved(h=2, scalars=4, heads=1), Saved(h=2, q=2, kv=2, ffn=5))),
     # OPT: q is scaled into a copy (q), k and v are views of their projections (kv each), output (q);
     # fc1's input (h), ReLU's output (ffn), which fc2 reads (the same tensor).
-    "opt": SavedCoeffs(block=_LN_PRE + _SDPA + _LN_PRE + Saved(ffn=1), rotary=False),
+    # In bf16: q, k and v each keep a bf16 copy of the norm output (3 h), fc1 one (h).
+    "opt": SavedCoeffs(block=_LN_PRE + _SDPA + _LN_PRE + Saved(ffn=1), rotary=False,
+                       bf16=(Saved(h=2, scalars=4, heads=1), Saved(h=4, q=2, kv=2, ffn=1))),
 }
 ACT_SAVES = {"gelu_new": 4, "gelu_fast": 4, "gelu": 1, "gelu_pytorch_tanh": 1, "quick_gelu": 2, "relu": 0,
              "silu": 1}
@@ -343,28 +368,54 @@ def masked_window(spec: ModelSpec, layer: int, seq_len: int) -> bool:
 
 
 def saved_block(spec: ModelSpec, layer: int, seq_len: int, *, training: bool = True) -> Saved:
-    """Values one decoder layer (`layer`, its number in the whole model) keeps for backward per token.
+    """Values one decoder layer (`layer`, its number in the whole model) keeps for backward per token,
+    in fp32: saved_block_parts's compute-dtype part."""
+    return saved_block_parts(spec, layer, seq_len, dtype="fp32", training=training)[1]
+
+
+def saved_block_parts(spec: ModelSpec, layer: int, seq_len: int, *, dtype: str,
+                      training: bool = True) -> tuple[Saved, Saved]:
+    """(values kept in fp32, values kept in the compute dtype) per token of one decoder layer (`layer`,
+    its number in the whole model). In fp32 everything is the second part; in bf16 (autocast) SAVED's
+    `bf16` row splits them (an architecture without one keeps `block` whole in fp32: an over-count).
 
     Starts from SAVED's fused-SDPA row and changes what the config changes:
     - a sliding window shorter than the sequence: SDPA gets a float mask (seq_len) and k, v repeated to
       every query head (q each, instead of kv each);
     - attention dropout while training: SDPA on CPU leaves the fused kernel for its math path, which
       keeps q and k scaled copies (q, kv), v, the probabilities, the dropout mask and the dropped
-      probabilities (3 x heads x seq_len), and o_proj/c_proj reads a copy of the output (q);
+      probabilities (3 x heads x seq_len), and o_proj/c_proj reads a copy of the output (q); in bf16 the
+      math path runs in fp32 (all of that fp32 but the output's bf16 copy);
     - Gemma 2's eager attention: scaled q (q), k and v repeated (q each), tanh of the soft-capped
       scores and the softmax (2 x heads x seq_len; 1 without soft-capping), o_proj's input copy (q);
+      in bf16 the softmax is fp32 and its bf16 cast (the matmul's input) is kept too;
     - dropout masks while training: CPU's dropout keeps its mask in the compute dtype (a value per
       element; CUDA's fused dropout keeps one byte): one h per residual dropout site (two per layer);
     - GPT-2's activation: ACT_SAVES (gelu_new's Python ops keep four ffn besides the output).
+    Gemma's (1 + weight) per norm is fp32 whatever the compute dtype.
     """
     mt = saved_type(spec)
     row = SAVED[mt]
-    b = row.block
+    if dtype != "bf16":
+        wide, b = Saved(), row.block
+    elif row.bf16 is None:
+        wide, b = row.block, Saved()
+    else:
+        wide, b = row.bf16
     drop = dropout_rates(spec) if training else {}
     masked = masked_window(spec, layer, seq_len)
     if mt == "gemma2":
         soft = 2 if _cfg(spec, "attn_logit_softcapping") else 1
-        b = b + _SDPA.times(-1) + Saved(q=4, scores=soft)
+        if dtype == "bf16" and row.bf16 is not None:
+            wide = wide + Saved(heads=-1, scores=1)
+            b = b + Saved(q=2, kv=-2, scores=soft)
+        else:
+            b = b + _SDPA.times(-1) + Saved(q=4, scores=soft)
+    elif drop.get("attn", 0.0) > 0 and dtype == "bf16" and row.bf16 is not None:
+        # The math path computes in fp32 (CPU): fp32 copies of scaled q, k and v, the probabilities, the
+        # mask and the dropped probabilities; o_proj/c_proj keeps a bf16 copy of the output (q).
+        wide = wide + Saved(heads=-1, q=1, kv=2, scores=3)
+        b = b + Saved(q=-1, kv=-2)
     elif drop.get("attn", 0.0) > 0:
         fused = Saved(q=row.qkv_storage + 1, kv=2 * row.qkv_storage, heads=1) if row.qkv_storage else _SDPA
         v = Saved(q=row.qkv_storage, kv=2 * row.qkv_storage) if row.qkv_storage else Saved(kv=1)
@@ -378,5 +429,19 @@ def saved_block(spec: ModelSpec, layer: int, seq_len: int, *, training: bool = T
         b = b + Saved(h=2)
     if mt in ("gemma", "gemma2", "gemma3_text"):
         norms = 2 if mt == "gemma" else 4
-        b = b + Saved(per_sequence=norms * spec.dim + (2 * spec.arch().head_dim if spec.arch().qk_norm else 0))
-    return b
+        weights = Saved(per_sequence=norms * spec.dim + (2 * spec.arch().head_dim if spec.arch().qk_norm else 0))
+        if dtype == "bf16":
+            wide = wide + weights
+        else:
+            b = b + weights
+    return wide, b
+
+
+def linear_weight_values(spec: ModelSpec) -> int:
+    """Values of one decoder layer's matmul weights (q, k, v, o and the MLP's two or three): under bf16
+    autocast each linear saves the bf16 cast of its fp32 weight, once per micro-batch (autocast's cast
+    cache lives for one forward), so a stage holds a bf16 copy per micro-batch in flight."""
+    a = spec.arch()
+    q, kv = spec.num_heads * a.head_dim, spec.kv_heads * a.head_dim
+    mlp = 2 if spec.model_type in ("gpt2", "opt") else 3
+    return spec.dim * (2 * q + 2 * kv) + mlp * spec.dim * spec.ffn

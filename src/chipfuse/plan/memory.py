@@ -26,7 +26,8 @@ Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of ch
   loss keep 2h + V + 8. "selective" checkpoints blocks 0, 2, 4, ... (runtime.memory). Values are
   4 bytes in fp32, 2 in bf16/fp16 (the logits' fp32 copy is counted in V). A Hugging Face stage
   (family "hf") saves what transformers' code saves, per architecture: hf_stage_saved_bytes with the
-  coefficients of model.arch.SAVED, equal to the meter's count (tests/test_memory_hf.py). The rebuilt
+  coefficients of model.arch.SAVED, equal to the meter's count (tests/test_memory_hf.py) in fp32 and in
+  bf16 autocast (some values fp32, plus a bf16 copy of the weights per micro-batch). The rebuilt
   block is held for one micro-batch at a time, the rest for every micro-batch in flight.
 - in flight: 1F1B keeps up to (stages - index) micro-batches of a stage, GPipe all of them.
 - on a real chip the runtime itself holds memory too: the CUDA/ROCm context with the BLAS
@@ -164,9 +165,11 @@ def stage_activation_bytes(spec: ModelSpec, num_layers: int, checkpoint: str, *,
     tokens as are in flight, the bound without the split)."""
     mb_tokens = micro_batch_tokens or tokens_in_flight
     if spec.family in ("hf", "llama"):  # both run as transformers' own layers
+        # Sequences per micro-batch: the per-micro-batch tensors (weight copies, cos/sin) are shared by them.
+        sequences = max(1, micro_batch_tokens // (seq_len or spec.seq_len)) if micro_batch_tokens else 1
         return max(kept * tokens_in_flight + rebuilt * mb_tokens for kept, rebuilt in _hf_places(
             spec, num_layers, checkpoint, first=first, last=last, dtype=dtype, tp=tp,
-            seq_len=seq_len or spec.seq_len, first_layer=first_layer))
+            seq_len=seq_len or spec.seq_len, first_layer=first_layer, sequences=sequences))
     per_token = activation_bytes_per_token(spec, num_layers, checkpoint, first=first, last=last, dtype=dtype, tp=tp)
     rebuilt = 0.0
     if checkpoint != "none":
@@ -205,19 +208,20 @@ def activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str
     return DTYPE_BYTES[dtype] * saved
 
 
-def saved_values(spec: ModelSpec, s: Saved, seq_len: int, tp: int = 1) -> float:
+def saved_values(spec: ModelSpec, s: Saved, seq_len: int, tp: int = 1, sequences: int = 1) -> float:
     """Values per token of `s` (model.arch.Saved) for this model, on one of `tp` tensor-parallel ranks:
-    heads, head dims, ffn and attention scores split; the hidden width, norms and masks replicated."""
+    heads, head dims, ffn and attention scores split; the hidden width, norms and masks replicated;
+    per-micro-batch values shared by its `sequences`."""
     a = spec.arch()
     q, kv = spec.num_heads * a.head_dim, spec.kv_heads * a.head_dim
     split = s.ffn * spec.ffn + s.q * q + s.kv * kv + s.heads * spec.num_heads + s.kv_heads * spec.kv_heads \
         + s.scores * spec.num_heads * seq_len
-    return s.h * spec.dim + s.scalars + s.mask * seq_len + s.per_sequence / seq_len + split / tp
+    return s.h * spec.dim + s.scalars + s.mask * seq_len + s.per_sequence / (seq_len * sequences) + split / tp
 
 
 def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, first: bool, last: bool,
-                         dtype: str = "fp32", tp: int = 1, seq_len: int,
-                         training: bool = True) -> tuple[float, float]:
+                         dtype: str = "fp32", tp: int = 1, seq_len: int, training: bool = True,
+                         sequences: int = 1) -> tuple[float, float]:
     """(bytes per token autograd's saved-tensor hooks see, bytes per token of the one block rebuilt in
     backward) of a Hugging Face stage running `layers` (numbers in the whole model).
 
@@ -229,65 +233,86 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
     the first stage, GPT-2's position ids (8 bytes per position) and embedding dropout mask (h); on the
     last, the final norm and the head's input (model.arch: LayerNorm h + 2, RMSNorm 3h + 1, OPT's
     project_out), Gemma 2's soft-capped logits (V), the loss's log-softmax (V in fp32 whatever the
-    compute dtype) and targets (int64). Position-shaped tensors (cos/sin, position ids: one row for the
-    whole micro-batch) are counted per token: exact for one sequence per micro-batch, an over-count by
-    the micro-batch size otherwise (small: a few head_dims against hundreds of widths per token).
-    Values are DTYPE_BYTES[dtype] each (bf16 under autocast: the figure is not measured there; norm
-    statistics upcast to fp32 are counted at the compute dtype)."""
-    from chipfuse.model.arch import Saved, dropout_rates, rotary_sets, saved_block
+    compute dtype) and targets (int64). Per-micro-batch tensors (cos/sin and position ids:
+    one row for the whole micro-batch; Gemma's norm weights; bf16 weight copies) are shared by the
+    micro-batch's `sequences` (1, the default, is the upper bound).
+    Values are DTYPE_BYTES[dtype] each, except under bf16 autocast (the runtime's bf16 with fp32
+    master weights), where model.arch.saved_block_parts splits each block into values kept in fp32 and
+    in bf16 (SavedCoeffs.bf16 states the rule): the residual stream, every norm's input, statistics and
+    normalised product, a checkpointed block's input, rotary cos/sin and Gemma's (1 + weight) are fp32;
+    each linear keeps a bf16 copy of its input and of its weight (model.arch.linear_weight_values, per
+    micro-batch, shared by its sequences like cos/sin); on the
+    last stage the head's input copy, its weight copy and Gemma 2's soft-capped logits are bf16."""
+    from chipfuse.model.arch import Saved, dropout_rates, linear_weight_values, rotary_sets, saved_block_parts
 
     b = DTYPE_BYTES[dtype]
+    autocast = dtype == "bf16"
+    wide_b = 4 if autocast else b  # bytes of the values autocast keeps in fp32
     a = spec.arch()
     h = spec.dim
     visible = 0.0
     rebuilt = 0.0
+    weights = 0.0  # matmul weights whose bf16 copies a micro-batch keeps
+    per_mb = seq_len * sequences  # tokens of a micro-batch: what a per-micro-batch tensor is shared by
     for i in layers:
-        blk = saved_values(spec, saved_block(spec, i, seq_len, training=training), seq_len, tp)
+        wide, half = saved_block_parts(spec, i, seq_len, dtype=dtype, training=training)
         ck = checkpoint == "full" or (checkpoint == "selective" and i % 2 == 0)
-        visible += h if ck else blk
+        blk = (wide_b * saved_values(spec, wide, seq_len, tp, sequences)
+               + b * saved_values(spec, half, seq_len, tp, sequences))
+        if autocast:
+            blk += b * linear_weight_values(spec) / tp / per_mb
+        visible += wide_b * h if ck else blk
         if ck:
             rebuilt = max(rebuilt, blk)
     sets = rotary_sets(spec, layers)
     if checkpoint != "full" and sets:
-        visible += sets * 2 * a.head_dim  # cos, sin: head_dim each per position
-    visible *= b
-    rebuilt *= b
+        visible += wide_b * sets * 2 * a.head_dim / sequences  # cos, sin: head_dim each per position
     drop = dropout_rates(spec) if training else {}
     if first:
         visible += 8  # token ids
         if spec.model_type in ("gpt2", "opt"):
-            visible += 8  # position ids (per position)
+            visible += 8 / sequences  # position ids (per position)
         if spec.model_type in ("gemma", "gemma2", "gemma3_text"):
-            visible += 4 / seq_len  # the embedding's scale (a scalar tensor per micro-batch)
+            visible += 4 / per_mb  # the embedding's scale (a scalar tensor per micro-batch)
         if drop.get("embed", 0.0) > 0:
-            visible += b * h  # the embedding dropout's mask
+            visible += wide_b * h  # the embedding dropout's mask (the embedding's output is fp32)
         if spec.model_type == "opt" and a.embed_dim != h:
             visible += b * a.embed_dim  # project_in's input
+            weights += a.embed_dim * h
     if last:
         if spec.model_type == "opt":
             proj = a.embed_dim != h
             tail = Saved(h=(1 if a.final_norm else 0) + (1 if proj else 0) + (0 if proj else 1),
                          scalars=2 if a.final_norm else 0)
             head_in = a.embed_dim if proj else 0
+            weights += a.embed_dim * h if proj else 0
         elif a.norm == "layernorm":
             tail, head_in = Saved(h=2, scalars=2), 0
         else:
             gemma = spec.model_type in ("gemma", "gemma2", "gemma3_text")
             tail, head_in = Saved(h=3, scalars=1, per_sequence=h if gemma else 0), 0
+        weights += spec.vocab_size * (a.embed_dim if spec.model_type == "opt" else h)
         cap = (spec.hf_config or {}).get("final_logit_softcapping") if spec.model_type == "gemma2" else None
-        visible += b * (saved_values(spec, tail, seq_len) + head_in + (spec.vocab_size / tp if cap else 0.0))
-        visible += 4 * spec.vocab_size / tp + 8 + 4 / seq_len  # log-softmax in fp32, int64 targets, the loss
+        if autocast:
+            # The head (OPT: project_out) reads a bf16 copy of the fp32 norm output: one h moves to bf16.
+            visible += 4 * saved_values(spec, tail + Saved(h=-1), seq_len, 1, sequences) + b * h
+        else:
+            visible += b * saved_values(spec, tail, seq_len, 1, sequences)
+        visible += b * (head_in + (spec.vocab_size / tp if cap else 0.0))
+        visible += 4 * spec.vocab_size / tp + 8 + 4 / per_mb  # log-softmax in fp32, int64 targets, the loss
+    if autocast:
+        visible += b * weights / tp / per_mb
     return visible, rebuilt
 
 
 def _hf_places(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool, last: bool, dtype: str, tp: int,
-               seq_len: int, first_layer: int | None) -> list[tuple[float, float]]:
+               seq_len: int, first_layer: int | None, sequences: int = 1) -> list[tuple[float, float]]:
     """hf_stage_saved_bytes at `first_layer`, or at every place the stage could take in the model when None
     (the planner's stage shapes; the caller keeps the worst)."""
     starts = [first_layer] if first_layer is not None else (
         [0] if first else [spec.num_layers - num_layers] if last else range(max(1, spec.num_layers - num_layers + 1)))
     return [hf_stage_saved_bytes(spec, range(s, s + num_layers), checkpoint, first=first, last=last, dtype=dtype,
-                                 tp=tp, seq_len=seq_len) for s in starts]
+                                 tp=tp, seq_len=seq_len, sequences=sequences) for s in starts]
 
 
 def hf_activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool, last: bool,
