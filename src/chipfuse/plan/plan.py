@@ -86,8 +86,21 @@ class SyncPlan:
     """Cross-island payload: none | bf16 | fp16."""
 
 
+class JsonForm:
+    """The JSON form every plan dataclass (training, serving) writes: what `read_plan_json` reads."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+
 @dataclass(frozen=True, kw_only=True)
-class Plan:
+class Plan(JsonForm):
     model: ModelSpec
     global_batch: validate.Count
     """Samples per optimizer step, over all replicas."""
@@ -121,15 +134,6 @@ class Plan:
         return all(len(r.stages) == 1 and len(r.stages[0].devices) == 1 for r in self.replicas)
 
     # ------------------------------------------------------------------ JSON
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
-
     @classmethod
     def from_dict(cls, d: Any, source: str = "<plan>") -> Plan:
         """A plan from its JSON form, every field checked by type and range (chipfuse.validate), then

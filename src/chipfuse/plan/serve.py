@@ -31,7 +31,6 @@ device never makes the chosen plan slower. Devices left out are listed with the 
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +42,7 @@ from chipfuse.model.costs import DTYPE_BYTES, ModelCosts, model_costs
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.hardware import BLOCK_LAUNCH_S, TOKENS_HALF, PoolIndex, p2p_s, sustained_flops
 from chipfuse.plan.memory import usable_bytes
-from chipfuse.plan.plan import checked_plan, read_plan_json
+from chipfuse.plan.plan import JsonForm, checked_plan, read_plan_json
 from chipfuse.plan.shares import proportional_shares
 
 WeightDtype = Literal["fp32", "bf16", "int8", "int4"]
@@ -85,7 +84,7 @@ class Excluded:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ServePlan:
+class ServePlan(JsonForm):
     """A pipeline of stages, one device each, in order; stage 0 also holds the embedding, the last the head."""
 
     model: ModelSpec
@@ -110,15 +109,6 @@ class ServePlan:
     @property
     def devices(self) -> tuple[str, ...]:
         return tuple(s.device for s in self.stages)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            Path(path).write_text(text + "\n")
-        return text
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "<serve plan>") -> ServePlan:

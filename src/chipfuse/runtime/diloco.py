@@ -235,7 +235,6 @@ class DiLoCo:
         self.counts_samples = counts_samples
         self.inner_steps = inner_steps
         self.compression = compression
-        self.link = link
         # The global parameters live apart from the model: inner steps move the model, the outer
         # optimizer moves only these.
         self.global_params = [p.detach().clone() for p in self.params]

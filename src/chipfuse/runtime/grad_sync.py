@@ -213,13 +213,14 @@ def build_gradient_sync(plan: Plan, pool: Pool, params: Sequence[torch.nn.Parame
         islands = island_layout(plan)
         groups = make_island_groups(ranks(islands), rank=rank, world_size=world_size)
         make_link = _link_maker(pool, islands, groups)
-        link = make_link(groups.leaders) if make_link is not None and groups.leaders is not None else None
         segments, counts = None, True
         if worker is not None:
             segments = make_segments(*_unit_holders(worker), groups, link=make_link)
             counts = worker.role.first and worker.role.leader
-            links = [seg.link for seg in segments if seg.link is not None]
-            link = links[0] if links else link
+            # Every segment's link shares one set of statistics: any of them reports for this rank.
+            link = next((seg.link for seg in segments if seg.link is not None), None)
+        else:
+            link = make_link(groups.leaders) if make_link is not None and groups.leaders is not None else None
         s = plan.sync
         diloco = DiLoCo(params, groups=groups, global_samples=plan.global_batch, share_fn=share_fn,
                         inner_steps=s.outer_every, outer_lr=s.outer_lr, outer_momentum=s.outer_momentum,

@@ -15,6 +15,7 @@ Written by hand: torch has benchmark utilities but no notion of emulated chips o
 from __future__ import annotations
 
 import functools
+import math
 import os
 import socket
 import time
@@ -233,7 +234,6 @@ def stage_targets(profile_path: str, device: str, stage: Stage, *, last: bool, m
     group's collectives are real (gloo) and run inside the padded span, so an emulated group is
     not charged for them twice: the cost model adds them on top (docs/emulation.md)."""
     import json
-    import math
 
     prof = json.loads(Path(profile_path).read_text())
     blocks = prof.get("layer_times", {}).get(device)
