@@ -66,7 +66,7 @@ def _plan(stages: int) -> Any:
 def _rank(rank: int, world: int, steps: int, full_build: bool) -> dict[str, Any]:
     import torch
 
-    from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
+    from chipfuse.runtime.parallel.pipeline import PipelineWorker, WorkerConfig
 
     plan, pool = _plan(world)
     base = _rss_now()

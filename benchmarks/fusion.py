@@ -21,7 +21,7 @@ from chipfuse.cli import main as chipfuse
 from chipfuse.model.spec import SPEC_PRESETS
 from chipfuse.report.figures import checked_fields, checked_ratio
 from chipfuse.report.output import console, table, write_json
-from chipfuse.runtime.probe import measure_unit_s
+from chipfuse.runtime.measure.probe import measure_unit_s
 
 NO_OUTRUN = "a job cannot outrun its devices alone"
 POOL = """

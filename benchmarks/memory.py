@@ -25,8 +25,8 @@ from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.max_model import LADDER, family_member, max_model, num_params
 from chipfuse.plan.memory import Strategy
 from chipfuse.report.output import console, table, write_json
-from chipfuse.runtime.memory import MemoryConfig
-from chipfuse.runtime.memory_probe import spawn_probe
+from chipfuse.runtime.measure.memory_probe import spawn_probe
+from chipfuse.runtime.parallel.memory import MemoryConfig
 
 HEAD_DIM = 32
 CHIP = "L4"

@@ -4,8 +4,8 @@
 
 Emulated: three CPU worker processes (one thread each) on gloo over 127.0.0.1. Island A is two
 devices of relative speed 0.6 on one site, island B one device of speed 0.3 on another; every
-step is padded to 1.1 x solo time / speed (runtime.emulate.Pacer). The sites are joined by an
-emulated 100 Mbit/s, 20 ms link (runtime.links): only traffic between the island leaders crosses
+step is padded to 1.1 x solo time / speed (runtime.emulate.device.Pacer). The sites are joined by an
+emulated 100 Mbit/s, 20 ms link (runtime.emulate.links): only traffic between the island leaders crosses
 it and is padded to the link's time. The batch is split by speed (4, 4, 2 samples of 64 tokens),
 the island rule, so every mode consumes the same tokens in the same order. The speeds sum to 1.5
 workers, under the ~1.6 cores at which pacing stays faithful on 2 cores (torch-on-cpu.md).
@@ -39,10 +39,10 @@ from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import SPEC_PRESETS, ModelSpec
 from chipfuse.plan.islands import propose_sync
 from chipfuse.report.output import console, table, write_json
-from chipfuse.runtime import dist as cdist
-from chipfuse.runtime.diloco import DiLoCo, make_island_groups, sync_gradients
-from chipfuse.runtime.emulate import Pacer, solo_time
-from chipfuse.runtime.links import EmulatedLink
+from chipfuse.runtime.emulate.device import Pacer, solo_time
+from chipfuse.runtime.emulate.links import EmulatedLink
+from chipfuse.runtime.launch import dist as cdist
+from chipfuse.runtime.sync.diloco import DiLoCo, make_island_groups, sync_gradients
 
 SPEEDS = (0.6, 0.6, 0.3)
 SHARES = (4, 4, 2)  # samples per step, proportional to speed

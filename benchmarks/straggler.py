@@ -48,7 +48,7 @@ emulate = { speed = 0.25 }
 def unit_s(micro_batch: int = 4) -> float:
     """Seconds per sample of one unslowed worker (one thread) on the `small` model, best of 5."""
     from chipfuse.model.spec import SPEC_PRESETS
-    from chipfuse.runtime.probe import measure_unit_s
+    from chipfuse.runtime.measure.probe import measure_unit_s
 
     return measure_unit_s(SPEC_PRESETS["small"], micro_batch=micro_batch)
 

@@ -24,7 +24,7 @@ def plan_for(shares: dict[str, int]):
 def reference_losses(steps: int, global_batch: int = 8, lr: float = 3e-3, spec: ModelSpec = TINY,
                      betas: tuple[float, float] = (0.9, 0.999)) -> list[float]:
     """One process, the whole batch: the loss curve every resumed or re-planned run must follow.
-    (The trainer's recipe: betas (0.9, 0.95), see runtime/optim.py.)"""
+    (The trainer's recipe: betas (0.9, 0.95), see runtime/train/optim.py.)"""
     model = build_model(spec)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, foreach=False)
     out = []
@@ -42,7 +42,7 @@ def continue_from(path, steps: int, global_batch: int = 8, lr: float = 3e-3, spe
                   betas: tuple[float, float] = (0.9, 0.999)) -> dict[int, float]:
     """One process, the whole batch, from checkpoint `path` (DIR/step_N) up to `steps`: what any plan
     resuming from that checkpoint must compute, up to the rounding of its own split."""
-    from chipfuse.runtime import checkpoint
+    from chipfuse.runtime.endure import checkpoint
 
     model = build_model(spec, seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, foreach=False)

@@ -14,8 +14,8 @@ import torch.distributed as dist
 from chipfuse.data import get_batch
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.plan.plan import Plan
-from chipfuse.runtime import checkpoint
-from chipfuse.runtime import dist as cdist
+from chipfuse.runtime.endure import checkpoint
+from chipfuse.runtime.launch import dist as cdist
 
 
 def main() -> None:

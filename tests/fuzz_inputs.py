@@ -168,7 +168,7 @@ def loader(kind: str, doc: Any, tmp: Path) -> Callable[[], Any]:
         (d / "config.json").write_text(json.dumps(doc))
         return lambda: from_hf_config(d / "config.json")
     if kind == "manifest":
-        from chipfuse.runtime.checkpoint import verify
+        from chipfuse.runtime.endure.checkpoint import verify
 
         ck = _write_manifest_checkpoint(tmp, doc)
         return lambda: verify(ck)

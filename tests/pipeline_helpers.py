@@ -8,10 +8,10 @@ from chipfuse.cluster.pool import Pool, pool_from_dict
 from chipfuse.data import get_batch
 from chipfuse.model.gpt import loss_sum
 from chipfuse.model.spec import ModelSpec
+from chipfuse.model.split import build_full, full_logits
 from chipfuse.plan.plan import Plan, Replica, Stage
-from chipfuse.runtime.optim import build_optimizer
-from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
-from chipfuse.runtime.stages import build_full, full_logits
+from chipfuse.runtime.parallel.pipeline import PipelineWorker, WorkerConfig
+from chipfuse.runtime.train.optim import build_optimizer
 
 TINY_GPT = ModelSpec(name="tiny", num_layers=3, dim=64, num_heads=4, vocab_size=256, seq_len=32)
 TINY_LLAMA = ModelSpec(name="tiny-llama", family="llama", num_layers=3, dim=64, num_heads=4, num_kv_heads=2,

@@ -9,8 +9,8 @@ import torch
 from chipfuse.cluster.pool import load_pool
 from chipfuse.errors import ChipfuseError, PlanError, PoolError
 from chipfuse.plan.plan import Plan
-from chipfuse.runtime.checkpoint import CheckpointError, check_resumable
-from chipfuse.runtime.guard import LossGuard, NonFiniteLossError
+from chipfuse.runtime.endure.checkpoint import CheckpointError, check_resumable
+from chipfuse.runtime.endure.guard import LossGuard, NonFiniteLossError
 from tests.endure_util import TINY, plan_for
 
 

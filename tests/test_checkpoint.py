@@ -8,7 +8,7 @@ import torch
 from chipfuse.data import get_batch
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.plan.plan import Plan
-from chipfuse.runtime import checkpoint
+from chipfuse.runtime.endure import checkpoint
 from tests.endure_util import TINY, plan_for, reference_losses
 
 

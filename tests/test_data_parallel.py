@@ -5,7 +5,7 @@ import torch
 from chipfuse.data import get_batch
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import SPEC_PRESETS
-from chipfuse.runtime.data_parallel import DataParallelWorker, all_reduce_gradients
+from chipfuse.runtime.sync.data_parallel import DataParallelWorker, all_reduce_gradients
 from tests.distributed import run_ranks
 
 SPEC = SPEC_PRESETS["tiny"]

@@ -13,8 +13,8 @@ from chipfuse.errors import PlanError
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.plan import SyncPlan, data_parallel_plan
-from chipfuse.runtime.diloco import DiLoCo, make_island_groups, sync_gradients
-from chipfuse.runtime.grad_sync import build_gradient_sync
+from chipfuse.runtime.sync.diloco import DiLoCo, make_island_groups, sync_gradients
+from chipfuse.runtime.sync.grad_sync import build_gradient_sync
 from tests.distributed import run_ranks
 
 SPEC = ModelSpec(name="t", num_layers=2, dim=64, num_heads=4, vocab_size=256, seq_len=32)

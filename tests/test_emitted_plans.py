@@ -91,8 +91,8 @@ def test_rehearse_refuses_bad_input_in_one_line(tmp_path, capsys):
 def test_emitted_plan_passes_checks_and_runs_three_steps(example, tmp_path, capsys):
     from chipfuse.plan.memory import check_plan_memory
     from chipfuse.plan.plan import Plan
-    from chipfuse.runtime.dist import host_devices
-    from chipfuse.runtime.topology import check_runnable
+    from chipfuse.runtime.launch.dist import host_devices
+    from chipfuse.runtime.parallel.topology import check_runnable
 
     out = tmp_path / "rehearsal.toml"
     info = tmp_path / "rehearsal.json"

@@ -20,7 +20,7 @@ from chipfuse.cli import main
 from chipfuse.model.gpt import build_model
 from chipfuse.model.spec import SPEC_PRESETS
 from chipfuse.plan.plan import SyncPlan, data_parallel_plan
-from chipfuse.runtime import checkpoint
+from chipfuse.runtime.endure import checkpoint
 from tests.endure_util import ENV, TINY
 from tests.test_train_islands import POOL as ISLAND_POOL
 
@@ -55,7 +55,7 @@ SAVER = textwrap.dedent("""
     import sys, torch
     from chipfuse.model.gpt import build_model
     from chipfuse.model.spec import ModelSpec
-    from chipfuse.runtime import checkpoint
+    from chipfuse.runtime.endure import checkpoint
     spec = ModelSpec(name="tiny", num_layers=2, dim=64, num_heads=4, vocab_size=256, seq_len=32)
     model = build_model(spec)
     opt = torch.optim.AdamW(model.parameters())
@@ -94,7 +94,7 @@ SUPERVISOR = textwrap.dedent("""
     import sys, time
     from chipfuse.model.spec import ModelSpec
     from chipfuse.plan.plan import data_parallel_plan
-    from chipfuse.runtime.supervisor import supervise
+    from chipfuse.runtime.launch.supervisor import supervise
     spec = ModelSpec(name="tiny", num_layers=2, dim=64, num_heads=4, vocab_size=256, seq_len=32)
     plan = data_parallel_plan(spec, {"a": 2, "b": 2}, seq_len=32, micro_batch_size=2)
     pids = sys.argv[2]

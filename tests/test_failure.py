@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from chipfuse.runtime.supervisor import supervise, survivor_plan
+from chipfuse.runtime.launch.supervisor import supervise, survivor_plan
 from tests.endure_util import ENV, continue_from, plan_for, read_losses, worker_argv
 
 

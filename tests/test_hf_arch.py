@@ -117,7 +117,7 @@ def test_train_export_round_trip_loads_in_transformers_with_identical_logits(tmp
 
     from chipfuse.model.gpt import loss_sum
     from chipfuse.model.weights import export_checkpoint
-    from chipfuse.runtime import checkpoint
+    from chipfuse.runtime.endure import checkpoint
 
     src = tmp_path / "src"
     save_tiny(TINY["gpt2"], src)
@@ -148,7 +148,7 @@ def test_train_export_round_trip_loads_in_transformers_with_identical_logits(tmp
 def test_export_refuses_the_builtin_gpt(tmp_path):
     from chipfuse.model.spec import SPEC_PRESETS
     from chipfuse.model.weights import export_checkpoint
-    from chipfuse.runtime import checkpoint
+    from chipfuse.runtime.endure import checkpoint
 
     spec = SPEC_PRESETS["tiny"]
     plan = plan_of(spec, [([("a", 3)], 2, 2)])

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from chipfuse.model.arch import spec_from_config_dict
-from chipfuse.runtime.pipeline import WorkerConfig
-from chipfuse.runtime.stages import build_full, build_stage, full_logits
+from chipfuse.model.split import build_full, build_stage, full_logits
+from chipfuse.runtime.parallel.pipeline import WorkerConfig
 from tests.distributed import run_ranks
 from tests.hf_tiny import TINY
 from tests.pipeline_helpers import TINY_LLAMA, plan_of, pool_of, reference, run_steps

@@ -7,7 +7,7 @@ import torch
 
 from chipfuse.plan.hardware import ring_allreduce_s
 from chipfuse.plan.islands import ring_allreduce_wire_bytes
-from chipfuse.runtime.links import EmulatedLink
+from chipfuse.runtime.emulate.links import EmulatedLink
 from tests.distributed import run_ranks
 
 MBIT_S = 1e6 / 8  # bytes/s per Mbit/s

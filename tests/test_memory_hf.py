@@ -2,9 +2,9 @@
 coefficients in model.arch.SAVED) against what the emulated meter counts for transformers' own layers.
 
 For every architecture chipfuse splits, a tiny model's first, middle and last stage runs forward and
-backward (its loss on the last stage) under runtime.emulate.MemoryMeter, the meter the emulated
+backward (its loss on the last stage) under runtime.emulate.device.MemoryMeter, the meter the emulated
 devices refuse with; the meter's peak of saved bytes must equal the model's figure, in fp32 and in
-bf16 under autocast as the runtime applies it (runtime.memory.apply_autocast: fp32 master weights,
+bf16 under autocast as the runtime applies it (runtime.parallel.memory.apply_autocast: fp32 master weights,
 some saved tensors stay fp32). One process, no workers: each case is a few milliseconds of compute.
 """
 
@@ -20,9 +20,9 @@ from chipfuse.model.arch import spec_from_config_dict
 from chipfuse.model.gpt import loss_sum
 from chipfuse.model.split import build_full, build_stage
 from chipfuse.plan.memory import activation_bytes_per_token, hf_stage_saved_bytes
-from chipfuse.runtime.emulate import MemoryMeter
-from chipfuse.runtime.memory import apply_autocast
+from chipfuse.runtime.emulate.device import MemoryMeter
 from chipfuse.runtime.parallel.checkpointing import apply_checkpointing
+from chipfuse.runtime.parallel.memory import apply_autocast
 from tests.hf_tiny import TINY
 
 T = 32  # longer than the tiny configs' sliding windows (16), so windowed layers get their mask

@@ -1,4 +1,4 @@
-"""Each memory strategy trains the same model as the plain run (runtime.memory).
+"""Each memory strategy trains the same model as the plain run (runtime.parallel.memory).
 
 Single-process strategies run in this process; the sharded ones share one start of 2 gloo ranks
 (a start costs seconds here). Tolerances, and why:
@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from chipfuse.model.spec import ModelSpec
-from chipfuse.runtime.memory import MemoryConfig
-from chipfuse.runtime.memory_probe import ProbeResult, run_probe, spawn_probe
+from chipfuse.runtime.measure.memory_probe import ProbeResult, run_probe, spawn_probe
+from chipfuse.runtime.parallel.memory import MemoryConfig
 
 SPEC = ModelSpec(name="tiny4", num_layers=4, dim=64, num_heads=4, vocab_size=256, seq_len=32)
 RUN = {"spec": SPEC, "global_batch": 4, "seq_len": 32, "cap_bytes": None, "lr": 3e-3}

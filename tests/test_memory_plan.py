@@ -10,8 +10,8 @@ from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.max_model import max_model, num_params
 from chipfuse.plan.memory import Strategy, best_shard_group, check_plan_memory, stage_device_memory
 from chipfuse.plan.plan import Plan, Replica, Stage, data_parallel_plan
-from chipfuse.runtime.memory import MemoryConfig
-from chipfuse.runtime.memory_probe import run_probe
+from chipfuse.runtime.measure.memory_probe import run_probe
+from chipfuse.runtime.parallel.memory import MemoryConfig
 
 MiB = 2**20
 SPEC = ModelSpec(name="t", num_layers=4, dim=128, num_heads=4, vocab_size=256, seq_len=64)
@@ -64,7 +64,7 @@ def test_offload_on_cpu_devices_is_refused_in_preflight() -> None:
 
 
 def test_bf16_computes_in_fp32_on_a_chip_without_it() -> None:
-    from chipfuse.runtime.memory import device_memory_config
+    from chipfuse.runtime.parallel.memory import device_memory_config
 
     plan = Plan(**{**_sharded_plan(("d0", "d1"), checkpoint="full").__dict__, "dtype": "bf16"})
     assert device_memory_config(plan, _pool(64, 64), "d0").dtype == "fp32"  # T4: no bf16 units

@@ -55,7 +55,7 @@ def test_train_refuses_a_plan_over_the_memory_cap_before_it_starts(tmp_path, cap
 def test_sharded_groups_run_and_offload_on_a_cpu_is_refused():
     from chipfuse.errors import PlanError
     from chipfuse.plan.plan import Replica, Stage
-    from chipfuse.runtime.topology import check_runnable
+    from chipfuse.runtime.parallel.topology import check_runnable
     from tests.pipeline_helpers import pool_of
 
     pool = pool_of({"a": ("cpu", 1.0), "b": ("cpu", 1.0)})

@@ -7,8 +7,8 @@ import torch
 
 from chipfuse.errors import PlanError
 from chipfuse.plan.plan import Plan, Replica, Stage
-from chipfuse.runtime.pipeline import WorkerConfig
-from chipfuse.runtime.topology import check_runnable, layout, unit_ranks
+from chipfuse.runtime.parallel.pipeline import WorkerConfig
+from chipfuse.runtime.parallel.topology import check_runnable, layout, unit_ranks
 from tests.distributed import run_ranks
 from tests.pipeline_helpers import TINY_GPT, plan_of, pool_of, reference, run_steps
 
@@ -91,8 +91,8 @@ def _whole_model_bytes(spec, batch: int, seq_len: int) -> int:
     plus the activations saved for backward of one micro-batch."""
     from chipfuse.data import get_batch
     from chipfuse.model.gpt import loss_sum
-    from chipfuse.runtime.emulate import MemoryMeter
-    from chipfuse.runtime.stages import build_full
+    from chipfuse.model.split import build_full
+    from chipfuse.runtime.emulate.device import MemoryMeter
 
     model = build_full(spec, 0)
     meter = MemoryMeter(device_name="probe", cap_bytes=None)

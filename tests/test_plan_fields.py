@@ -17,8 +17,8 @@ import torch
 from chipfuse.errors import PlanError
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.plan import Plan, Replica, Stage, SyncPlan
-from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
-from chipfuse.runtime.topology import Topology, check_runnable, schedule_for
+from chipfuse.runtime.parallel.pipeline import PipelineWorker, WorkerConfig
+from chipfuse.runtime.parallel.topology import Topology, check_runnable, schedule_for
 from tests.pipeline_helpers import pool_of
 
 SPEC = ModelSpec(name="tiny4", num_layers=4, dim=64, num_heads=4, vocab_size=256, seq_len=32)
@@ -84,7 +84,7 @@ def check_optimizer_dtype():
 
 
 def check_sync():
-    from chipfuse.runtime.grad_sync import build_gradient_sync
+    from chipfuse.runtime.sync.grad_sync import build_gradient_sync
 
     plan = _plan(sync=SyncPlan(islands=(("g",),), outer_every=3, compression="bf16"))
     w = _worker(plan)

@@ -187,7 +187,7 @@ def test_searched_plans_are_accepted_by_the_runtime():
     from pathlib import Path
 
     from chipfuse.cluster.pool import load_pool
-    from chipfuse.runtime.topology import check_runnable
+    from chipfuse.runtime.parallel.topology import check_runnable
 
     pool = load_pool(Path(__file__).parent.parent / "examples" / "export-mix.toml")
     model = SPEC_PRESETS["llama-13b"]

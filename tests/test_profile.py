@@ -40,7 +40,7 @@ def test_profile_command_writes_planner_profile(tmp_path):
 
 def test_stage_targets_follow_the_profile(tmp_path):
     from chipfuse.plan.plan import Stage
-    from chipfuse.runtime.profiler import stage_targets
+    from chipfuse.runtime.measure.profiler import stage_targets
 
     prof = {"layer_times": {"d": [{"micro_batch_size": 2, "seq_len": 32, "fwd_s": 0.01, "bwd_s": 0.02}]},
             "head_times": {"d": [{"micro_batch_size": 2, "seq_len": 32, "fwd_s": 0.001, "bwd_s": 0.002}]}}

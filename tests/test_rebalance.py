@@ -3,7 +3,7 @@
 import itertools
 import random
 
-from chipfuse.runtime.balance import (
+from chipfuse.runtime.endure.balance import (
     BalanceConfig,
     Rebalancer,
     best_shares,

@@ -1,4 +1,4 @@
-"""The recipe (runtime/recipe.py): learning-rate schedule, weight-decay groups, and clipping by
+"""The recipe (runtime/train/recipe.py): learning-rate schedule, weight-decay groups, and clipping by
 the global norm of the fully reduced gradient, checked against one process running
 torch.nn.utils.clip_grad_norm_ on the whole batch: over 2 pipeline stages x 2 unequal replicas,
 and over FSDP2 shards with unequal shares."""
@@ -13,9 +13,9 @@ import torch
 from chipfuse.data import get_batch
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.gpt import build_model, loss_sum
-from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
-from chipfuse.runtime.recipe import Recipe, RecipeStep, decay_groups, global_grad_norm, unit_owner
-from chipfuse.runtime.stages import build_full, full_logits
+from chipfuse.model.split import build_full, full_logits
+from chipfuse.runtime.parallel.pipeline import PipelineWorker, WorkerConfig
+from chipfuse.runtime.train.recipe import Recipe, RecipeStep, decay_groups, global_grad_norm, unit_owner
 from tests.distributed import run_ranks
 from tests.pipeline_helpers import TINY_GPT, plan_of, pool_of
 
@@ -91,7 +91,7 @@ def test_clip_over_two_stages_times_two_unequal_replicas_matches_one_process():
 
 
 def _fsdp_clip(rank: int, world: int, shares: list[int], max_norm: float) -> dict:
-    from chipfuse.runtime.memory import apply_sharding
+    from chipfuse.runtime.parallel.memory import apply_sharding
 
     model = build_model(TINY_GPT, seed=CFG.seed)
     apply_sharding(model, shard="full")

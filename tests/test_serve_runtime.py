@@ -258,7 +258,7 @@ def test_generate_from_a_training_checkpoint_equals_transformers_on_its_export(t
     from chipfuse.model.spec import resolve_model
     from chipfuse.model.split import build_stage
     from chipfuse.model.weights import export_checkpoint
-    from chipfuse.runtime import checkpoint
+    from chipfuse.runtime.endure import checkpoint
     from tests.pipeline_helpers import plan_of
 
     src = tiny_model(tmp_path / "src", "llama", layers=2)

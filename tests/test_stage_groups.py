@@ -22,7 +22,7 @@ import torch
 
 from chipfuse.model.arch import spec_from_config_dict
 from chipfuse.plan.plan import Plan, Replica, Stage
-from chipfuse.runtime.pipeline import WorkerConfig
+from chipfuse.runtime.parallel.pipeline import WorkerConfig
 from tests.distributed import run_ranks
 from tests.hf_tiny import TINY
 from tests.pipeline_helpers import TINY_GPT, TINY_LLAMA, pool_of, reference, run_steps

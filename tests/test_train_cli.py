@@ -7,7 +7,7 @@ import torch
 
 from chipfuse.cli import main
 from chipfuse.errors import DeviceMemoryError
-from chipfuse.runtime.emulate import MemoryMeter, Pacer
+from chipfuse.runtime.emulate.device import MemoryMeter, Pacer
 
 POOL = """
 name = "test-pool"

@@ -10,7 +10,7 @@ import torch
 
 from chipfuse.cli import main
 from chipfuse.data import corpus
-from chipfuse.runtime import checkpoint
+from chipfuse.runtime.endure import checkpoint
 from tests.pipeline_helpers import TINY_GPT, plan_of
 
 POOL = """

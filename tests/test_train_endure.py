@@ -14,8 +14,8 @@ import torch
 from chipfuse.cli import main
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.spec import SPEC_PRESETS
-from chipfuse.runtime import checkpoint
-from chipfuse.runtime.endure import Slowdown
+from chipfuse.runtime.endure import checkpoint
+from chipfuse.runtime.endure.endure import Slowdown
 from tests.endure_util import ENV, continue_from, reference_losses
 
 POOL = """
@@ -129,7 +129,7 @@ def test_pipeline_checkpoint_resumes_as_data_parallel_on_one_device(tmp_path):
 def test_ctrl_c_and_sigterm_become_a_stop_request():
     import os
 
-    from chipfuse.runtime.guard import CleanStop
+    from chipfuse.runtime.endure.guard import CleanStop
 
     with CleanStop() as stop:
         os.kill(os.getpid(), signal.SIGINT)

@@ -8,7 +8,7 @@ import subprocess
 import time
 
 from chipfuse.cli import main
-from chipfuse.runtime import checkpoint
+from chipfuse.runtime.endure import checkpoint
 from tests.netns import POOL, start_on_two_hosts, train_on_two_hosts, two_hosts  # noqa: F401  (a fixture)
 
 TIMEOUT_S = 10

@@ -11,7 +11,7 @@ import argparse
 from chipfuse.data.loader import DataConfig, check_same_source, open_loader
 from chipfuse.errors import ChipfuseError
 from chipfuse.plan.plan import Plan
-from chipfuse.runtime.recipe import Recipe
+from chipfuse.runtime.train.recipe import Recipe
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,7 +60,7 @@ def check(args: argparse.Namespace, plan: Plan) -> None:
     loader = open_loader(data, global_batch=plan.global_batch, seq_len=plan.seq_len,
                          vocab_size=plan.model.vocab_size, seed=args.seed)
     if getattr(args, "resume", None):
-        from chipfuse.runtime import checkpoint
+        from chipfuse.runtime.endure import checkpoint
 
         path, manifest, _ = checkpoint.find_latest(args.resume)
         check_same_source(manifest.get("extra", {}).get("data"), loader.position(0), str(path))

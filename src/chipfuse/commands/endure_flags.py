@@ -15,9 +15,9 @@ from pathlib import Path
 from chipfuse.cluster.pool import Pool
 from chipfuse.errors import ChipfuseError
 from chipfuse.plan.plan import Plan
-from chipfuse.runtime import checkpoint
-from chipfuse.runtime.endure import EndureConfig
-from chipfuse.runtime.guard import NAN_POLICIES
+from chipfuse.runtime.endure import checkpoint
+from chipfuse.runtime.endure.endure import EndureConfig
+from chipfuse.runtime.endure.guard import NAN_POLICIES
 from chipfuse.validate import arg_float, arg_int
 
 
@@ -124,7 +124,7 @@ def launch(args: argparse.Namespace, plan: Plan, worker_argv: list[str], summary
     After a death, a data-parallel plan keeps its survivors' shares (in proportion); any other plan
     (pipelines) is re-planned as `chipfuse train` would plan the survivors, with the same model,
     batch and sequence."""
-    from chipfuse.runtime.supervisor import supervise, survivor_plan
+    from chipfuse.runtime.launch.supervisor import supervise, survivor_plan
 
     def replan(old: Plan, dead: set[str]) -> Plan:
         if old.is_pure_data_parallel:

@@ -27,7 +27,7 @@ def measure(pool, spec, *, seq_len: int, micro_batch_sizes: tuple[int, ...], sla
     """The profile as a dict (Profile.from_dict reads it; extra keys are for people and reports)."""
     import torch
 
-    from chipfuse.runtime import profiler
+    from chipfuse.runtime.measure import profiler
 
     torch.set_num_threads(1)  # as every worker runs
     host = profiler.host_figures()

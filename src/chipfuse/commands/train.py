@@ -19,7 +19,7 @@ from chipfuse.errors import ChipfuseError
 from chipfuse.model.spec import resolve_model
 from chipfuse.plan.plan import Plan
 from chipfuse.report.output import console, table, write_json
-from chipfuse.runtime.dist import launched_by_torchrun
+from chipfuse.runtime.launch.dist import launched_by_torchrun
 from chipfuse.validate import arg_float, arg_int
 
 BUILTIN = "builtin"
@@ -67,8 +67,8 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
     worker starts, if it does not match the pool or the model."""
     if args.plan:
         from chipfuse.plan.memory import check_plan_memory
-        from chipfuse.runtime.dist import host_devices
-        from chipfuse.runtime.topology import check_runnable
+        from chipfuse.runtime.launch.dist import host_devices
+        from chipfuse.runtime.parallel.topology import check_runnable
 
         plan = Plan.from_json(args.plan)
         plan.check_against_pool(pool, source=args.plan)
@@ -77,7 +77,7 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
         check_runnable(plan, pool, source=args.plan, host_devices=host_devices())
         return plan
     from chipfuse.plan.data_parallel import unequal_data_parallel
-    from chipfuse.runtime.probe import measure_memory
+    from chipfuse.runtime.measure.probe import measure_memory
 
     spec = getattr(args, "model_spec", None) or resolve_model(args.model)  # a resumed run: the checkpoint's
     seq_len = args.seq_len or spec.seq_len
@@ -168,7 +168,7 @@ def _emulation_profile(args: argparse.Namespace, plan: Plan, pool: Pool, run_dir
     """Measure this host's thread once; the workers pace to it and the prediction uses it, so an
     emulated run is predicted for the chip it emulates, not for the catalog chip it is named after."""
     from chipfuse.plan.profile import emulation_profile
-    from chipfuse.runtime.probe import measure_unit_s
+    from chipfuse.runtime.measure.probe import measure_unit_s
 
     if not args.unit_s:
         args.unit_s = measure_unit_s(plan.model, micro_batch=max(r.micro_batch_size for r in plan.replicas))
@@ -183,14 +183,14 @@ def launch_local(nproc: int, worker_args: list[str]) -> int:
     # Rank 0 speaks for the job on stdout; every rank keeps its stderr, where its one-line error goes.
     quiet = ",".join(f"{i}:1" for i in range(1, nproc)) or "0:0"
     with tempfile.TemporaryDirectory() as logs:
-        cmd = [sys.executable, "-m", "chipfuse.runtime.torchrun", "--standalone", f"--nproc-per-node={nproc}",
+        cmd = [sys.executable, "-m", "chipfuse.runtime.launch.torchrun", "--standalone", f"--nproc-per-node={nproc}",
                "--log-dir", logs, "--redirects", quiet, "-m", "chipfuse.cli", *worker_args]
         return subprocess.call(cmd, env=env)
 
 
 def _worker(args: argparse.Namespace, pool: Pool) -> int:
-    from chipfuse.runtime import dist as cfdist
-    from chipfuse.runtime.trainer import TrainConfig, run
+    from chipfuse.runtime.launch import dist as cfdist
+    from chipfuse.runtime.train.trainer import TrainConfig, run
 
     plan = endure_flags.prepare(args, pool, make_plan)
     shares = args.shares or ("plan" if all(d.emulated for d in pool.devices) else "measured")

@@ -5,7 +5,7 @@ the tensors its stage holds (by the full model's parameter names, which are the 
 transformers saves), checking each tensor's shape and dtype first. A tied head with no tensor of
 its own in the folder (transformers saves the shared matrix once) reads the embedding's.
 
-Out: a chipfuse checkpoint (DCP, runtime/checkpoint.py) read back in one process into
+Out: a chipfuse checkpoint (DCP, runtime/endure/checkpoint.py) read back in one process into
 transformers' model of the checkpoint's plan, then written with transformers' own
 `save_pretrained`, so `from_pretrained` finds exactly the keys it expects.
 """

@@ -86,7 +86,7 @@ def block_time(costs: ModelCosts, hw: GroupHW, sh: StageShape, *, dtype: str) ->
     if sh.checkpoint == "full":
         b1 += f1
     elif sh.checkpoint == "selective":
-        b1 += f1 / 2  # every other block re-runs its forward (runtime.memory's layer-selective mode)
+        b1 += f1 / 2  # every other block re-runs its forward (runtime.parallel.memory's layer-selective mode)
     w = DTYPE_BYTES[dtype]
     if t > 1:
         ar = ring_allreduce_s(tokens * costs.spec.dim * w, t, hw.intra_bw, hw.intra_lat)

@@ -6,7 +6,7 @@ in, a SyncPlan and the predictions behind it out. No torch.distributed.
 The rule:
 1. Synchronous data parallel reduces hierarchically: inside each node over its own link, then
    among nodes in a ring bounded by the slowest link between them (2(k-1)/k x bytes and 2(k-1)
-   latencies: plan.hardware.ring_allreduce_s, shared with the cost model and runtime.links).
+   latencies: plan.hardware.ring_allreduce_s, shared with the cost model and runtime.emulate.links).
    If that costs at most `max_comm_fraction` of compute, keep synchronous training (islands=()).
 2. Otherwise islands are the connected components of nodes joined by links fast enough for
    synchronous training on their own (a 2-member all-reduce within the budget).

@@ -1,5 +1,5 @@
 """Memory per device: the one model that the planner searches with and the runtime's pre-flight check
-refuses with (chipfuse train --plan), and what runtime.memory really leaves on a device.
+refuses with (chipfuse train --plan), and what runtime.parallel.memory really leaves on a device.
 
 Pure arithmetic (no torch): a ModelSpec, a stage's shape and memory strategy, in; bytes out.
 Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of chipfuse.model.gpt):
@@ -23,7 +23,7 @@ Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of ch
   matrix, one log-sum-exp per head): a block keeps 8h + 2f + 2 heads values (GELU MLP: fc1
   output and GELU output; SwiGLU keeps 4f: gate, up, silu(gate), product), a checkpointed block
   its input h, plus, in backward, one block's worth while it is recomputed; the embedding, head and
-  loss keep 2h + V + 8. "selective" checkpoints blocks 0, 2, 4, ... (runtime.memory). Values are
+  loss keep 2h + V + 8. "selective" checkpoints blocks 0, 2, 4, ... (runtime.parallel.memory). Values are
   4 bytes in fp32, 2 in bf16/fp16 (the logits' fp32 copy is counted in V). A Hugging Face stage
   (family "hf") saves what transformers' code saves, per architecture: hf_stage_saved_bytes with the
   coefficients of model.arch.SAVED, equal to the meter's count (tests/test_memory_hf.py) in fp32 and in
@@ -227,7 +227,7 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
 
     Blocks: model.arch.saved_block (per architecture, from transformers' code). A block under
     checkpointing keeps its input (h); torch's checkpoint rebuilds it in backward under its own
-    saved-tensor hooks, so the meter (runtime.emulate.MemoryMeter) never sees the rebuilt block, a real
+    saved-tensor hooks, so the meter (runtime.emulate.device.MemoryMeter) never sees the rebuilt block, a real
     chip holds it: the second figure. "selective" checkpoints layers 0, 2, 4, ... of the whole model.
     Per stage: rotary cos/sin (2 x head_dim per position and set); the token ids (int64, 8 bytes) on
     the first stage, GPT-2's position ids (8 bytes per position) and embedding dropout mask (h); on the

@@ -37,7 +37,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 class Stage:
     def __init__(self, spec: dict[str, Any], rank: int):
-        from chipfuse.runtime.emulate import Pacer
+        from chipfuse.runtime.emulate.device import Pacer
         from chipfuse.serve.hf import StageModel
 
         plan = spec["plan"]
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     import signal
     from multiprocessing.connection import Client
 
-    from chipfuse.runtime import dist as cfdist
+    from chipfuse.runtime.launch import dist as cfdist
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints where a stuck worker is
     argv = argv if argv is not None else sys.argv[1:]

@@ -1,1 +1,1 @@
-"""The parallelisms, one file each, applied to a stage module by runtime/parallelize.py in one order."""
+"""The parallelisms, one file each, applied to a stage module by runtime/parallel/parallelize.py in one order."""

@@ -15,7 +15,7 @@ Per architecture, the module names:
 - Hugging Face decoders: transformers' own names, from the architecture's row of model/arch.py
   (Layout.tp; Llama-like: q/k/v/gate/up colwise, o/down rowwise, the attention inferring the local
   head count from the projection's width). Architectures without a plan there (GPT-2, OPT,
-  Phi-3) are refused before start by runtime.topology, with the reason arch.tp_refusal gives.
+  Phi-3) are refused before start by runtime.parallel.topology, with the reason arch.tp_refusal gives.
 """
 
 from __future__ import annotations

@@ -32,9 +32,9 @@ from torch.distributed import TCPStore
 from chipfuse.errors import ChipfuseError
 from chipfuse.plan.plan import Plan
 from chipfuse.plan.shares import proportional_shares
-from chipfuse.runtime import checkpoint
-from chipfuse.runtime.balance import with_shares
-from chipfuse.runtime.guard import die_with_parent
+from chipfuse.runtime.endure import checkpoint
+from chipfuse.runtime.endure.balance import with_shares
+from chipfuse.runtime.endure.guard import die_with_parent
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,7 @@ class Validator:
                  loss_sum: Callable[[int, int], float]):
         """place(): this rank's (offset, share) in the global batch now (rebalancing moves them);
         loss_sum(start, count): the summed token loss of validation samples [start, start+count)
-        computed by this rank (runtime.pipeline.PipelineWorker.eval_loss_sum: 0 on ranks that hold
+        computed by this rank (runtime.parallel.pipeline.PipelineWorker.eval_loss_sum: 0 on ranks that hold
         no loss, e.g. a pipeline's first stages)."""
         self.loader, self.every, self.total_steps = loader, every, total_steps
         self.place, self.loss_sum = place, loss_sum

@@ -11,7 +11,7 @@
 
 On devices with their own memory and `offload="optimizer"`, the state and the update move to host
 memory with torchao's CPUOffloadOptimizer (ZeRO-Offload's idea). On a CPU worker there is no
-other memory to move to; runtime.memory decides what that means.
+other memory to move to; runtime.parallel.memory decides what that means.
 
 torchao compiles its per-parameter update with torch.compile. On CPU workers that costs 10-30 s
 per process and gains nothing (docs/emulation.md, "Facts measured on CPU"), so there we run torchao's own
@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
-from chipfuse.runtime.emulate import plain_parts as leaf_tensors
+from chipfuse.runtime.emulate.device import plain_parts as leaf_tensors
 
 LOW_BIT = ("bf16", "int8", "int4")
 
@@ -106,21 +106,21 @@ def build_state_optimizer(params: Iterable[torch.nn.Parameter], *, optimizer_dty
                           weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.95), offload: bool = False,
                           device: torch.device | None = None) -> torch.optim.Optimizer:
     """AdamW with the state format of `optimizer_dtype`; `offload` moves state to host memory
-    (only meaningful where `device` has its own memory: callers decide that, see runtime.memory).
-    betas default to runtime.optim's, so that fp32 here is the trainer's optimizer."""
+    (only meaningful where `device` has its own memory: callers decide that, see runtime.parallel.memory).
+    betas default to runtime.train.optim's, so that fp32 here is the trainer's optimizer."""
     params = list(params)
     dev = device or (params[0].device if params else torch.device("cpu"))
     kw: dict = {"lr": lr, "weight_decay": weight_decay, "betas": betas}
-    from chipfuse.runtime.recipe import decay_groups
+    from chipfuse.runtime.train.recipe import decay_groups
 
-    # With decay, matrices decay and 1-D tensors (biases, norms) do not, as runtime.optim.
+    # With decay, matrices decay and 1-D tensors (biases, norms) do not, as runtime.train.optim.
     groups: list = decay_groups(params, weight_decay) if weight_decay else params
     if offload and dev.type != "cpu":
         ao_optim, _, _ = _torchao_optim()
         cls = torch.optim.AdamW if optimizer_dtype == "fp32" else _make_class(optimizer_dtype, eager=False)
         return ao_optim.CPUOffloadOptimizer(groups, optimizer_class=cls, **kw)
     if optimizer_dtype == "fp32":
-        return torch.optim.AdamW(groups, foreach=False, **kw)  # foreach=False: as runtime.optim, see there
+        return torch.optim.AdamW(groups, foreach=False, **kw)  # foreach=False: as runtime.train.optim, see there
     return _make_class(optimizer_dtype, eager=dev.type == "cpu")(groups, **kw)
 
 

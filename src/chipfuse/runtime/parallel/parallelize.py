@@ -1,19 +1,19 @@
 """Apply a plan's stage to its module, the parallelisms in one documented order (as torchtitan's
 parallelize does, here per stage and with groups that differ from stage to stage):
 
-    0. stage cut      runtime.stages.build_stage: the stage's blocks, by module names
+    0. stage cut      model.split.build_stage: the stage's blocks, by module names
     1. tensor parallel runtime.parallel.tp: DTensor colwise/rowwise over the group's mesh (tp groups)
     2. checkpointing  runtime.parallel.checkpointing: none | selective (every other layer) | full
     3. FSDP2          runtime.parallel.fsdp: shard over the group's mesh (sharded groups), parameter
                       offload, bf16 mixed precision as FSDP2 policies
     4. compute dtype  bf16 autocast around forward when FSDP2 did not take it (fp32 master weights)
-    5. optimizer      runtime.optim_state via runtime.memory: fp32 | bf16 | int8 | int4 state, offload
+    5. optimizer      runtime.train.optim_state via runtime.parallel.memory: fp32 | bf16 | int8 | int4 state, offload
 
 torch.compile is left out: on CPU workers its first step costs more than a short run gains, and
 on accelerators the same order admits it after step 4 (torchtitan compiles per block there).
 
 Adding a parallelism is its function in runtime/parallel/, its plan field, its place in this list
-and its tests. Each step reads only the plan's words for this stage (runtime.memory.MemoryConfig)
+and its tests. Each step reads only the plan's words for this stage (runtime.parallel.memory.MemoryConfig)
 and the group's mesh from the topology.
 """
 
@@ -26,9 +26,9 @@ import torch
 import torch.nn as nn
 
 from chipfuse.model.spec import ModelSpec
-from chipfuse.runtime.memory import MemoryConfig, apply_autocast
 from chipfuse.runtime.parallel.checkpointing import apply_checkpointing
 from chipfuse.runtime.parallel.fsdp import apply_fsdp, uses_fsdp
+from chipfuse.runtime.parallel.memory import MemoryConfig, apply_autocast
 from chipfuse.runtime.parallel.tp import apply_tp
 
 

@@ -7,8 +7,8 @@ import torch
 from chipfuse.data import get_batch
 from chipfuse.model.gpt import loss_sum
 from chipfuse.model.spec import ModelSpec
-from chipfuse.runtime.emulate import MemoryMeter
-from chipfuse.runtime.stages import build_full, full_logits
+from chipfuse.model.split import build_full, full_logits
+from chipfuse.runtime.emulate.device import MemoryMeter
 
 
 def measure_memory(spec: ModelSpec, seq_len: int, samples: int = 2) -> tuple[int, int]:
@@ -30,7 +30,7 @@ def measure_unit_s(spec: ModelSpec, *, micro_batch: int = 8, repeats: int = 5) -
 
     Benchmarks that compare runs pass this to every run (`--unit-s`): one emulated chip should
     have one speed, and two start-up calibrations on a busy machine can differ by 2-3x."""
-    from chipfuse.runtime.emulate import solo_time
+    from chipfuse.runtime.emulate.device import solo_time
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -13,7 +13,7 @@ One object, built once from the plan, the pool and the ranks, in two parts:
        a lone device whose stage offloads its parameters (FSDP2 runs there too);
     2. one pipeline group per replica of several stages (the groups' leaders, in stage order);
     3. one gradient reducer per distinct set of ranks holding the same layers across replicas,
-       each by chip vendor plus a gloo bridge (runtime/groups.py).
+       each by chip vendor plus a gloo bridge (runtime/sync/groups.py).
 
 Ranks follow plan.devices order (replica by replica, stage by stage, device by device in a group)
 unless the launcher chose them (multi-host c10d hands out ranks by arrival): `by_rank` then gives
@@ -79,7 +79,7 @@ class Role:
 def units_of_model(spec: ModelSpec) -> list[str]:
     """Gradient-reduction units in a fixed order: embedding, every block, head, and the tied
     embedding/head matrix (held by the first and the last stage) when the model ties them."""
-    from chipfuse.runtime.stages import EMBED_UNIT, HEAD_UNIT, TIED_UNIT, block_unit, has_tied_unit
+    from chipfuse.model.split import EMBED_UNIT, HEAD_UNIT, TIED_UNIT, block_unit, has_tied_unit
 
     tied = [TIED_UNIT] if has_tied_unit(spec) else []
     return [EMBED_UNIT, *(block_unit(i) for i in range(spec.num_layers)), HEAD_UNIT, *tied]
@@ -110,7 +110,7 @@ class Groups:
     pipeline: Any = None
     """This replica's pipeline group of stage leaders (None for a one-stage replica)."""
     reducers: dict[tuple[int, ...], Any] = field(default_factory=dict)
-    """Rank set -> runtime.groups.Reducer, for the sets this rank belongs to."""
+    """Rank set -> runtime.sync.groups.Reducer, for the sets this rank belongs to."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,7 +152,7 @@ class Topology:
         """For every unit (embedding, block, head, tied), the ranks holding it: every member of every
         stage group that holds it (one group per replica; the tied matrix: the first and the last
         stage's groups of each replica)."""
-        from chipfuse.runtime.stages import EMBED_UNIT, HEAD_UNIT, TIED_UNIT, block_unit, has_tied_unit
+        from chipfuse.model.split import EMBED_UNIT, HEAD_UNIT, TIED_UNIT, block_unit, has_tied_unit
 
         tied = has_tied_unit(self.plan.model)
         out: dict[str, list[int]] = {u: [] for u in units_of_model(self.plan.model)}
@@ -247,8 +247,8 @@ class Topology:
 
     def check_host(self, host_devices: dict[str, int], source: str = "<plan>") -> None:
         """Real (not emulated) devices need their chips on this host: host_devices is the count per
-        torch device type (runtime.dist.host_devices)."""
-        from chipfuse.runtime.dist import device_type_of
+        torch device type (runtime.launch.dist.host_devices)."""
+        from chipfuse.runtime.launch.dist import device_type_of
 
         need: dict[str, list[str]] = {}
         for d in self.plan.devices:
@@ -267,8 +267,8 @@ class Topology:
     def create_groups(self, rank: int) -> Groups:
         import torch.distributed as dist
 
-        from chipfuse.runtime.dist import collective_timeout, mesh_device_type
-        from chipfuse.runtime.groups import link_backend, make_reducer
+        from chipfuse.runtime.launch.dist import collective_timeout, mesh_device_type
+        from chipfuse.runtime.sync.groups import link_backend, make_reducer
 
         pool = self.pool
         native_of = {d.vendor: d.backend for d in pool.devices}

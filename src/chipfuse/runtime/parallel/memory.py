@@ -3,7 +3,7 @@
     1. apply_checkpointing   activation checkpointing of GPT blocks (full | selective)
     2. apply_sharding        FSDP2 fully_shard of every block, then the root; mixed precision and
                              parameter offload are FSDP2 policies given here
-    3. build_state_optimizer (runtime.optim_state) AdamW with fp32 | bf16 | int8 | int4 state, optimizer offload
+    3. build_state_optimizer (runtime.train.optim_state) AdamW with fp32 | bf16 | int8 | int4 state, optimizer offload
 
 Every piece is a library's: torch.utils.checkpoint through checkpoint_wrapper, FSDP2's
 fully_shard / MixedPrecisionPolicy / CPUOffloadPolicy, torchao's optimizers. Written by hand here
@@ -46,9 +46,9 @@ import torch
 import torch.nn as nn
 
 from chipfuse.errors import ChipfuseError
-from chipfuse.runtime.optim_state import build_state_optimizer, leaf_tensors, state_tensors
 from chipfuse.runtime.parallel.checkpointing import apply_checkpointing, block_modules
 from chipfuse.runtime.parallel.fsdp import apply_fsdp
+from chipfuse.runtime.train.optim_state import build_state_optimizer, leaf_tensors, state_tensors
 
 __all__ = ["MemoryConfig", "apply_checkpointing", "apply_sharding", "apply_memory", "build_state_optimizer",
            "apply_autocast", "build_plan_optimizer", "device_memory_config", "device_state_tensors", "refuse_host_offload", "watch_gathered"]
@@ -118,7 +118,7 @@ def apply_autocast(model: nn.Module, dtype: str, device_type: str = "cpu") -> No
 
 
 def watch_gathered(model: nn.Module, meter) -> None:
-    """Make `meter` (runtime.emulate.MemoryMeter) count parameters FSDP2 has gathered for compute.
+    """Make `meter` (runtime.emulate.device.MemoryMeter) count parameters FSDP2 has gathered for compute.
 
     FSDP2 registers a module's gathered (unsharded) parameters in place of its shards while it
     computes and frees them after, so the plain tensors among model.parameters() are exactly the
@@ -149,7 +149,7 @@ def device_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | No
 
 
 # ---------------------------------------------------------------------------------------------------
-# Worker hooks: the worker calls these and runtime.parallelize; it knows nothing else of memory strategies.
+# Worker hooks: the worker calls these and runtime.parallel.parallelize; it knows nothing else of memory strategies.
 
 
 def device_memory_config(plan, pool, device_name: str) -> MemoryConfig:
@@ -163,9 +163,9 @@ def device_memory_config(plan, pool, device_name: str) -> MemoryConfig:
 
 
 def build_plan_optimizer(params, cfg: MemoryConfig, *, plan, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    """The trainer's optimizer (runtime.optim) unless the plan asks for low-bit state or offload."""
+    """The trainer's optimizer (runtime.train.optim) unless the plan asks for low-bit state or offload."""
     if cfg.optimizer_dtype == "fp32" and cfg.offload != "optimizer":
-        from chipfuse.runtime.optim import build_optimizer
+        from chipfuse.runtime.train.optim import build_optimizer
 
         return build_optimizer(params, plan, lr=lr, weight_decay=weight_decay)
     params = list(params)

@@ -1,12 +1,12 @@
 """The training loop's gradient-sync hook, chosen from the plan and the pool.
 
 - the default (UnitSync): each layer's gradient summed over the replicas that hold it, whatever
-  their stage split and group sizes, through vendor groups and a bridge (runtime/groups.py).
+  their stage split and group sizes, through vendor groups and a bridge (runtime/sync/groups.py).
 - plan.sync.islands empty, an all-emulated pool spanning nodes: the same synchronous step, reduced
   per node then across nodes, with the pool's slowest [[link]] between them emulated (so a slow
   link costs what it would).
 - plan.sync.islands set: synchronous inside each island, DiLoCo between islands every
-  plan.sync.outer_every steps (runtime.diloco), the cross-island link emulated as above.
+  plan.sync.outer_every steps (runtime.sync.diloco), the cross-island link emulated as above.
 
 The trainer calls reduce() where it reduced gradients, after_step() after optimizer.step(), and
 finish() after the last step.
@@ -24,10 +24,16 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from chipfuse.cluster.pool import Pool
 from chipfuse.plan.islands import island_layout, slowest_link
 from chipfuse.plan.plan import Plan
-from chipfuse.runtime.data_parallel import all_reduce_gradients
-from chipfuse.runtime.diloco import DiLoCo, IslandGroups, make_island_groups, make_segments, sync_gradients
-from chipfuse.runtime.links import EmulatedLink, LinkStats
-from chipfuse.runtime.topology import units_of_model
+from chipfuse.runtime.emulate.links import EmulatedLink, LinkStats
+from chipfuse.runtime.parallel.topology import units_of_model
+from chipfuse.runtime.sync.data_parallel import all_reduce_gradients
+from chipfuse.runtime.sync.diloco import (
+    DiLoCo,
+    IslandGroups,
+    make_island_groups,
+    make_segments,
+    sync_gradients,
+)
 
 
 class GradientSync:

@@ -6,9 +6,9 @@ global norm, weight decay. The loop calls one hook just before `optimizer.step()
 
 The global norm is the norm of the fully reduced gradient, the one a single device computing the
 whole global batch would clip (torch.nn.utils.clip_grad_norm_): taken after the gradient
-reduction (runtime.grad_sync.UnitSync), it sums the squares of each unique parameter once. Every
+reduction (runtime.sync.grad_sync.UnitSync), it sums the squares of each unique parameter once. Every
 replica holding a layer holds the same reduced gradient, so one replica counts it: the one whose
-stage group holds the lowest of the layer's ranks (runtime.topology.Topology.unit_ranks). Inside
+stage group holds the lowest of the layer's ranks (runtime.parallel.topology.Topology.unit_ranks). Inside
 that group a plain tensor is counted by that lowest rank (a tensor-parallel group's members hold
 equal copies), a DTensor (tensor-parallel or FSDP2 piece) by every member for its own piece,
 replicated mesh dimensions at coordinate 0. One SUM all-reduce of a scalar then gives every rank
@@ -156,7 +156,7 @@ def recipe_of(cfg: object) -> Recipe:
 
 def unit_owner(unit_params: dict[str, list[torch.nn.Parameter]], unit_ranks: dict[str, tuple[int, ...]],
                rank: int, *, members: tuple[int, ...] | None = None) -> Callable[[torch.Tensor], bool]:
-    """`owns` for a rank of any plan (runtime.pipeline.PipelineWorker): a unit's (embedding, block,
+    """`owns` for a rank of any plan (runtime.parallel.pipeline.PipelineWorker): a unit's (embedding, block,
     head) parameters are counted by the group holding the lowest of the unit's ranks; in it, a plain
     tensor by that rank alone, a DTensor's pieces by every member. members: this rank's stage group
     (default: this rank alone)."""

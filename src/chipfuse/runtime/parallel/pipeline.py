@@ -1,10 +1,10 @@
 """The worker for one rank of ANY plan. A data-parallel replica is a pipeline of one stage; a stage
-is a group of one or more devices (runtime/topology.py). Built, in order:
+is a group of one or more devices (runtime/parallel/topology.py). Built, in order:
 
-1. the stage module, cut from the model by layer (runtime/stages.py), on the rank's device;
-2. the parallelisms in their one order (runtime/parallelize.py: tensor parallel, checkpointing,
+1. the stage module, cut from the model by layer (model/split.py), on the rank's device;
+2. the parallelisms in their one order (runtime/parallel/parallelize.py: tensor parallel, checkpointing,
    FSDP2, compute dtype) and the optimizer the plan's state dtype and offload ask for;
-3. pacing to the emulated device's speed per micro-batch (runtime/paced.py) and the memory meter
+3. pacing to the emulated device's speed per micro-batch (runtime/emulate/paced.py) and the memory meter
    (emulated devices; real chips report their allocator's peak);
 4. how it meets the other stages: the local micro-batch loop (one-stage replica) or
    torch.distributed.pipelining (PipelineStage + ScheduleGPipe / Schedule1F1B) among the stage
@@ -17,7 +17,7 @@ Written by hand here, the heterogeneity:
   rescale gradients, so the sum of every replica's gradient is exactly the global-batch mean
   gradient whatever the shares;
 - gradients of each layer are summed among the replicas holding it, whatever their group sizes
-  (runtime/grad_sync.py: UnitSync).
+  (runtime/sync/grad_sync.py: UnitSync).
 """
 
 from __future__ import annotations
@@ -35,19 +35,19 @@ import torch.nn as nn
 
 from chipfuse.data.loader import Loader, builtin_loader
 from chipfuse.model.gpt import loss_sum
+from chipfuse.model.split import build_stage
 from chipfuse.plan.plan import Plan
-from chipfuse.runtime.emulate import MemoryMeter, Pacer
-from chipfuse.runtime.memory import (
+from chipfuse.runtime.emulate.device import MemoryMeter, Pacer
+from chipfuse.runtime.emulate.paced import Clock, PacedStage, measure_solo
+from chipfuse.runtime.parallel.group import GroupStage
+from chipfuse.runtime.parallel.memory import (
     build_plan_optimizer,
     device_memory_config,
     device_state_tensors,
     watch_gathered,
 )
-from chipfuse.runtime.paced import Clock, PacedStage, measure_solo
-from chipfuse.runtime.parallel.group import GroupStage
-from chipfuse.runtime.parallelize import local_full_grads, parallelize
-from chipfuse.runtime.stages import build_stage
-from chipfuse.runtime.topology import Groups, Topology, schedule_for
+from chipfuse.runtime.parallel.parallelize import local_full_grads, parallelize
+from chipfuse.runtime.parallel.topology import Groups, Topology, schedule_for
 
 IGNORE = -100  # F.cross_entropy's ignore_index: padded samples add nothing to loss or gradients
 
@@ -133,7 +133,7 @@ class PipelineWorker:
             self.solo_fwd_s, self.solo_bwd_s = self._solo_times()
         targets = None
         if config.pace and emu is not None and config.profile_path:
-            from chipfuse.runtime.profiler import stage_targets
+            from chipfuse.runtime.measure.profiler import stage_targets
 
             targets = stage_targets(config.profile_path, self.device.name, self.stage_plan, last=role.last,
                                     micro_batch_size=rep.micro_batch_size, seq_len=plan.seq_len)
@@ -161,7 +161,7 @@ class PipelineWorker:
 
     @property
     def replica_key(self) -> str:
-        """The replica's first device: the name its share goes by (runtime.endure rebalancing)."""
+        """The replica's first device: the name its share goes by (runtime.endure.endure rebalancing)."""
         return self.replica.devices[0]
 
     def _state(self, opt: torch.optim.Optimizer | None) -> list[torch.Tensor]:
@@ -267,7 +267,7 @@ class PipelineWorker:
         return self._run(functools.partial(self.batch, step), train=True)
 
     def eval_loss_sum(self, start: int, count: int) -> float:
-        """The summed token loss of validation samples [start, start+count) (runtime/evaluate.py):
+        """The summed token loss of validation samples [start, start+count) (runtime/train/evaluate.py):
         forward only, through the path training takes (local loop or schedule, stage-group followers
         serving their leader), in calls of the replica's n_mb micro-batches (padded as in training).
         Every rank of the replica makes the same calls; nonzero on the last stage's leader only."""
@@ -318,7 +318,7 @@ class PipelineWorker:
     def step(self, step: int, sync: Any = None) -> dict[str, float]:
         """One optimizer step (tests and benchmarks; the training loop calls the pieces). Returns the
         global mean loss (on every rank) and timings."""
-        from chipfuse.runtime.grad_sync import UnitSync
+        from chipfuse.runtime.sync.grad_sync import UnitSync
 
         sync = sync or UnitSync(self)
         t0 = time.perf_counter()
@@ -339,7 +339,7 @@ class PipelineWorker:
                 "compute_s": t1 - t0, "reduce_s": t2 - t1, "peak_bytes": float(self.peak_bytes())}
 
     def reduce_grads(self) -> None:
-        from chipfuse.runtime.grad_sync import UnitSync
+        from chipfuse.runtime.sync.grad_sync import UnitSync
 
         UnitSync(self).reduce()
 

@@ -17,7 +17,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from chipfuse.data.loader import Loader, builtin_loader
 from chipfuse.model.gpt import loss_sum
-from chipfuse.runtime.emulate import MemoryMeter, Pacer
+from chipfuse.runtime.emulate.device import MemoryMeter, Pacer
 
 
 @dataclass

@@ -72,7 +72,7 @@ def mesh_device_type(device: object) -> str:
 
 def native_backend(device_type: str) -> str:
     """The collective library of a device type, when torch has it on this host, else gloo."""
-    from chipfuse.runtime.groups import usable_backend
+    from chipfuse.runtime.sync.groups import usable_backend
 
     native = {"cuda": "nccl", "xpu": "xccl", "npu": "hccl", "hpu": "hccl"}.get(device_type, "gloo")
     return usable_backend(native)

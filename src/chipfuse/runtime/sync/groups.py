@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from chipfuse.runtime.dist import collective_timeout
+from chipfuse.runtime.launch.dist import collective_timeout
 
 BRIDGE_BACKEND = "gloo"
 

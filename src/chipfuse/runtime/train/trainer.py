@@ -1,6 +1,6 @@
 """The training loop: one worker and one loop for every plan (a data-parallel replica is a
-pipeline of one stage). It only reads the plan; the worker (runtime/pipeline.py) is built from it by
-functions, the topology (runtime/topology.py) validates it and owns the process groups.
+pipeline of one stage). It only reads the plan; the worker (runtime/parallel/pipeline.py) is built from it by
+functions, the topology (runtime/parallel/topology.py) validates it and owns the process groups.
 
 Every feature holds for every plan: checkpoints and resume, the NaN policy (a non-finite loss skips
 the update on every rank), online rebalancing of replica shares, memory strategies, optimizer and
@@ -23,14 +23,14 @@ from chipfuse.data.loader import DataConfig, open_loader
 from chipfuse.plan.plan import Plan
 from chipfuse.plan.shares import proportional_shares
 from chipfuse.report.figures import checked_fields, checked_ratio
-from chipfuse.runtime import dist as cfdist
-from chipfuse.runtime.endure import Endurance, EndureConfig
-from chipfuse.runtime.evaluate import Validator, progress_suffix
-from chipfuse.runtime.grad_sync import UnitSync, build_gradient_sync
-from chipfuse.runtime.metrics import StepLog, gather_row
-from chipfuse.runtime.pipeline import PipelineWorker, WorkerConfig
-from chipfuse.runtime.recipe import Recipe, RecipeStep, recipe_of, unit_owner
-from chipfuse.runtime.topology import Topology
+from chipfuse.runtime.endure.endure import Endurance, EndureConfig
+from chipfuse.runtime.launch import dist as cfdist
+from chipfuse.runtime.parallel.pipeline import PipelineWorker, WorkerConfig
+from chipfuse.runtime.parallel.topology import Topology
+from chipfuse.runtime.sync.grad_sync import UnitSync, build_gradient_sync
+from chipfuse.runtime.train.evaluate import Validator, progress_suffix
+from chipfuse.runtime.train.metrics import StepLog, gather_row
+from chipfuse.runtime.train.recipe import Recipe, RecipeStep, recipe_of, unit_owner
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,11 +58,11 @@ class TrainConfig:
     unit_s: float | None = None
     """Kept for the CLI: with a profile (which the launcher writes from it) it changes nothing."""
     endure: EndureConfig = field(default_factory=EndureConfig)
-    """Checkpoints, resume, NaN policy, clean stop, online rebalancing (runtime/endure.py)."""
+    """Checkpoints, resume, NaN policy, clean stop, online rebalancing (runtime/endure/endure.py)."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training data and the held-out split (data/); default: the built-in corpus."""
     recipe: Recipe | None = None
-    """lr schedule, clipping, weight decay (runtime/recipe.py); None: constant `lr`, `weight_decay`."""
+    """lr schedule, clipping, weight decay (runtime/train/recipe.py); None: constant `lr`, `weight_decay`."""
 
 
 def _rank_names(name: str, info: cfdist.DistInfo) -> list[str]:

@@ -32,9 +32,9 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from chipfuse.errors import ChipfuseError
 from chipfuse.plan.plan import Plan
-from chipfuse.runtime import checkpoint
-from chipfuse.runtime.balance import BalanceConfig, Rebalancer, with_shares
-from chipfuse.runtime.guard import CleanStop, LossGuard, NonFiniteLossError, die_with_parent
+from chipfuse.runtime.endure import checkpoint
+from chipfuse.runtime.endure.balance import BalanceConfig, Rebalancer, with_shares
+from chipfuse.runtime.endure.guard import CleanStop, LossGuard, NonFiniteLossError, die_with_parent
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,7 +124,7 @@ class Endurance:
         return r.step
 
     def attach(self, sync: Any) -> None:
-        """The gradient sync (runtime.grad_sync) whose own state checkpoints keep: DiLoCo's outer
+        """The gradient sync (runtime.sync.grad_sync) whose own state checkpoints keep: DiLoCo's outer
         momentum and last synchronised weights, and each island's own weights and inner optimizer
         (islands differ between outer steps). Call after `resume` and after building the sync; a
         resumed run then continues the round exactly where it was saved."""

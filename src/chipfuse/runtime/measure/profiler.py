@@ -29,9 +29,9 @@ import torch.multiprocessing as mp
 from chipfuse.cluster.pool import Device, Pool
 from chipfuse.model.gpt import loss_sum
 from chipfuse.model.spec import ModelSpec
+from chipfuse.model.split import build_full, build_stage
 from chipfuse.plan.plan import Stage
-from chipfuse.runtime.emulate import Pacer, solo_time
-from chipfuse.runtime.stages import build_full, build_stage
+from chipfuse.runtime.emulate.device import Pacer, solo_time
 
 
 @dataclass(frozen=True, kw_only=True)

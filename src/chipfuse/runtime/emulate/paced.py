@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from chipfuse.runtime.emulate import Pacer
+from chipfuse.runtime.emulate.device import Pacer
 
 
 @dataclass(kw_only=True)

@@ -2,7 +2,7 @@
 error, so the elastic agent's own traceback and failure table (and its SIGTERM notices to the
 survivors) would only bury it. Exit status: the agent's, or 1 when a worker failed.
 
-    python -m chipfuse.runtime.torchrun [torchrun arguments]
+    python -m chipfuse.runtime.launch.torchrun [torchrun arguments]
 """
 
 from __future__ import annotations

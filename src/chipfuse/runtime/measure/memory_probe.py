@@ -1,10 +1,10 @@
 """Train a GPT for a few steps under one memory strategy and an emulated memory cap.
 
 Used by the memory tests and benchmarks/memory.py to *measure* whether a strategy fits and what
-it costs; the trainer applies the same functions (runtime.memory) from a plan. The group of ranks
+it costs; the trainer applies the same functions (runtime.parallel.memory) from a plan. The group of ranks
 is one stage's group: under sharding they hold one model between them and split every batch
 evenly; without it they are plain data-parallel replicas whose gradients are summed as the trainer
-sums them (runtime.data_parallel.all_reduce_gradients: one flat buffer, freed after the step).
+sums them (runtime.sync.data_parallel.all_reduce_gradients: one flat buffer, freed after the step).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ from chipfuse.data import get_batch
 from chipfuse.errors import ChipfuseError, DeviceMemoryError
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import ModelSpec
-from chipfuse.runtime.data_parallel import all_reduce_gradients
-from chipfuse.runtime.emulate import MemoryMeter
-from chipfuse.runtime.memory import (
+from chipfuse.runtime.emulate.device import MemoryMeter
+from chipfuse.runtime.parallel.memory import (
     MemoryConfig,
     apply_memory,
     device_state_tensors,
     watch_gathered,
 )
+from chipfuse.runtime.sync.data_parallel import all_reduce_gradients
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -154,7 +154,7 @@ def spawn_probe(world: int, *, cfgs: list[MemoryConfig], timeout_s: float = 300.
     # forkserver: one server imports torch, FSDP2 and torchao once; every worker is forked from it,
     # which saves seconds per start on a busy machine. The server runs no torch op before forking.
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["chipfuse.runtime.memory_probe", "torch.distributed.fsdp",
+    ctx.set_forkserver_preload(["chipfuse.runtime.measure.memory_probe", "torch.distributed.fsdp",
                                 "torch.distributed.algorithms._checkpoint.checkpoint_wrapper", "torchao.optim"])
     q = ctx.Queue()
     port = _free_port()

@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from chipfuse.errors import PlanError
-from chipfuse.runtime.dist import collective_timeout
-from chipfuse.runtime.links import EmulatedLink
+from chipfuse.runtime.emulate.links import EmulatedLink
+from chipfuse.runtime.launch.dist import collective_timeout
 
 COMPRESSION_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -1,0 +1,1 @@
+"""Emulated devices: pacing to a relative speed, a memory cap, slow links."""

@@ -1,0 +1,1 @@
+"""Surviving slow, failing and lost devices: checkpoints, guards, rebalancing."""

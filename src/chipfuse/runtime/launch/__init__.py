@@ -1,0 +1,1 @@
+"""Start the job: process groups, torchrun, the supervisor that restarts it."""

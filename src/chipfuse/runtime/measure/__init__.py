@@ -1,0 +1,1 @@
+"""Measuring devices and models: the profiler and the memory probes."""

@@ -1,0 +1,1 @@
+"""How ranks combine gradients: bucketed reductions per vendor, DiLoCo islands."""
