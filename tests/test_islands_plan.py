@@ -13,12 +13,12 @@ from chipfuse.plan.cost import predict
 from chipfuse.plan.hardware import PoolIndex, ring_allreduce_s
 from chipfuse.plan.islands import (
     advise_sync,
-    best_with_islands,
     island_layout,
     island_sync_s,
     propose_sync,
     sync_comm_s,
 )
+from chipfuse.plan.offers import best_with_islands
 from chipfuse.plan.plan import Plan, Replica, Stage, SyncPlan, data_parallel_plan
 from chipfuse.plan.search import search
 

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 from chipfuse.cluster.pool import Link, Pool
 from chipfuse.errors import PlanError
@@ -217,30 +216,3 @@ def islands_refusal(plan: Plan, islands: Sequence[Sequence[str]]) -> str | None:
             return (f"replicas[{i}] ({', '.join(r.devices)}) spans islands {spans}: a pipeline's stages talk every "
                     "micro-batch and belong in one island. Fix: put all of its devices in one island, or split it")
     return None
-
-
-def best_with_islands(res: Any, pool: Pool, profile: Any = None) -> tuple[Any, SyncAdvice]:
-    """The searched plan, or a plan that spans a slow link run as DiLoCo islands when that predicts
-    more tokens/s. Candidates: the searched plan and each simple strategy's plan (the search itself
-    scores plans as synchronous, so a plan leaving a slow site out can beat them there).
-    res: plan.search.SearchResult; returns it (or a copy with the islands plan) and the advice."""
-    from chipfuse.plan.cost import predict
-
-    def advised(plan: Plan, pred: Any) -> tuple[Plan, Any, SyncAdvice]:
-        adv = advise_sync(plan, pool, compute_s=pred.breakdown["pipeline_s"])
-        if not adv.sync.islands:
-            return plan, pred, adv
-        isl = replace(plan, sync=adv.sync, strategy="chipfuse")
-        return isl, predict(isl, pool, profile), adv
-
-    plan, pred, adv = advised(res.plan, res.prediction)
-    best = replace(res, plan=plan, prediction=pred)
-    for name, sc in res.baselines.items():
-        if sc is None or not sc.prediction.fits:
-            continue
-        plan, pred, cand = advised(sc.plan, sc.prediction)
-        if cand.sync.islands and pred.fits and pred.tokens_per_s > best.prediction.tokens_per_s:
-            best = replace(res, plan=plan, prediction=pred,
-                           notes=[*res.notes, f"the {name!r} plan run as DiLoCo islands ({cand.reason})"])
-            adv = cand
-    return best, adv

@@ -26,7 +26,8 @@ from typing import Any
 
 from chipfuse.cluster.pool import Pool
 from chipfuse.plan.cost import predict
-from chipfuse.plan.islands import SyncAdvice, best_with_islands
+from chipfuse.plan.islands import SyncAdvice, advise_sync
+from chipfuse.plan.plan import Plan
 from chipfuse.plan.profile import Profile
 
 SYNC_MODES = ("sync", "auto", "islands")
@@ -99,3 +100,28 @@ def dtype_notes(plan: Any, pool: Pool) -> list[str]:
             notes.append(f"{chip} has no bf16: it computes this bf16 plan in fp32 (as chipfuse train does); "
                          "see the fp16 offer below")
     return notes
+
+
+def best_with_islands(res: Any, pool: Pool, profile: Any = None) -> tuple[Any, SyncAdvice]:
+    """The searched plan, or a plan that spans a slow link run as DiLoCo islands when that predicts
+    more tokens/s. Candidates: the searched plan and each simple strategy's plan (the search itself
+    scores plans as synchronous, so a plan leaving a slow site out can beat them there).
+    res: plan.search.SearchResult; returns it (or a copy with the islands plan) and the advice."""
+    def advised(plan: Plan, pred: Any) -> tuple[Plan, Any, SyncAdvice]:
+        adv = advise_sync(plan, pool, compute_s=pred.breakdown["pipeline_s"])
+        if not adv.sync.islands:
+            return plan, pred, adv
+        isl = replace(plan, sync=adv.sync, strategy="chipfuse")
+        return isl, predict(isl, pool, profile), adv
+
+    plan, pred, adv = advised(res.plan, res.prediction)
+    best = replace(res, plan=plan, prediction=pred)
+    for name, sc in res.baselines.items():
+        if sc is None or not sc.prediction.fits:
+            continue
+        plan, pred, cand = advised(sc.plan, sc.prediction)
+        if cand.sync.islands and pred.fits and pred.tokens_per_s > best.prediction.tokens_per_s:
+            best = replace(res, plan=plan, prediction=pred,
+                           notes=[*res.notes, f"the {name!r} plan run as DiLoCo islands ({cand.reason})"])
+            adv = cand
+    return best, adv
