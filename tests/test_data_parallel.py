@@ -1,17 +1,25 @@
-"""Unequal data parallelism equals one device on the same global batch."""
+"""Unequal data parallelism equals one device on the same global batch.
+
+Runs through the trainer's own worker (runtime.parallel.pipeline.PipelineWorker): a data-parallel
+replica is a pipeline of one stage."""
 
 import torch
 
 from chipfuse.data import get_batch
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import SPEC_PRESETS
-from chipfuse.runtime.sync.data_parallel import DataParallelWorker, all_reduce_gradients
+from chipfuse.runtime.parallel.pipeline import WorkerConfig
 from tests.distributed import run_ranks
+from tests.pipeline_helpers import plan_of, pool_of, run_steps
 
 SPEC = SPEC_PRESETS["tiny"]
 SHARES = [5, 2, 1]  # uneven three-way split of a global batch of 8
 MICRO = [5, 1, 1]  # the second replica accumulates over two micro-batches
 GLOBAL = sum(SHARES)
+DEVICES = ["a", "b", "c"]
+PLAN = plan_of(SPEC, [([(d, SPEC.num_layers)], n, m) for d, n, m in zip(DEVICES, SHARES, MICRO, strict=True)],
+               seq_len=SPEC.seq_len)
+POOL = pool_of({d: ("cpu", 1.0) for d in DEVICES})
 
 
 def _reference():
@@ -23,18 +31,14 @@ def _reference():
 
 
 def _rank(rank, world):
-    model = build_model(SPEC, seed=0)
-    w = DataParallelWorker(model=model, global_batch=GLOBAL, seq_len=SPEC.seq_len, offset=sum(SHARES[:rank]),
-                           share=SHARES[rank], micro_batch_size=MICRO[rank], device=torch.device("cpu"))
-    res = w.compute(step=0)
-    all_reduce_gradients(list(model.parameters()))
-    return res.loss_sum, {n: p.grad.clone() for n, p in model.named_parameters()}
+    out = run_steps(rank, world, PLAN, POOL, 1, WorkerConfig(pace=False, memory_caps=False))
+    return out["losses"][0], out["grads"]
 
 
 def test_uneven_split_with_accumulation_matches_single_device():
     ref_loss, ref_grads = _reference()
     results = run_ranks(_rank, 3)
-    loss = sum(r[0] for r in results) / (GLOBAL * SPEC.seq_len)
+    loss = results[0][0]  # the step's global mean loss, the same on every rank
     # Only the order of float32 additions differs (per-rank partial sums, then a 3-way sum), so
     # the loss agrees to a few ulps and gradients to ~1e-6 relative: far tighter than any real bug
     # (a wrong weight or a missing sample changes gradients by >1e-2 relative).
