@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from chipfuse.data.loader import Loader, builtin_loader
+from chipfuse.devices import BRIDGE, CPU, synchronize
 from chipfuse.model.gpt import loss_sum
 from chipfuse.runtime.emulate.device import MemoryMeter, Pacer
 
@@ -81,8 +82,7 @@ class DataParallelWorker:
             if self.pacer is not None:
                 padded += self.pacer.pad(t_mb, n)
             done += n
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
         return WorkResult(loss_sum=total, samples=self.share, tokens=self.share * self.seq_len,
                           compute_s=time.perf_counter() - t0, padded_s=padded)
 
@@ -98,7 +98,7 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGr
         by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         flat = _flatten_dense_tensors(grads)
-        if flat.is_cuda and dist.get_backend(group) == "gloo":
+        if flat.device.type != CPU and dist.get_backend(group) == BRIDGE:
             # The bridge between chip kinds: gloo reaches every device through host memory.
             host = flat.cpu()
             dist.all_reduce(host, group=group)
