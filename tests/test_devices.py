@@ -8,6 +8,9 @@ kind's torch type, collective library and memory reading, with no other file kno
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import tomllib
@@ -67,6 +70,14 @@ def test_the_table_covers_every_vendor_the_catalog_names():
     for k in devices.kinds():
         by_type.setdefault(k.torch_type, set()).add(k.backend)
     assert all(len(b) == 1 for b in by_type.values()), by_type
+
+
+def test_the_table_and_the_planner_import_no_torch():
+    # plan/ reads the table; the table's device functions import torch only when called.
+    code = ("import sys, chipfuse.devices, chipfuse.plan.hardware, chipfuse.plan.search; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                          timeout=120).returncode == 0
 
 
 def test_cambricon_is_mlu_on_cncl_in_every_layer():
