@@ -85,9 +85,10 @@ def chip_from_table(name: str, raw: Any, where: str, fail: Fail) -> Chip:
     if nums["tflops_fp32"] > nums["tflops_bf16"]:
         raise fail(f"{where}.tflops_fp32", f"is {nums['tflops_fp32']:g}, above tflops_bf16 = {nums['tflops_bf16']:g}",
                    "give the dense 16-bit matrix peak in tflops_bf16 (at least the fp32 figure)")
-    flags = {}
+    # A chip table that says nothing of bfloat16 gets its kind's answer (chipfuse.devices).
+    flags = {"bf16": "bf16" in kind_of(vendor).dtypes, "tensor_cores": True}
     for key in ("bf16", "tensor_cores"):
-        v = raw.get(key, "bf16" in kind_of(vendor).dtypes if key == "bf16" else True)
+        v = raw.get(key, flags[key])
         if not isinstance(v, bool):
             raise fail(f"{where}.{key}", f"is {v!r}, not true or false", f"write `{key} = true` or `false`")
         flags[key] = v
