@@ -2,13 +2,13 @@
 
 A chip table (catalog.toml `[NAME]`, or a pool file's `[[chip]]` with `name = "..."`)::
 
-    vendor = "nvidia"           # nvidia | amd | huawei | intel | kunlunxin | cambricon | hygon | ... | cpu
+    vendor = "nvidia"           # a device kind (chipfuse.devices): nvidia | amd | huawei | intel | ... | cpu
     memory_gib = 11             # device memory
     tflops_bf16 = 107.6         # dense 16-bit matrix peak (fp16 where the chip has no bf16)
     tflops_fp32 = 13.4          # dense fp32 peak without TF32
     mem_bw_gbs = 616            # device memory bandwidth, GB/s
     link_gbs = 16               # chip-to-chip link inside a node, one direction, GB/s (PCIe if none)
-    bf16 = false                # optional: the chip has no bfloat16 (trains in fp16 or fp32)
+    bf16 = false                # optional: the chip has no bfloat16 (trains in fp16 or fp32); default: its kind's
     tensor_cores = true         # optional: 16-bit matrix units (false: tflops_bf16 is a SIMT figure)
     source = "https://..."      # where the figures come from (required)
     note = "..."                # optional
@@ -22,10 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from chipfuse.devices import DeviceKind, kind_of, vendors
+
 GiB = 1024**3
 
-VENDORS = ("nvidia", "amd", "huawei", "intel", "kunlunxin", "cambricon", "hygon", "moore-threads", "biren",
-           "iluvatar", "metax", "enflame", "cpu")
 NUMBER_FIELDS = ("memory_gib", "tflops_bf16", "tflops_fp32", "mem_bw_gbs", "link_gbs")
 CHIP_FIELDS = frozenset({"name", "vendor", *NUMBER_FIELDS, "bf16", "tensor_cores", "source", "note", "link"})
 
@@ -52,6 +52,10 @@ class Chip:
     source: str = ""
     note: str = ""
 
+    @property
+    def kind(self) -> DeviceKind:
+        return kind_of(self.vendor)
+
     def flops(self, dtype: str) -> float:
         return self.flops_fp32 if dtype == "fp32" else self.flops_bf16
 
@@ -68,8 +72,8 @@ def chip_from_table(name: str, raw: Any, where: str, fail: Fail) -> Chip:
     if extra:
         raise fail(f"{where}.{extra[0]}", "unknown field", f"use one of {sorted(CHIP_FIELDS)}")
     vendor = raw.get("vendor")
-    if vendor not in VENDORS:
-        raise fail(f"{where}.vendor", f"is {vendor!r}", f"use one of {list(VENDORS)}")
+    if vendor not in vendors():
+        raise fail(f"{where}.vendor", f"is {vendor!r}", f"use one of {list(vendors())}")
     nums: dict[str, float] = {}
     for key in NUMBER_FIELDS:
         v = raw.get(key)
@@ -81,9 +85,10 @@ def chip_from_table(name: str, raw: Any, where: str, fail: Fail) -> Chip:
     if nums["tflops_fp32"] > nums["tflops_bf16"]:
         raise fail(f"{where}.tflops_fp32", f"is {nums['tflops_fp32']:g}, above tflops_bf16 = {nums['tflops_bf16']:g}",
                    "give the dense 16-bit matrix peak in tflops_bf16 (at least the fp32 figure)")
-    flags = {}
+    # A chip table that says nothing of bfloat16 gets its kind's answer (chipfuse.devices).
+    flags = {"bf16": "bf16" in kind_of(vendor).dtypes, "tensor_cores": True}
     for key in ("bf16", "tensor_cores"):
-        v = raw.get(key, True)
+        v = raw.get(key, flags[key])
         if not isinstance(v, bool):
             raise fail(f"{where}.{key}", f"is {v!r}, not true or false", f"write `{key} = true` or `false`")
         flags[key] = v

@@ -1,4 +1,5 @@
-"""Detect this machine's devices (CPU always; CUDA, MPS, XPU when present) and micro-benchmark them."""
+"""Detect this machine's devices (CPU always; the host's accelerator, whichever device kind's torch
+extension is installed: chipfuse.devices) and micro-benchmark them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import platform
 import time
 
 import torch
+
+from chipfuse import devices
 
 
 def _cpu_name() -> str:
@@ -17,16 +20,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "cpu"
-
-
-def _mem_total() -> int:
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def bench_matmul(device: str, dtype: torch.dtype = torch.float32, n: int = 512, seconds: float = 0.3) -> float:
@@ -57,28 +50,28 @@ def bench_memory(device: str, nbytes: int = 64 << 20, seconds: float = 0.2) -> f
 
 
 def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+    devices.synchronize(torch.device(device))
+
+
+def _accelerator(torch_type: str, index: int) -> dict:
+    """One accelerator's row: the name and core count its torch module reports where it has
+    get_device_properties (cuda, xpu, npu, mlu...), and its memory through its kind."""
+    props = getattr(getattr(torch, torch_type, None), "get_device_properties", None)
+    p = props(index) if props is not None else None
+    kind = devices.kind_of_type(torch_type)
+    total = kind.read_memory(index)[1] if kind is not None else getattr(p, "total_memory", 0)
+    return {"device": f"{torch_type}:{index}", "kind": torch_type, "name": getattr(p, "name", torch_type),
+            "memory_bytes": total, "cores": getattr(p, "multi_processor_count", "")}
 
 
 def detect_devices(bench: bool = False) -> list[dict]:
-    found: list[dict] = [{"device": "cpu", "kind": "cpu", "name": _cpu_name(), "memory_bytes": _mem_total(),
+    found: list[dict] = [{"device": "cpu", "kind": "cpu", "name": _cpu_name(), "memory_bytes": devices.host_memory()[1],
               "cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}]
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            found.append({"device": f"cuda:{i}", "kind": "cuda", "name": p.name, "memory_bytes": p.total_memory,
-                          "cores": p.multi_processor_count})
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        found.append({"device": "mps", "kind": "mps", "name": "Apple GPU", "memory_bytes": 0})
-    if hasattr(torch, "xpu") and torch.xpu.is_available():
-        for i in range(torch.xpu.device_count()):
-            found.append({"device": f"xpu:{i}", "kind": "xpu", "name": torch.xpu.get_device_name(i), "memory_bytes": 0})
+    for torch_type, count in devices.host_devices().items():
+        if torch_type != devices.CPU:
+            found.extend(_accelerator(torch_type, i) for i in range(count))
     if bench:
         for d in found:
-            if d["kind"] in ("cpu", "cuda"):
-                d["fp32_flops"] = bench_matmul(d["device"])
-                d["mem_bw"] = bench_memory(d["device"])
-            else:
-                d["fp32_flops"] = d["mem_bw"] = 0.0
+            d["fp32_flops"] = bench_matmul(d["device"])
+            d["mem_bw"] = bench_memory(d["device"])
     return found

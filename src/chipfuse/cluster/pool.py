@@ -26,19 +26,9 @@ import tomllib
 from chipfuse.cluster.catalog import Chip, GiB, get_chip, in_catalog, load_catalog
 from chipfuse.cluster.chips import pool_chips
 from chipfuse.cluster.wiring import Curve, NodeWiring, bandwidth_at, parse_curve, parse_wiring
+from chipfuse.devices import CPU, DeviceKind, kind_of
 from chipfuse.errors import PoolError
 from chipfuse.validate import Range, build
-
-# Native collective library per vendor. Chips of different vendors never share one.
-NATIVE_BACKEND = {
-    "nvidia": "nccl",
-    "amd": "nccl",  # RCCL answers to the "nccl" name in ROCm builds of torch
-    "huawei": "hccl",
-    "intel": "hccl",
-    "kunlunxin": "bkcl",
-    "cambricon": "cncl",
-    "cpu": "gloo",
-}
 
 DEFAULT_INTER_NODE = {"bandwidth_gbit_s": 100.0, "latency_ms": 0.01}
 
@@ -70,9 +60,20 @@ class Device:
         return self.chip.vendor
 
     @property
+    def kind(self) -> DeviceKind:
+        """Its chip's device kind (chipfuse.devices)."""
+        return self.chip.kind
+
+    @property
+    def runs_as(self) -> DeviceKind:
+        """The kind this device's worker really runs on: its own, or the CPU's when emulated (its
+        speed is rehearsed on this host's CPU, its tensors live there)."""
+        return kind_of(CPU) if self.emulated else self.kind
+
+    @property
     def backend(self) -> str:
         """The collective library this device would use inside a group of its own kind."""
-        return NATIVE_BACKEND.get(self.vendor, "gloo")
+        return self.kind.backend
 
     def peak_flops(self, dtype: str = "bf16") -> float:
         """Catalog peak; for an emulated device, its relative speed times the catalog figure."""

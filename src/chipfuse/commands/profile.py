@@ -50,9 +50,10 @@ def measure(pool, spec, *, seq_len: int, micro_batch_sizes: tuple[int, ...], sla
         "links": [{"a": n, "b": n, "bandwidth": link["p2p_bandwidth"], "latency_s": link["latency_s"],
                    "curve": link["curve"]} for n in nodes] if link else [],
         "gemm": {d: curve for d in layers},
-        # measured on a GPU host only (the CUDA context and workspaces); CPU devices hold none
-        "runtime_bytes": ({d.name: rt for d in pool.devices if d.vendor in ("nvidia", "amd") and not d.emulated}
-                          if (rt := profiler.cuda_runtime_bytes()) is not None else {}),
+        # measured on an accelerator host only (its runtime's context and workspaces), for the devices
+        # that run on that accelerator; CPU devices hold none
+        "runtime_bytes": ({d.name: rt[1] for d in pool.devices if d.runs_as.torch_type == rt[0]}
+                          if (rt := profiler.runtime_bytes()) is not None else {}),
         "source": f"chipfuse profile on {socket.gethostname()}",
         "emulated": pool.emulated,
         # extras (not read by the planner yet)

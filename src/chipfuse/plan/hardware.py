@@ -43,7 +43,7 @@ def chip_rates(device: Device, dtype: str) -> ChipRates:
     """Peak and memory bandwidth in the device's compute dtype (an emulated device: scaled by its speed)."""
     speed = device.emulation.speed if device.emulation else 1.0
     return ChipRates(peak_flops=device.peak_flops(device_dtype(device, dtype)), mem_bw=device.chip.mem_bw * speed,
-                     tensor_cores=device.chip.tensor_cores, nvidia=device.vendor == "nvidia")
+                     tensor_cores=device.chip.tensor_cores, nvidia=device.kind.kernel_reference)
 
 
 def efficiency(device: Device, dtype: str) -> float:

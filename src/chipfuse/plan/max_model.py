@@ -114,7 +114,7 @@ def max_model(pool, base: ModelSpec, *, micro_batch_size: int = 1, head_dim: int
     """For each strategy of `ladder`, the widest member of `base`'s family that fits `pool` (predicted),
     computing in `dtype` (fp32 master weights with bf16)."""
     caps = {d.name: usable_bytes(d) for d in pool.devices}
-    has_cpu = any(d.chip.vendor == "cpu" for d in pool.devices)
+    has_cpu = any(d.kind.host_memory for d in pool.devices)
     out = []
     for name, st in ladder:
         st = replace(st, dtype=dtype)

@@ -420,7 +420,7 @@ def check_plan_memory(plan, pool, source: str = "<plan>") -> list[DeviceMemory]:
     for r_i, r in enumerate(plan.replicas):
         for s_i, s in enumerate(r.stages):
             for d in s.devices:
-                if s.offload != "none" and pool.device(d).chip.vendor == "cpu":
+                if s.offload != "none" and pool.device(d).kind.host_memory:
                     raise PlanError(
                         f"{source}: replicas[{r_i}].stages[{s_i}].offload: is {s.offload!r} but device {d!r} is a CPU, "
                         "whose memory is host memory: offload would save nothing. Fix: set offload = \"none\" "

@@ -113,7 +113,7 @@ class Context:
         kinds = device_kinds(ix)
         solver = TemplateSolver(ix, costs, kinds, dtype=dtype, optimizer_dtype=optimizer_dtype, schedule=schedule,
                                 # A CPU's memory is host memory: offload saves nothing and the runtime refuses it.
-                                offloads=("none",) if all(d.vendor == "cpu" for d in pool.devices) else OFFLOADS)
+                                offloads=("none",) if all(d.kind.host_memory for d in pool.devices) else OFFLOADS)
         return cls(pool=pool, model=model, global_batch=global_batch, seq_len=seq_len, dtype=dtype,
                    optimizer_dtype=optimizer_dtype, schedule=schedule, profile=profile, ix=ix, costs=costs,
                    kinds=kinds, solver=solver, max_group=max_group)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import datetime
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from chipfuse import devices
+from chipfuse.cluster.pool import Device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -31,51 +35,63 @@ def launched_by_torchrun() -> bool:
     return int(os.environ.get("RANK", -1)) != -1
 
 
-# torch device type of each vendor's chips (what torch.accelerator reports on a host that has them).
-DEVICE_TYPE = {"nvidia": "cuda", "amd": "cuda", "huawei": "npu", "intel": "hpu", "apple": "mps",
-               "cambricon": "mlu", "cpu": "cpu"}
-
-
-def device_type_of(device: object) -> str:
-    """The torch device type a pool device runs on: its vendor's for a real chip; 'cpu' for an
+def device_type_of(device: Device) -> str:
+    """The torch device type a pool device runs on: its kind's for a real chip; 'cpu' for an
     emulated one (its speed is rehearsed on this CPU, not real)."""
-    if getattr(device, "emulated", True):
-        return "cpu"
-    return DEVICE_TYPE.get(getattr(device, "vendor", "cpu"), getattr(device, "vendor", "cpu"))
+    return device.runs_as.torch_type
 
 
 def host_devices() -> dict[str, int]:
-    """Devices this host has, per torch device type: its accelerator (torch.accelerator: cuda, xpu,
-    npu with torch_npu imported, mps...) and the CPU, which every host has."""
-    out = {"cpu": 1 << 16}
-    try:
-        import torch_npu  # type: ignore[import-not-found]  # noqa: F401  registers "npu" with torch.accelerator
-    except ImportError:
-        pass
-    acc = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
-    if acc is not None:
-        out[acc.type] = torch.accelerator.device_count()
-    return out
+    """Devices this host has, per torch device type (chipfuse.devices.host_devices)."""
+    return devices.host_devices()
 
 
-def torch_device_kind(device: object) -> str:
+def torch_device_kind(device: Device) -> str:
     """The device type this worker uses for a pool device: device_type_of, or 'cpu' when this host
     lacks that accelerator (the launcher refuses such plans first: Topology.check_host)."""
     kind = device_type_of(device)
     return kind if host_devices().get(kind, 0) > 0 else "cpu"
 
 
-def mesh_device_type(device: object) -> str:
+def mesh_device_type(device: Device) -> str:
     """Device type for a DeviceMesh over a stage group (the group's collectives run there)."""
     return torch_device_kind(device)
 
 
-def native_backend(device_type: str) -> str:
-    """The collective library of a device type, when torch has it on this host, else gloo."""
-    from chipfuse.runtime.sync.groups import usable_backend
+def usable_backend(native: str) -> str:
+    """A native collective library when torch has it and this host has a device of a kind that
+    uses it; else the bridge (gloo, always there)."""
+    if native == devices.BRIDGE:
+        return native
+    try:
+        ok = dist.is_backend_available(native)
+    except Exception:
+        ok = False
+    host = host_devices()
+    ok = ok and any(host.get(k.torch_type, 0) > 0 for k in devices.kinds() if k.backend == native)
+    return native if ok else devices.BRIDGE
 
-    native = {"cuda": "nccl", "xpu": "xccl", "npu": "hccl", "hpu": "hccl"}.get(device_type, "gloo")
-    return usable_backend(native)
+
+def device_backend(device: Device) -> str:
+    """The collective library a pool device's worker uses inside a group of its own kind (an
+    emulated device: the CPU's)."""
+    return usable_backend(device.runs_as.backend)
+
+
+def vendor_backends(pool_devices: Iterable[Device]) -> dict[str, str]:
+    """Vendor -> native library its workers' groups use (runtime.sync.groups): the kind's own, or
+    the bridge where any of its devices is emulated (their tensors live in host memory)."""
+    out: dict[str, str] = {}
+    for d in pool_devices:
+        mine = d.runs_as.backend
+        out[d.vendor] = mine if out.get(d.vendor, mine) == mine else devices.BRIDGE
+    return out
+
+
+def native_backend(device_type: str) -> str:
+    """The collective library of a torch device type, when torch has it on this host, else gloo."""
+    kind = devices.kind_of_type(device_type)
+    return usable_backend(kind.backend) if kind is not None else devices.BRIDGE
 
 
 def collective_timeout(default_s: float = 60.0) -> datetime.timedelta:

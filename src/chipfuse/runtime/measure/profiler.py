@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from chipfuse import devices
 from chipfuse.cluster.pool import Device, Pool
 from chipfuse.model.gpt import loss_sum
 from chipfuse.model.spec import ModelSpec
@@ -67,15 +68,18 @@ def gemm_curve(dtype: str = "fp32", *, sizes: tuple[int, ...] = GEMM_SIZES, repe
     return out
 
 
-def cuda_runtime_bytes() -> int | None:
-    """Memory the CUDA runtime itself takes on this host's first GPU (context, cuBLAS workspace after a
-    matmul), or None without one: the device's total minus what is free, minus what tensors hold."""
-    if not torch.cuda.is_available():
+def runtime_bytes() -> tuple[str, int] | None:
+    """(torch device type, bytes) the accelerator runtime itself takes on this host's first device
+    (context, BLAS workspace after a matmul), or None on a host without one: the device's total
+    minus what is free, read through its kind (chipfuse.devices), minus what tensors hold."""
+    acc = [(t, k) for t in devices.host_devices() if t != devices.CPU and (k := devices.kind_of_type(t))]
+    if not acc:
         return None
-    a = torch.randn(256, 256, device="cuda")
-    (a @ a).sum().item()  # loads cuBLAS and its workspace
-    free, total = torch.cuda.mem_get_info()
-    return int(total - free - torch.cuda.memory_allocated())
+    torch_type, kind = acc[0]
+    a = torch.randn(256, 256, device=torch.device(torch_type, 0))
+    (a @ a).sum().item()  # loads the BLAS library and its workspace
+    free, total = kind.read_memory(0)
+    return torch_type, int(total - free - torch.accelerator.memory_allocated(0))
 
 
 def _stage_timer(spec: ModelSpec, stage: Stage, index: int, stages: tuple[Stage, ...], mbs: int, seq_len: int):  # type: ignore[no-untyped-def]
@@ -148,8 +152,9 @@ def block_and_head_times(spec: ModelSpec, pool: Pool, *, micro_batch_sizes: tupl
 
 
 def _measurable(pool: Pool) -> list[Device]:
-    """Devices this host can stand for: emulated ones and real CPUs."""
-    return [d for d in pool.devices if d.emulated or d.vendor == "cpu"]
+    """Devices this host can stand for: those whose worker runs on a CPU (emulated ones, and real
+    devices of a CPU-backed kind)."""
+    return [d for d in pool.devices if d.runs_as.torch_type == devices.CPU]
 
 
 # ---------------------------------------------------------------------------------------------- links
@@ -162,7 +167,7 @@ LINK_SIZES = (4 << 10, 64 << 10, 1 << 20)
 def _link_worker(rank: int, port: int, nbytes: int, repeats: int, q) -> None:  # type: ignore[no-untyped-def]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.init_process_group(devices.BRIDGE, rank=rank, world_size=2)
     big, small = torch.ones(nbytes // 4), torch.ones(2)
 
     def ping(t: torch.Tensor) -> None:

@@ -158,7 +158,7 @@ def device_memory_config(plan, pool, device_name: str) -> MemoryConfig:
 
     stage = next(s for r in plan.replicas for s in r.stages if device_name in s.devices)
     chip = pool.device(device_name).chip
-    cfg = MemoryConfig.from_plan(plan, stage, host_is_device=chip.vendor == "cpu")
+    cfg = MemoryConfig.from_plan(plan, stage, host_is_device=chip.kind.host_memory)
     return replace(cfg, dtype=compute_dtype(plan.dtype, chip))
 
 

@@ -225,7 +225,7 @@ class Topology:
                     raise PlanError(f"{where}.devices: a stage group spans vendors {sorted(vendors)}; its collectives "
                                     "run on one native library. Fix: group devices of one vendor")
                 for d in st.devices:
-                    if st.offload != "none" and pool.device(d).vendor == "cpu":
+                    if st.offload != "none" and pool.device(d).kind.host_memory:
                         raise PlanError(f"{where}.offload: device {d!r} is a CPU: its memory is host memory, so "
                                         f"offload={st.offload!r} saves nothing. Fix: set offload = \"none\" for its "
                                         "stage and use sharding or checkpointing to save memory")
@@ -267,11 +267,11 @@ class Topology:
     def create_groups(self, rank: int) -> Groups:
         import torch.distributed as dist
 
-        from chipfuse.runtime.launch.dist import collective_timeout, mesh_device_type
+        from chipfuse.runtime.launch.dist import collective_timeout, mesh_device_type, vendor_backends
         from chipfuse.runtime.sync.groups import link_backend, make_reducer
 
         pool = self.pool
-        native_of = {d.vendor: d.backend for d in pool.devices}
+        native_of = vendor_backends(pool.devices)
         vendor_of = {r.rank: pool.device(r.device).vendor for r in self.roles}
         out = Groups()
         if not dist.is_initialized():

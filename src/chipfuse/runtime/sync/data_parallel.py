@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from chipfuse.devices import BRIDGE, CPU
+
 
 def all_reduce_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
     """SUM-reduce gradients in one flat buffer per dtype (ranks with no share contribute zeros)."""
@@ -24,7 +26,7 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], group: dist.ProcessGr
         by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
     for grads in by_dtype.values():
         flat = _flatten_dense_tensors(grads)
-        if flat.is_cuda and dist.get_backend(group) == "gloo":
+        if flat.device.type != CPU and dist.get_backend(group) == BRIDGE:
             # The bridge between chip kinds: gloo reaches every device through host memory.
             host = flat.cpu()
             dist.all_reduce(host, group=group)

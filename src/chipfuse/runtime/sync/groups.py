@@ -5,9 +5,11 @@ H100). So a sum over ranks of several vendors is done in three hops: reduce insi
 group on its native backend, all-reduce among one leader per vendor over the bridge (gloo over
 host memory), broadcast inside each vendor's group. With one vendor it is one native all-reduce.
 
-On a CPU-only machine no native backend other than gloo exists, so every group runs on gloo
-while keeping the layout a real pool would use: an emulated pool that declares two vendors still
-gets separate vendor groups and a bridge, which is what the tests check against a flat sum.
+Which library is native to which kind, and whether this host can run it, is chipfuse.devices'
+table, read through runtime.launch.dist.usable_backend. On a CPU-only machine no native backend
+other than gloo exists, so every group runs on gloo while keeping the layout a real pool would
+use: an emulated pool that declares two vendors still gets separate vendor groups and a bridge,
+which is what the tests check against a flat sum.
 
 Written by hand: torch offers the groups and the collectives, not the choice of who talks to whom
 over which library. `torch.distributed.new_group` must be called by every rank, in the same
@@ -22,22 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from chipfuse.runtime.launch.dist import collective_timeout
+from chipfuse.devices import BRIDGE as BRIDGE_BACKEND
+from chipfuse.runtime.launch.dist import collective_timeout, usable_backend
 
-BRIDGE_BACKEND = "gloo"
-
-
-def usable_backend(native: str) -> str:
-    """The native backend when this machine can run it, else gloo (always there)."""
-    if native == "gloo":
-        return "gloo"
-    try:
-        ok = dist.is_backend_available(native)
-    except Exception:
-        ok = False
-    if native == "nccl":
-        ok = ok and torch.cuda.is_available()
-    return native if ok else "gloo"
+__all__ = ["BRIDGE_BACKEND", "Reducer", "link_backend", "make_reducer", "usable_backend"]
 
 
 @dataclass(kw_only=True)
