@@ -26,29 +26,23 @@ from chipfuse.plan.max_model import LADDER, family_member, max_model, num_params
 from chipfuse.plan.memory import Strategy
 from chipfuse.report.output import console, table, write_json
 from chipfuse.runtime.measure.memory_probe import spawn_probe
-from chipfuse.runtime.parallel.memory import MemoryConfig
 
 HEAD_DIM = 32
 CHIP = "L4"
 SLOWDOWN = {
-    "none": MemoryConfig(),
-    "checkpoint=selective": MemoryConfig(checkpoint="selective"),
-    "checkpoint=full": MemoryConfig(checkpoint="full"),
-    "shard=optimizer": MemoryConfig(shard="optimizer"),
-    "shard=grads": MemoryConfig(shard="grads"),
-    "shard=full": MemoryConfig(shard="full"),
-    "offload=optimizer": MemoryConfig(offload="optimizer"),
-    "offload=params": MemoryConfig(shard="full", offload="params"),
-    "dtype=bf16": MemoryConfig(dtype="bf16"),
-    "optimizer=bf16": MemoryConfig(optimizer_dtype="bf16"),
-    "optimizer=int8": MemoryConfig(optimizer_dtype="int8"),
-    "optimizer=int4": MemoryConfig(optimizer_dtype="int4"),
+    "none": Strategy(),
+    "checkpoint=selective": Strategy(checkpoint="selective"),
+    "checkpoint=full": Strategy(checkpoint="full"),
+    "shard=optimizer": Strategy(shard="optimizer"),
+    "shard=grads": Strategy(shard="grads"),
+    "shard=full": Strategy(shard="full"),
+    "offload=optimizer": Strategy(offload="optimizer"),
+    "offload=params": Strategy(shard="full", offload="params"),
+    "dtype=bf16": Strategy(dtype="bf16"),
+    "optimizer=bf16": Strategy(optimizer_dtype="bf16"),
+    "optimizer=int8": Strategy(optimizer_dtype="int8"),
+    "optimizer=int4": Strategy(optimizer_dtype="int4"),
 }
-
-
-def cfg_of(st: Strategy) -> MemoryConfig:
-    return MemoryConfig(checkpoint=st.checkpoint, shard=st.shard, offload=st.offload, dtype=st.dtype,
-                        optimizer_dtype=st.optimizer_dtype)
 
 
 def next_width(dim: int, up: bool) -> int:
@@ -58,7 +52,7 @@ def next_width(dim: int, up: bool) -> int:
     return dim + step if up else max(HEAD_DIM, dim - step)
 
 
-def trains(base: ModelSpec, dim: int, cfg: MemoryConfig, args, log: list) -> bool:
+def trains(base: ModelSpec, dim: int, cfg: Strategy, args, log: list) -> bool:
     spec = family_member(base, dim, HEAD_DIM)
     t0 = time.perf_counter()
     res = spawn_probe(args.devices, cfgs=[cfg], spec=spec, global_batch=args.devices * args.micro_batch,
@@ -72,7 +66,7 @@ def trains(base: ModelSpec, dim: int, cfg: MemoryConfig, args, log: list) -> boo
     return ok
 
 
-def largest(base: ModelSpec, start: int, cfg: MemoryConfig, args, log: list) -> int:
+def largest(base: ModelSpec, start: int, cfg: Strategy, args, log: list) -> int:
     """Largest width that trains, searching from the predicted one (0 if none down to 32 does)."""
     dim = max(HEAD_DIM, start)
     if trains(base, dim, cfg, args, log):
@@ -125,7 +119,7 @@ def main() -> None:
     searches: dict[str, list] = {}
     found: dict[str, int] = {}
     for label, pred in (("plain", by_name["plain"]), ("chipfuse", best), ("chipfuse_no_offload", no_offload)):
-        cfg = cfg_of(strategies[pred.strategy])
+        cfg = strategies[pred.strategy]
         console.print(f"[bold]{label}[/bold]: {pred.strategy} ({pred.label}), predicted dim {pred.dim}")
         searches[label] = []
         found[label] = largest(base, pred.dim, cfg, args, searches[label])
@@ -139,7 +133,7 @@ def main() -> None:
     # dim 128, so that compute, not process overhead, makes the step.
     dim = max(found["plain"], 4 * HEAD_DIM)
     spec = family_member(base, dim, HEAD_DIM)
-    cfgs = list(SLOWDOWN.values()) + [cfg_of(strategies[best.strategy])]
+    cfgs = list(SLOWDOWN.values()) + [strategies[best.strategy]]
     names = list(SLOWDOWN) + [f"chipfuse ({best.label})"]
     # Two rounds in turn, best of both: the first strategies of a process also pay its warm-up, and
     # other work on the machine comes and goes. A step is as slow as its slowest rank.

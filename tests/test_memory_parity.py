@@ -1,4 +1,5 @@
-"""Each memory strategy trains the same model as the plain run (runtime.parallel.memory).
+"""Each memory strategy trains the same model as the plain run, applied as the trainer applies it
+(runtime.parallel.parallelize through runtime.measure.memory_probe).
 
 Single-process strategies run in this process; the sharded ones share one start of 2 gloo ranks
 (a start costs seconds here). Tolerances, and why:
@@ -18,14 +19,14 @@ import pytest
 import torch
 
 from chipfuse.model.spec import ModelSpec
+from chipfuse.plan.memory import Strategy
 from chipfuse.runtime.measure.memory_probe import ProbeResult, run_probe, spawn_probe
-from chipfuse.runtime.parallel.memory import MemoryConfig
 
 SPEC = ModelSpec(name="tiny4", num_layers=4, dim=64, num_heads=4, vocab_size=256, seq_len=32)
 RUN = {"spec": SPEC, "global_batch": 4, "seq_len": 32, "cap_bytes": None, "lr": 3e-3}
 
 
-def _run(cfg: MemoryConfig, steps: int = 3, want_grads: bool = True) -> ProbeResult:
+def _run(cfg: Strategy, steps: int = 3, want_grads: bool = True) -> ProbeResult:
     torch.set_num_threads(1)
     res = run_probe(cfg=cfg, steps=steps, want_grads=want_grads, **RUN)
     assert res.error is None, res.error
@@ -34,12 +35,12 @@ def _run(cfg: MemoryConfig, steps: int = 3, want_grads: bool = True) -> ProbeRes
 
 @pytest.fixture(scope="module")
 def plain() -> ProbeResult:
-    return _run(MemoryConfig(), steps=6)
+    return _run(Strategy(), steps=6)
 
 
 @pytest.mark.parametrize("mode", ["full", "selective"])
 def test_checkpointing_is_exact(plain: ProbeResult, mode: str) -> None:
-    res = _run(MemoryConfig(checkpoint=mode), steps=6)
+    res = _run(Strategy(checkpoint=mode), steps=6)
     assert res.losses == plain.losses
     assert res.grads is not None and plain.grads is not None and res.grads.keys() == plain.grads.keys()
     for name, g in plain.grads.items():
@@ -48,14 +49,14 @@ def test_checkpointing_is_exact(plain: ProbeResult, mode: str) -> None:
 
 def test_checkpointing_keeps_fewer_activations() -> None:
     # A batch large enough that saved activations, not the state after the update, make the peak.
-    peaks = {mode: run_probe(cfg=MemoryConfig(checkpoint=mode), steps=1, **{**RUN, "global_batch": 16}).peak_bytes
+    peaks = {mode: run_probe(cfg=Strategy(checkpoint=mode), steps=1, **{**RUN, "global_batch": 16}).peak_bytes
              for mode in ("none", "selective", "full")}
     assert peaks["full"] < peaks["selective"] < peaks["none"]
 
 
 @pytest.mark.parametrize(("opt_dtype", "rtol"), [("bf16", 1e-4), ("int8", 1e-3), ("int4", 3e-2)])
 def test_low_precision_optimizer_state(plain: ProbeResult, opt_dtype: str, rtol: float) -> None:
-    res = _run(MemoryConfig(optimizer_dtype=opt_dtype), steps=6, want_grads=False)
+    res = _run(Strategy(optimizer_dtype=opt_dtype), steps=6, want_grads=False)
     assert res.losses[:2] == pytest.approx(plain.losses[:2], rel=1e-6)  # the first update is exact
     assert res.losses == pytest.approx(plain.losses, rel=rtol)
     assert res.losses[-1] < res.losses[0]
@@ -64,14 +65,14 @@ def test_low_precision_optimizer_state(plain: ProbeResult, opt_dtype: str, rtol:
 
 
 def test_bf16_compute_keeps_fp32_master_weights(plain: ProbeResult) -> None:
-    res = _run(MemoryConfig(dtype="bf16"), steps=6, want_grads=False)
+    res = _run(Strategy(dtype="bf16"), steps=6, want_grads=False)
     assert res.losses == pytest.approx(plain.losses, rel=2e-3)
     assert res.losses != plain.losses  # bf16 really ran
     assert res.static_bytes == plain.static_bytes  # fp32 parameters, gradients and state
 
 
 def test_emulated_optimizer_offload_changes_nothing_but_the_count(plain: ProbeResult) -> None:
-    res = _run(MemoryConfig(offload="optimizer"), steps=6, want_grads=False)
+    res = _run(Strategy(offload="optimizer"), steps=6, want_grads=False)
     assert res.losses == plain.losses
     n_params = sum(g.numel() for g in plain.grads.values())
     # fp32 AdamW state is 8 bytes per parameter; it lives in host memory now.
@@ -79,18 +80,18 @@ def test_emulated_optimizer_offload_changes_nothing_but_the_count(plain: ProbeRe
 
 
 def test_offload_on_a_cpu_device_is_refused() -> None:
-    res = run_probe(cfg=MemoryConfig(offload="params", host_is_device=True), steps=1, **RUN)
+    res = run_probe(cfg=Strategy(offload="params"), host_is_device=True, steps=1, **RUN)
     assert res.error is not None and res.error.startswith("refused:")
     assert "host memory" in res.error and "Fix:" in res.error
 
 
 SHARDED = [
-    MemoryConfig(shard="full"),
-    MemoryConfig(shard="grads"),
-    MemoryConfig(shard="full", offload="params"),
-    MemoryConfig(shard="full", checkpoint="full"),
-    MemoryConfig(shard="full", dtype="bf16"),
-    MemoryConfig(shard="full", optimizer_dtype="int8"),
+    Strategy(shard="full"),
+    Strategy(shard="grads"),
+    Strategy(shard="full", offload="params"),
+    Strategy(shard="full", checkpoint="full"),
+    Strategy(shard="full", dtype="bf16"),
+    Strategy(shard="full", optimizer_dtype="int8"),
 ]
 
 

@@ -11,7 +11,6 @@ from chipfuse.plan.max_model import max_model, num_params
 from chipfuse.plan.memory import Strategy, best_shard_group, check_plan_memory, stage_device_memory
 from chipfuse.plan.plan import Plan, Replica, Stage, data_parallel_plan
 from chipfuse.runtime.measure.memory_probe import run_probe
-from chipfuse.runtime.parallel.memory import MemoryConfig
 
 MiB = 2**20
 SPEC = ModelSpec(name="t", num_layers=4, dim=128, num_heads=4, vocab_size=256, seq_len=64)
@@ -29,9 +28,9 @@ def _sharded_plan(devices: tuple[str, ...], **stage) -> Plan:
                 batch_share=4, micro_batch_size=4),))
 
 
-@pytest.mark.parametrize("cfg", [MemoryConfig(), MemoryConfig(checkpoint="full"), MemoryConfig(optimizer_dtype="int8"),
-                                 MemoryConfig(offload="optimizer")])
-def test_prediction_bounds_the_measured_peak(cfg: MemoryConfig) -> None:
+@pytest.mark.parametrize("cfg", [Strategy(), Strategy(checkpoint="full"), Strategy(optimizer_dtype="int8"),
+                                 Strategy(offload="optimizer")])
+def test_prediction_bounds_the_measured_peak(cfg: Strategy) -> None:
     """The planner's figure is at least what the emulated device counts, and close to it."""
     res = run_probe(SPEC, cfg, global_batch=2, seq_len=64, steps=2, cap_bytes=None)
     st = Strategy(checkpoint=cfg.checkpoint, offload=cfg.offload, optimizer_dtype=cfg.optimizer_dtype)
@@ -53,7 +52,7 @@ def test_a_plan_over_the_cap_is_refused_before_it_starts() -> None:
 
 
 def test_the_meter_stops_plain_data_parallel_over_the_cap() -> None:
-    res = run_probe(SPEC, MemoryConfig(), global_batch=2, seq_len=64, steps=2, cap_bytes=8 * MiB)
+    res = run_probe(SPEC, Strategy(), global_batch=2, seq_len=64, steps=2, cap_bytes=8 * MiB)
     assert res.error is not None and res.error.startswith("oom:") and "Fix:" in res.error
 
 

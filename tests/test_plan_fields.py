@@ -127,6 +127,37 @@ def check_tp_degree():
         assert any(t > 1 for k in range(len(ctx.kinds)) for _, t in ctx.unit_configs(k)) == tp
 
 
+def check_dp_degree():
+    # Omitted, the data degree is the devices left; the group then runs sharded, the kind named once.
+    two = _two({})
+    assert two.replicas[0].stages[0].dp_degree == 2 and two.replicas[0].stages[0].shard == "grads"
+    assert Topology.of(two, POOL).role(1).kind == "fsdp"
+    assert Plan.from_dict(two.to_dict()) == two  # a written plan carries every degree
+    with pytest.raises(PlanError, match=r"stages\[0\]: tp_degree x dp_degree x ep_degree x cp_degree = 1 x 3 x 1 x 1 "
+                                        r"= 3, but the stage has 2 devices\. Fix: make the degrees multiply to 2"):
+        _two({"dp_degree": 3}).check()
+    # A data-parallel group always runs sharded: "none" there is refused, not quietly run as ZeRO-2.
+    with pytest.raises(PlanError, match=r"shard is 'none' on a data-parallel group.*Fix: set shard = \"grads\""):
+        _two({"dp_degree": 2, "shard": "none"}).check()
+    # Both degrees above one in one group (it needs a 2-D mesh) is refused before start.
+    four = pool_of({f"g{i}": ("L4", 1.0) for i in range(4)})
+    mixed = Plan(model=SPEC, global_batch=4, seq_len=16, replicas=(Replica(stages=(
+        Stage(devices=("g0", "g1", "g2", "g3"), first_layer=0, num_layers=4, tp_degree=2, dp_degree=2,
+              shard="full"),), batch_share=4, micro_batch_size=2),))
+    mixed.check()
+    with pytest.raises(PlanError, match="tp_degree 2 x dp_degree 2 mixes.*Fix:"):
+        check_runnable(mixed, four)
+
+
+def check_ep_and_cp_degree():
+    # Named in the plan for when expert and context parallel land; refused above one until then.
+    for name in ("ep_degree", "cp_degree"):
+        plan = _two({name: 2})
+        assert plan.replicas[0].stages[0].dp_degree == 1  # the devices left after the named degree
+        with pytest.raises(PlanError, match=rf"stages\[0\]\.{name}: 2, but .* parallel is not run yet.*Fix: {name} = 1"):
+            check_runnable(plan, POOL)
+
+
 def check_checkpoint():
     assert _worker(_plan({"checkpoint": "selective"})).applied.checkpointed_layers == (0, 2)  # every other layer
     assert _worker(_plan({"checkpoint": "full"})).applied.checkpointed_layers == (0, 1, 2, 3)
@@ -136,6 +167,9 @@ def check_shard():
     assert Topology.of(_two({"shard": "full"}), POOL).role(1).kind == "fsdp"
     # One device divides nothing: accepted, nothing to shard.
     assert not _worker(_plan({"shard": "full"})).applied.fsdp
+    # A tensor-parallel group's devices all compute every sample: no data degree to shard over.
+    with pytest.raises(PlanError, match="tensor-parallel group with shard.*Fix:"):
+        check_runnable(_two({"tp_degree": 2, "shard": "full"}), POOL)
 
 
 def check_offload():
@@ -166,7 +200,8 @@ CHECKS = {
     "stages": check_stage_layers_and_devices, "batch_share": check_replicas_batch_share_micro_batch_size,
     "micro_batch_size": check_replicas_batch_share_micro_batch_size, "devices": check_stage_layers_and_devices,
     "first_layer": check_stage_layers_and_devices, "num_layers": check_stage_layers_and_devices,
-    "tp_degree": check_tp_degree, "checkpoint": check_checkpoint, "shard": check_shard, "offload": check_offload,
+    "tp_degree": check_tp_degree, "dp_degree": check_dp_degree, "ep_degree": check_ep_and_cp_degree,
+    "cp_degree": check_ep_and_cp_degree, "checkpoint": check_checkpoint, "shard": check_shard, "offload": check_offload,
     "islands": check_sync, "outer_every": check_sync, "outer_lr": check_sync, "outer_momentum": check_sync,
     "compression": check_sync,
 }

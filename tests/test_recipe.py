@@ -91,10 +91,10 @@ def test_clip_over_two_stages_times_two_unequal_replicas_matches_one_process():
 
 
 def _fsdp_clip(rank: int, world: int, shares: list[int], max_norm: float) -> dict:
-    from chipfuse.runtime.parallel.memory import apply_sharding
+    from chipfuse.runtime.parallel.fsdp import apply_fsdp
 
     model = build_model(TINY_GPT, seed=CFG.seed)
-    apply_sharding(model, shard="full")
+    apply_fsdp(model, shard="full")
     G = sum(shares)
     x, y = get_batch(0, G, TINY_GPT.seq_len, start=sum(shares[:rank]), count=shares[rank])
     (loss_sum(model(x), y) / (G * TINY_GPT.seq_len)).backward()

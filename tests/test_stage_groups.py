@@ -111,3 +111,18 @@ def test_parameter_offload_inside_a_pipeline_matches_one_device():
     results = run_ranks(run_steps, 2, plan, pool, STEPS, CFG)
     _check(results, reference(TINY_GPT, plan, STEPS, CFG))
     assert results[1]["describe"]["applied"]["fsdp"] and results[1]["describe"]["applied"]["offload"] == "params"
+
+
+def test_a_data_parallel_group_runs_the_zero_level_its_plan_names():
+    # The group's kind and ZeRO level are decided once (plan.dims) and reported as applied: an omitted
+    # shard on a data-parallel group is written into the plan as "grads", "optimizer" runs as itself
+    # (FSDP2 lays it out like ZeRO-2: runtime/parallel/fsdp.py), and both match one device.
+    steps = 3
+    for fields, level in (({}, "grads"), ({"shard": "optimizer"}, "optimizer")):
+        plan = _plan(TINY_GPT, [([(("b0", "b1"), 3, fields)], 4, 2)])
+        assert plan.replicas[0].stages[0].shard == level and plan.replicas[0].stages[0].dp_degree == 2
+        results = run_ranks(run_steps, 2, plan, _pool(["b0", "b1"]), steps, CFG)
+        _check(results, reference(TINY_GPT, plan, steps, CFG))
+        for r in results:
+            assert r["describe"]["group_kind"] == "fsdp"
+            assert r["describe"]["applied"]["fsdp"] and r["describe"]["applied"]["shard"] == level

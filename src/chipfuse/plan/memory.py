@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING
 from chipfuse.errors import PlanError
 from chipfuse.model.costs import ModelCosts
 from chipfuse.model.spec import ModelSpec
+from chipfuse.plan.dims import GroupDims
 
 if TYPE_CHECKING:
     from chipfuse.model.arch import Saved
@@ -72,7 +73,9 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 @dataclass(frozen=True, kw_only=True)
 class Strategy:
-    """A stage's memory strategy (the plan's words) and the settings it is priced with."""
+    """A stage's memory strategy on one device: the plan's words, with the compute dtype that device
+    runs (`device_strategy`). The one type the memory model prices and runtime.parallel.parallelize
+    applies; the group's degrees beside it are plan.dims.GroupDims."""
 
     checkpoint: str = "none"
     shard: str = "none"
@@ -333,15 +336,17 @@ def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, cap
     numels = block * num_layers + (embed if first else []) + (head if last else [])
     n_params = float(sum(numels))
     root = float(sum(embed if first else []) + sum(head if last else []))
-    sharded = strategy.shard != "none" or strategy.offload == "params"
-    n = group_size if strategy.shard != "none" else 1
+    # The ZeRO level that runs (plan.dims): over one data rank a shard level divides nothing.
+    zero = GroupDims(tp=tp, dp=group_size, shard=strategy.shard).zero
+    sharded = zero != "none" or strategy.offload == "params"
+    n = group_size if zero != "none" else 1
     wbytes = DTYPE_BYTES[strategy.dtype] if sharded else 4
     p = 4 * n_params / n
     g = 4 * n_params / n
     o = _opt_bytes(numels, strategy.optimizer_dtype, n)
     if not sharded:
         gathered = 0.0
-    elif strategy.shard in ("full", "none"):
+    elif zero in ("full", "none"):
         gathered = wbytes * (root + 2 * sum(block) if num_layers > 1 else root + sum(block))
     else:
         gathered = wbytes * n_params
@@ -387,6 +392,13 @@ def reserved_bytes(peak_bytes: float, *, emulated: bool = False) -> float:
     return peak_bytes * (1 + ALLOC_SLACK) + RUNTIME_CONTEXT_BYTES + COMM_BUFFER_BYTES
 
 
+def device_strategy(plan, stage, chip) -> Strategy:
+    """The memory strategy `stage` (plan.plan.Stage) of `plan` runs on a device of `chip`: the plan's
+    words, computing in fp32 where the chip lacks bf16 (compute_dtype)."""
+    return Strategy(checkpoint=stage.checkpoint, shard=stage.shard, offload=stage.offload,
+                    dtype=compute_dtype(plan.dtype, chip), optimizer_dtype=plan.optimizer_dtype)
+
+
 def plan_memory(plan, pool) -> list[DeviceMemory]:
     """Predicted peak of every device of `plan` (plan.plan.Plan) on `pool` (cluster.pool.Pool)."""
     out: list[DeviceMemory] = []
@@ -394,12 +406,10 @@ def plan_memory(plan, pool) -> list[DeviceMemory]:
         num_stages = len(r.stages)
         for j, s in enumerate(r.stages):
             in_flight = r.num_micro_batches if plan.schedule == "gpipe" else min(r.num_micro_batches, num_stages - j)
-            group = len(s.devices) // s.tp_degree  # data/shard degree inside the stage
+            group = s.dp_degree  # the group splits each micro-batch over its data degree
             per_device_mb = math.ceil(r.micro_batch_size / group)  # the group splits each micro-batch
             for d in s.devices:
-                strategy = Strategy(checkpoint=s.checkpoint, shard=s.shard, offload=s.offload,
-                                    dtype=compute_dtype(plan.dtype, pool.device(d).chip),
-                                    optimizer_dtype=plan.optimizer_dtype)
+                strategy = device_strategy(plan, s, pool.device(d).chip)
                 mem = stage_device_memory(plan.model, strategy, device=d, capacity_bytes=usable_bytes(pool.device(d)),
                                           num_layers=s.num_layers, first=j == 0, last=j == num_stages - 1,
                                           group_size=group, tokens_in_flight=max(1, in_flight) * per_device_mb * plan.seq_len,

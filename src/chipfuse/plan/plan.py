@@ -8,8 +8,10 @@ A person can write one by hand; the planner writes the same format. Shape::
                 stage count and layer split; shares need not be equal.
         stages: a contiguous run of transformer blocks [first_layer, first_layer+num_layers)
                 on a group of devices. Stage 0 also holds the embedding, the last the head.
-                A group of n devices is tensor-parallel when tp_degree == n, else its devices
-                shard the stage (FSDP2) and split its micro-batches evenly.
+                The group's degrees are named (tp, dp, ep, cp: plan.dims.GroupDims, which says
+                what kind of group they make): tp_degree == n devices is tensor parallel,
+                dp_degree == n shards the stage (FSDP2, ZeRO level `shard`) and splits its
+                micro-batches evenly.
       sync:     how replicas combine gradients (every step, or DiLoCo islands over slow links).
 """
 
@@ -24,6 +26,7 @@ from typing import Annotated, Any
 from chipfuse import validate
 from chipfuse.errors import PlanError
 from chipfuse.model.spec import ModelSpec
+from chipfuse.plan.dims import GroupDims
 
 CHECKPOINT_MODES = ("none", "selective", "full")
 SHARD_MODES = ("none", "optimizer", "grads", "full")
@@ -43,16 +46,39 @@ class Stage:
     first_layer: validate.Index
     num_layers: validate.Count
     tp_degree: validate.Count = 1
+    """Tensor-parallel degree (tp x dp x ep x cp = len(devices))."""
+    dp_degree: validate.Index = 0
+    """Data (shard) degree; 0 or omitted: the devices left, len(devices) // (tp x ep x cp)."""
+    ep_degree: validate.Count = 1
+    """Expert-parallel degree (refused above 1 until expert parallel runs)."""
+    cp_degree: validate.Count = 1
+    """Context-parallel degree (refused above 1 until context parallel runs)."""
     checkpoint: str = "none"
     """Activation checkpointing: none | selective | full."""
-    shard: str = "none"
-    """Sharding inside the group (ZeRO-1/2/3 via FSDP2): none | optimizer | grads | full."""
+    shard: str = ""
+    """ZeRO level inside the group (ZeRO-1/2/3 via FSDP2): none | optimizer | grads | full. Omitted:
+    "grads" on a data-parallel group (dp_degree > 1, which always runs sharded), else "none"."""
     offload: str = "none"
     """Host-memory offload: none | optimizer | params."""
+
+    def __post_init__(self) -> None:
+        # The two omissions a hand-written plan may make are resolved here, once, so every reader and
+        # every written plan sees all the degrees and the ZeRO level that runs.
+        if self.dp_degree == 0:
+            rest = self.tp_degree * self.ep_degree * self.cp_degree
+            object.__setattr__(self, "dp_degree", max(1, len(self.devices) // max(1, rest)))
+        if self.shard == "":
+            object.__setattr__(self, "shard", "grads" if self.dp_degree > 1 else "none")
 
     @property
     def layers(self) -> range:
         return range(self.first_layer, self.first_layer + self.num_layers)
+
+    @property
+    def dims(self) -> GroupDims:
+        """The group's degrees and kind (plan.dims): the one place that says what the group is."""
+        return GroupDims(tp=self.tp_degree, dp=self.dp_degree, ep=self.ep_degree, cp=self.cp_degree,
+                         shard=self.shard)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -189,13 +215,13 @@ class Plan(JsonForm):
                 nxt += s.num_layers
                 if not s.devices:
                     raise fail(f"{sw}.devices", "is empty", "name at least one device")
-                if len(s.devices) % s.tp_degree:
-                    raise fail(f"{sw}.tp_degree", f"{s.tp_degree} does not divide {len(s.devices)} devices",
-                               "use a tp_degree that divides the stage's device count")
                 for name, val, allowed in (("checkpoint", s.checkpoint, CHECKPOINT_MODES),
                                            ("shard", s.shard, SHARD_MODES), ("offload", s.offload, OFFLOAD_MODES)):
                     if val not in allowed:
                         raise fail(f"{sw}.{name}", f"is {val!r}", f"use one of {allowed}")
+                wrong = s.dims.problems(len(s.devices))
+                if wrong:
+                    raise fail(sw, "; ".join(p for p, _ in wrong), "; ".join(f for _, f in wrong))
                 for dv in s.devices:
                     if dv in seen:
                         raise fail(f"{sw}.devices", f"device {dv!r} is used twice", "use each device once")

@@ -167,11 +167,12 @@ class Context:
                 first, stages = 0, []
                 for (_k, _g, t), units_i, n, (ck, sd, of) in zip(tpl.stages, units, tpl.layers, tpl.options, strict=True):
                     stages.append(Stage(devices=units_i, first_layer=first, num_layers=n, tp_degree=t,
+                                        dp_degree=len(units_i) // t,
                                         checkpoint=ck, shard=sd, offload=of))
                     first += n
                     used.update(units_i)
                 # A sharded group splits each micro-batch by rows: at least one row per member.
-                rows = max([len(st.devices) for st in stages if st.tp_degree == 1] + [tpl.mbs])
+                rows = max([st.dp_degree for st in stages] + [tpl.mbs])
                 replicas.append(Replica(stages=tuple(stages), batch_share=sh[r], micro_batch_size=min(rows, sh[r])))
         excluded = tuple(d.name for d in self.pool.devices if d.name not in used)
         return Plan(model=self.model, global_batch=self.global_batch, seq_len=self.seq_len, replicas=tuple(replicas),

@@ -163,7 +163,8 @@ def option_tables(costs: ModelCosts, hw: GroupHW, *, g: int, t: int, mbs: int, d
     """
     d = g // t
     # Parameter offload is FSDP2's; the runtime does not combine it with tensor parallel in one group.
-    opts = [(c, s, o) for c in CHECKPOINTS for s in (SHARDS if d > 1 else ("none",)) for o in offloads
+    # A data-parallel group always runs sharded (plan.dims): its choice is the ZeRO level, never "none".
+    opts = [(c, s, o) for c in CHECKPOINTS for s in (SHARDS[1:] if d > 1 else ("none",)) for o in offloads
             if not (t > 1 and o == "params")]
     positions = [(False, False), (True, False), (False, True), (True, True)]
     per_block: list[tuple[float, ...]] = []

@@ -1,10 +1,12 @@
 """Train a GPT for a few steps under one memory strategy and an emulated memory cap.
 
 Used by the memory tests and benchmarks/memory.py to *measure* whether a strategy fits and what
-it costs; the trainer applies the same functions (runtime.parallel.memory) from a plan. The group of ranks
-is one stage's group: under sharding they hold one model between them and split every batch
-evenly; without it they are plain data-parallel replicas whose gradients are summed as the trainer
-sums them (runtime.sync.data_parallel.all_reduce_gradients: one flat buffer, freed after the step).
+it costs. The ranks are described by a plan (`probe_plan`) and the strategy goes through the
+trainer's own path: runtime.parallel.parallelize with the stage's degrees, then the trainer's
+optimizer builder. Under sharding the ranks are one stage group (dp_degree = ranks) holding one
+model between them and splitting every batch evenly; without it they are plain data-parallel
+replicas whose gradients are summed as the trainer sums them
+(runtime.sync.data_parallel.all_reduce_gradients: one flat buffer, freed after the step).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import pickle
 import socket
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.distributed as dist
@@ -23,13 +25,16 @@ from chipfuse.data import get_batch
 from chipfuse.errors import ChipfuseError, DeviceMemoryError
 from chipfuse.model.gpt import build_model, loss_sum
 from chipfuse.model.spec import ModelSpec
+from chipfuse.plan.memory import Strategy
+from chipfuse.plan.plan import Plan, Replica, Stage, data_parallel_plan
 from chipfuse.runtime.emulate.device import MemoryMeter
 from chipfuse.runtime.parallel.memory import (
-    MemoryConfig,
-    apply_memory,
+    build_plan_optimizer,
     device_state_tensors,
+    refuse_host_offload,
     watch_gathered,
 )
+from chipfuse.runtime.parallel.parallelize import parallelize
 from chipfuse.runtime.sync.data_parallel import all_reduce_gradients
 
 
@@ -56,10 +61,29 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().float().clone()
 
 
-def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len: int, steps: int,
+def probe_plan(spec: ModelSpec, cfg: Strategy, *, world: int, global_batch: int, seq_len: int) -> Plan:
+    """The probe's ranks as a plan: with a ZeRO level over several ranks, one stage group sharded over
+    all of them; else one whole-model replica per rank. Shares split the batch as evenly as can be."""
+    per_rank, extra = divmod(global_batch, world)
+    shares = {f"dev{r}": per_rank + (r < extra) for r in range(world)}
+    if cfg.shard != "none" and world > 1:
+        st = Stage(devices=tuple(shares), first_layer=0, num_layers=spec.num_layers, dp_degree=world,
+                   checkpoint=cfg.checkpoint, shard=cfg.shard, offload=cfg.offload)
+        plan = Plan(model=spec, global_batch=global_batch, seq_len=seq_len,
+                    replicas=(Replica(stages=(st,), batch_share=global_batch, micro_batch_size=global_batch),))
+    else:
+        plan = data_parallel_plan(spec, shares, seq_len=seq_len, micro_batch_size=max(shares.values()))
+        plan = replace(plan, replicas=tuple(replace(r, stages=(replace(r.stages[0], checkpoint=cfg.checkpoint,
+                                                                       shard=cfg.shard, offload=cfg.offload),))
+                                            for r in plan.replicas))
+    return replace(plan, dtype=cfg.dtype, optimizer_dtype=cfg.optimizer_dtype)
+
+
+def run_probe(spec: ModelSpec, cfg: Strategy, *, global_batch: int, seq_len: int, steps: int,
               cap_bytes: int | None, device_name: str | None = None, lr: float = 1e-3, seed: int = 0,
-              want_grads: bool = False) -> ProbeResult:
-    """Run on every rank of the current group (or alone). Raises nothing: errors come back in the result."""
+              want_grads: bool = False, host_is_device: bool = False) -> ProbeResult:
+    """Run on every rank of the current group (or alone). Raises nothing: errors come back in the result.
+    host_is_device: the rank stands for a CPU device (not an emulated accelerator), where offload is refused."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     world = dist.get_world_size() if dist.is_initialized() else 1
     device_name = device_name or f"dev{rank}"
@@ -68,9 +92,16 @@ def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len:
     times: list[float] = []
     grads = None
     try:
+        if host_is_device:
+            refuse_host_offload(device_name, cfg.offload)
+        plan = probe_plan(spec, cfg, world=world, global_batch=global_batch, seq_len=seq_len)
+        stage = plan.replicas[0 if len(plan.replicas) == 1 else rank].stages[0]
         model = build_model(spec, seed=seed)
-        opt = apply_memory(model, cfg, lr=lr, device_name=device_name)
-        if cfg.uses_fsdp:
+        # mesh None: the whole world, which is the probe's one group.
+        applied = parallelize(model, cfg, dims=stage.dims, model=spec, mesh=None,
+                              device_type=next(model.parameters()).device.type)
+        opt = build_plan_optimizer(model.parameters(), cfg, plan=plan, lr=lr)
+        if applied.fsdp:
             watch_gathered(model, meter)
         per_rank, extra = divmod(global_batch, world)
         start = rank * per_rank + min(rank, extra)
@@ -83,7 +114,7 @@ def run_probe(spec: ModelSpec, cfg: MemoryConfig, *, global_batch: int, seq_len:
                 logits = model(x)
                 loss = loss_sum(logits, y) / (global_batch * seq_len)
                 loss.backward()
-            if not cfg.uses_fsdp:
+            if not applied.fsdp:
                 all_reduce_gradients(list(model.parameters()))  # the trainer's flat SUM all-reduce
             if want_grads and step == 0:
                 grads = {_plain_name(n): _full(p.grad) for n, p in model.named_parameters() if p.grad is not None}
@@ -119,7 +150,7 @@ def _send(queue, obj: dict) -> None:
     queue.join_thread()  # flush before os._exit, which would drop what the feeder thread holds
 
 
-def _worker(rank: int, world: int, port: int, queue, cfgs: list[MemoryConfig], kwargs: dict) -> None:
+def _worker(rank: int, world: int, port: int, queue, cfgs: list[Strategy], kwargs: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)  # one thread per emulated device (docs/emulation.md, "Facts measured on CPU")
     try:
@@ -142,7 +173,7 @@ def _worker(rank: int, world: int, port: int, queue, cfgs: list[MemoryConfig], k
     os._exit(0)
 
 
-def spawn_probe(world: int, *, cfgs: list[MemoryConfig], timeout_s: float = 300.0, **kwargs) -> list[list[ProbeResult]]:
+def spawn_probe(world: int, *, cfgs: list[Strategy], timeout_s: float = 300.0, **kwargs) -> list[list[ProbeResult]]:
     """run_probe for each of `cfgs` in turn, on `world` fresh gloo ranks (127.0.0.1); one process start
     for them all (a start costs seconds here). Returns, per config, the results sorted by rank.
 

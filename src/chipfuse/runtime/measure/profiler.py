@@ -245,7 +245,7 @@ def stage_targets(profile_path: str, device: str, stage: Stage, *, last: bool, m
     if not blocks:
         return None
     tp = stage.tp_degree
-    rows = math.ceil(micro_batch_size / max(1, len(stage.devices) // tp))
+    rows = math.ceil(micro_batch_size / stage.dp_degree)  # the data ranks split each micro-batch
     tokens = rows * seq_len
     f1, b1 = _closest(blocks, tokens)
     f, b = stage.num_layers * f1 / tp, stage.num_layers * b1 / tp

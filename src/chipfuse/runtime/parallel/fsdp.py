@@ -9,6 +9,8 @@
   planner predicts them alike.
 - offload "params": FSDP2 CPUOffloadPolicy (sharded parameters, gradients and the optimizer step in
   host memory); implies FSDP2 even on a group of one device.
+Whether FSDP2 wraps a stage at all, and at which level, is decided once by the group's degrees
+(plan.dims.GroupDims.wraps_fsdp and .zero); parallelize asks there and calls apply_fsdp.
 - dtype "bf16": MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): gradients are reduced in
   fp32, since summing many bf16 shards loses the small ones.
 """
@@ -21,11 +23,6 @@ import torch
 import torch.nn as nn
 
 from chipfuse.runtime.parallel.checkpointing import block_modules
-
-
-def uses_fsdp(shard: str, offload: str, group_size: int = 2) -> bool:
-    """Sharding over one device divides nothing; parameter offload needs FSDP2 even there."""
-    return (shard != "none" and group_size > 1) or offload == "params"
 
 
 def apply_fsdp(module: nn.Module, *, shard: str, mesh: Any = None, offload: str = "none",

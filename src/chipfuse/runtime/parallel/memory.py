@@ -1,9 +1,8 @@
-"""Apply a stage's memory strategy to a model, in one order (as torchtitan's parallelize does):
-
-    1. apply_checkpointing   activation checkpointing of GPT blocks (full | selective)
-    2. apply_sharding        FSDP2 fully_shard of every block, then the root; mixed precision and
-                             parameter offload are FSDP2 policies given here
-    3. build_state_optimizer (runtime.train.optim_state) AdamW with fp32 | bf16 | int8 | int4 state, optimizer offload
+"""What a stage's memory strategy (plan.memory.Strategy) becomes on a device, beside
+runtime.parallel.parallelize, which applies it with the other parallelisms in one order
+(checkpointing, then FSDP2 with mixed precision and parameter offload as its policies, then bf16
+autocast where FSDP2 did not cast), and the optimizer built after it (`build_plan_optimizer`:
+AdamW, or torchao's fp32 | bf16 | int8 | int4 state with optimizer offload).
 
 Every piece is a library's: torch.utils.checkpoint through checkpoint_wrapper, FSDP2's
 fully_shard / MixedPrecisionPolicy / CPUOffloadPolicy, torchao's optimizers. Written by hand here
@@ -24,7 +23,9 @@ The plan's words and what they become:
   replicated, so both map to fully_shard(reshard_after_forward=False): gathered parameters stay
   from forward to the end of backward (one gather per step, not two), so the peak is ZeRO-2's
   (whole parameters + sharded gradients + sharded optimizer state). "optimizer" therefore saves
-  as much as "grads" here, and the planner predicts them alike.
+  as much as "grads" here, and the planner predicts them alike. A data-parallel group always runs
+  one of these levels ("none" there is refused before start: plan.dims); over one data rank a
+  level divides nothing and runs as "none".
 - offload "params": FSDP2 CPUOffloadPolicy: sharded parameters, gradients and the optimizer step live
   in host memory; the device holds only the gathered parameters of the blocks in use. Implies FSDP2
   even on a group of one device. "optimizer": torchao CPUOffloadOptimizer (state and update on the
@@ -40,48 +41,16 @@ The plan's words and what they become:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import torch
 import torch.nn as nn
 
 from chipfuse.errors import ChipfuseError
-from chipfuse.runtime.parallel.checkpointing import apply_checkpointing, block_modules
-from chipfuse.runtime.parallel.fsdp import apply_fsdp
+from chipfuse.plan.memory import Strategy
+from chipfuse.runtime.parallel.checkpointing import block_modules
 from chipfuse.runtime.train.optim_state import build_state_optimizer, leaf_tensors, state_tensors
 
-__all__ = ["MemoryConfig", "apply_checkpointing", "apply_sharding", "apply_memory", "build_state_optimizer",
-           "apply_autocast", "build_plan_optimizer", "device_memory_config", "device_state_tensors", "refuse_host_offload", "watch_gathered"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class MemoryConfig:
-    """The memory strategy of one stage on one device (the plan's words, checked by Plan.check)."""
-
-    checkpoint: str = "none"
-    """none | selective | full."""
-    shard: str = "none"
-    """none | optimizer | grads | full: FSDP2 sharding inside the stage's group."""
-    offload: str = "none"
-    """none | optimizer | params: state kept in host memory."""
-    dtype: str = "fp32"
-    """Compute dtype; bf16 keeps fp32 master weights."""
-    optimizer_dtype: str = "fp32"
-    """fp32 | bf16 | int8 | int4 optimizer state (torchao)."""
-    host_is_device: bool = False
-    """True on a CPU device (not an emulated accelerator): offload is refused there."""
-    group_size: int = 1
-    """Devices in the stage's group (sharding divides state among them)."""
-
-    @classmethod
-    def from_plan(cls, plan, stage, *, host_is_device: bool = False) -> MemoryConfig:
-        return cls(checkpoint=stage.checkpoint, shard=stage.shard, offload=stage.offload, dtype=plan.dtype,
-                   optimizer_dtype=plan.optimizer_dtype, host_is_device=host_is_device,
-                   group_size=len(stage.devices) // stage.tp_degree)
-
-    @property
-    def uses_fsdp(self) -> bool:
-        return self.shard != "none" or self.offload == "params"
+__all__ = ["apply_autocast", "build_plan_optimizer", "device_memory_config", "device_state_tensors",
+           "refuse_host_offload", "watch_gathered"]
 
 
 def refuse_host_offload(device_name: str, offload: str) -> None:
@@ -90,24 +59,6 @@ def refuse_host_offload(device_name: str, offload: str) -> None:
         raise ChipfuseError(
             f"device {device_name!r} is a CPU: its memory is host memory, so offload={offload!r} saves nothing. "
             "Fix: set offload = \"none\" for its stage and use sharding or checkpointing to save memory")
-
-
-def apply_sharding(model: nn.Module, *, shard: str, mesh=None, offload: str = "none", dtype: str = "fp32") -> bool:
-    """FSDP2 over the stage group (runtime.parallel.fsdp.apply_fsdp)."""
-    return apply_fsdp(model, shard=shard, mesh=mesh, offload=offload, dtype=dtype)
-
-
-def apply_memory(model: nn.Module, cfg: MemoryConfig, *, mesh=None, lr: float = 1e-3, weight_decay: float = 0.0,
-                 device_name: str = "device") -> torch.optim.Optimizer:
-    """Apply `cfg` to `model` in the documented order and return its optimizer."""
-    if cfg.host_is_device:
-        refuse_host_offload(device_name, cfg.offload)
-    apply_checkpointing(model, cfg.checkpoint)
-    if not apply_sharding(model, shard=cfg.shard, mesh=mesh, offload=cfg.offload, dtype=cfg.dtype):
-        apply_autocast(model, cfg.dtype, next(model.parameters()).device.type)
-    dev = next(model.parameters()).device
-    return build_state_optimizer(model.parameters(), optimizer_dtype=cfg.optimizer_dtype, lr=lr,
-                           weight_decay=weight_decay, offload=cfg.offload == "optimizer", device=dev)
 
 
 def apply_autocast(model: nn.Module, dtype: str, device_type: str = "cpu") -> None:
@@ -152,22 +103,21 @@ def device_state_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | No
 # Worker hooks: the worker calls these and runtime.parallel.parallelize; it knows nothing else of memory strategies.
 
 
-def device_memory_config(plan, pool, device_name: str) -> MemoryConfig:
+def device_memory_config(plan, pool, device_name: str) -> Strategy:
     """The memory strategy of the stage holding `device_name` (plan.plan.Plan, cluster.pool.Pool)."""
-    from chipfuse.plan.memory import compute_dtype
+    from chipfuse.plan.memory import device_strategy
 
     stage = next(s for r in plan.replicas for s in r.stages if device_name in s.devices)
-    chip = pool.device(device_name).chip
-    cfg = MemoryConfig.from_plan(plan, stage, host_is_device=chip.kind.host_memory)
-    return replace(cfg, dtype=compute_dtype(plan.dtype, chip))
+    return device_strategy(plan, stage, pool.device(device_name).chip)
 
 
-def build_plan_optimizer(params, cfg: MemoryConfig, *, plan, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+def build_plan_optimizer(params, strategy: Strategy, *, plan, lr: float,
+                         weight_decay: float = 0.0) -> torch.optim.Optimizer:
     """The trainer's optimizer (runtime.train.optim) unless the plan asks for low-bit state or offload."""
-    if cfg.optimizer_dtype == "fp32" and cfg.offload != "optimizer":
+    if strategy.optimizer_dtype == "fp32" and strategy.offload != "optimizer":
         from chipfuse.runtime.train.optim import build_optimizer
 
         return build_optimizer(params, plan, lr=lr, weight_decay=weight_decay)
     params = list(params)
-    return build_state_optimizer(params, optimizer_dtype=cfg.optimizer_dtype, lr=lr, weight_decay=weight_decay,
-                                 offload=cfg.offload == "optimizer", device=params[0].device)
+    return build_state_optimizer(params, optimizer_dtype=strategy.optimizer_dtype, lr=lr, weight_decay=weight_decay,
+                                 offload=strategy.offload == "optimizer", device=params[0].device)

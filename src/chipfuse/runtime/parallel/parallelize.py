@@ -7,14 +7,17 @@ parallelize does, here per stage and with groups that differ from stage to stage
     3. FSDP2          runtime.parallel.fsdp: shard over the group's mesh (sharded groups), parameter
                       offload, bf16 mixed precision as FSDP2 policies
     4. compute dtype  bf16 autocast around forward when FSDP2 did not take it (fp32 master weights)
-    5. optimizer      runtime.train.optim_state via runtime.parallel.memory: fp32 | bf16 | int8 | int4 state, offload
+    5. optimizer      runtime.parallel.memory.build_plan_optimizer (the trainer's AdamW, or torchao's
+                      bf16 | int8 | int4 state and optimizer offload), called by the caller after this
 
 torch.compile is left out: on CPU workers its first step costs more than a short run gains, and
 on accelerators the same order admits it after step 4 (torchtitan compiles per block there).
 
 Adding a parallelism is its function in runtime/parallel/, its plan field, its place in this list
-and its tests. Each step reads only the plan's words for this stage (runtime.parallel.memory.MemoryConfig)
-and the group's mesh from the topology.
+and its tests. Each step reads only the plan's words for this stage (plan.memory.Strategy), the
+group's degrees (plan.dims.GroupDims: its kind and ZeRO level, decided there and nowhere else) and
+the group's mesh from the topology. This is the one apply path: the trainer's workers and the
+memory probe (runtime.measure.memory_probe) both call it.
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ import torch
 import torch.nn as nn
 
 from chipfuse.model.spec import ModelSpec
+from chipfuse.plan.dims import GroupDims
+from chipfuse.plan.memory import Strategy
 from chipfuse.runtime.parallel.checkpointing import apply_checkpointing
-from chipfuse.runtime.parallel.fsdp import apply_fsdp, uses_fsdp
-from chipfuse.runtime.parallel.memory import MemoryConfig, apply_autocast
+from chipfuse.runtime.parallel.fsdp import apply_fsdp
+from chipfuse.runtime.parallel.memory import apply_autocast
 from chipfuse.runtime.parallel.tp import apply_tp
 
 
@@ -50,31 +55,21 @@ class Applied:
                 "autocast": self.autocast}
 
 
-def fsdp_shard_mode(shard: str, kind: str) -> str:
-    """A sharded group (several devices, no tensor parallel) whose plan says shard = "none" still
-    splits its micro-batches over FSDP2: it keeps gradients and optimizer state sharded (ZeRO-2), which
-    uses no more memory than the replicated layout the plan priced."""
-    return "grads" if kind == "fsdp" and shard == "none" else shard
-
-
-def parallelize(module: nn.Module, cfg: MemoryConfig, *, model: ModelSpec, kind: str, mesh: Any,
+def parallelize(module: nn.Module, strategy: Strategy, *, dims: GroupDims, model: ModelSpec, mesh: Any,
                 device_type: str) -> Applied:
-    """Apply steps 1-4 to `module` in place. kind: the stage group's kind (single | tp | fsdp)."""
+    """Apply steps 1-4 to `module` in place, as `dims` (the stage group's degrees) and `strategy` say."""
     tp = 0
-    if kind == "tp":
+    if dims.kind == "tp":
         apply_tp(module, mesh, model)
         tp = mesh.size()
-    layers = apply_checkpointing(module, cfg.checkpoint)
-    shard = fsdp_shard_mode(cfg.shard, kind) if kind != "single" else "none"
-    # Under tensor parallel, parameter offload is only counted (emulated devices; Topology.check
-    # refuses it on real chips): FSDP2 cannot share the group's 1-D mesh with DTensor's plan.
-    fsdp = kind != "tp" and uses_fsdp(shard, cfg.offload, 2 if kind == "fsdp" else 1)
+    layers = apply_checkpointing(module, strategy.checkpoint)
+    fsdp = dims.wraps_fsdp(strategy.offload)
     if fsdp:
-        apply_fsdp(module, shard=shard, mesh=mesh, offload=cfg.offload, dtype=cfg.dtype)
+        apply_fsdp(module, shard=dims.zero, mesh=mesh, offload=strategy.offload, dtype=strategy.dtype)
     else:
-        apply_autocast(module, cfg.dtype, device_type)
-    return Applied(tp_degree=max(1, tp), checkpointed_layers=tuple(layers), fsdp=fsdp, shard=shard if fsdp else "none",
-                   offload=cfg.offload, dtype=cfg.dtype, autocast=cfg.dtype == "bf16" and not fsdp)
+        apply_autocast(module, strategy.dtype, device_type)
+    return Applied(tp_degree=max(1, tp), checkpointed_layers=tuple(layers), fsdp=fsdp, shard=dims.zero if fsdp else "none",
+                   offload=strategy.offload, dtype=strategy.dtype, autocast=strategy.dtype == "bf16" and not fsdp)
 
 
 def local_full_grads(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -111,7 +111,7 @@ class PipelineWorker:
         module = build_stage(plan.model, rep.stages, role.stage_index, seed=config.seed, init_from=config.init_from,
                              device=self.torch_device)
         self.mem = device_memory_config(plan, pool, role.device)
-        self.applied = parallelize(module, self.mem, model=plan.model, kind=role.kind, mesh=self.groups.mesh,
+        self.applied = parallelize(module, self.mem, dims=self.stage_plan.dims, model=plan.model, mesh=self.groups.mesh,
                                    device_type=self.torch_device.type)
         self.module = module
         self.unit_params = {u: [p for n, p in module.named_parameters() if n in set(names)]

@@ -19,23 +19,23 @@ Ranks follow plan.devices order (replica by replica, stage by stage, device by d
 unless the launcher chose them (multi-host c10d hands out ranks by arrival): `by_rank` then gives
 each rank's device.
 
-A stage group of n devices is tensor-parallel when tp_degree == n (every member computes every
-sample, each holding 1/n of every attention and MLP matrix), else FSDP2-sharded (each member
-computes 1/n of each micro-batch). The group's first device, its leader, is the one that talks to
+A stage group's kind comes from its named degrees (Stage.dims, plan.dims.GroupDims), read once here
+into each Role: tensor-parallel when tp_degree == n (every member computes every sample, each holding
+1/n of every attention and MLP matrix), FSDP2-sharded when dp_degree == n (each member computes 1/n
+of each micro-batch). Mixed groups and expert or context degrees above 1 are refused by check(). The group's first device, its leader, is the one that talks to
 the neighbouring stages; the others follow it (runtime/parallel/group.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from chipfuse.errors import PlanError
 from chipfuse.model.arch import tp_refusal
 from chipfuse.model.spec import FAMILIES, ModelSpec
+from chipfuse.plan.dims import GroupKind
 from chipfuse.plan.plan import Plan
-
-GroupKind = Literal["single", "tp", "fsdp"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -131,7 +131,7 @@ class Topology:
             leaders = tuple(rank_of[s.devices[0]] for s in rep.stages)
             for j, st in enumerate(rep.stages):
                 members = tuple(rank_of[d] for d in st.devices)
-                kind: GroupKind = "single" if len(members) == 1 else ("tp" if st.tp_degree == len(members) else "fsdp")
+                kind = st.dims.kind
                 for d in st.devices:
                     roles.append(Role(rank=rank_of[d], device=d, replica=i, stage_index=j, num_stages=len(rep.stages),
                                       pipeline_ranks=leaders, group_ranks=members if len(members) > 1 else (),
@@ -197,9 +197,14 @@ class Topology:
             for j, st in enumerate(rep.stages):
                 where = f"{source}: replicas[{i}].stages[{j}]"
                 n = len(st.devices)
-                if n > 1 and st.tp_degree not in (1, n):
-                    raise PlanError(f"{where}.tp_degree: {st.tp_degree} over {n} devices mixes tensor parallel and "
-                                    f"sharding in one group, which is not run. Fix: tp_degree = 1 or {n}")
+                for name, deg, what in (("ep_degree", st.ep_degree, "expert"), ("cp_degree", st.cp_degree, "context")):
+                    if deg > 1:
+                        raise PlanError(f"{where}.{name}: {deg}, but {what} parallel is not run yet (the degree is "
+                                        f"named in the plan for when it lands). Fix: {name} = 1")
+                if st.tp_degree > 1 and st.dp_degree > 1:
+                    raise PlanError(f"{where}: tp_degree {st.tp_degree} x dp_degree {st.dp_degree} mixes tensor "
+                                    "parallel and sharding in one group, which is not run (it needs one 2-D mesh). "
+                                    f"Fix: tp_degree = {n} or dp_degree = {n} (or split the group into stages)")
                 if st.tp_degree > 1:
                     why = tp_refusal(spec)
                     if why is not None:
@@ -217,7 +222,7 @@ class Topology:
                         raise PlanError(f"{where}.offload: 'params' on tensor-parallel chips {real} needs FSDP2 and "
                                         "tensor parallel on one 2-D mesh, which is not run (on emulated devices the "
                                         "offload is counted, not moved). Fix: offload = \"optimizer\" or \"none\"")
-                if n > 1 and st.tp_degree == 1 and rep.micro_batch_size < n:
+                if st.dims.kind == "fsdp" and rep.micro_batch_size < n:
                     raise PlanError(f"{source}: replicas[{i}].micro_batch_size: {rep.micro_batch_size} samples split "
                                     f"over a sharded group of {n} devices leaves some idle. Fix: micro_batch_size >= {n}")
                 vendors = {pool.device(d).vendor for d in st.devices}
