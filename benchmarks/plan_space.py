@@ -48,8 +48,8 @@ def pool_toml(cap_gib: float, scale: float) -> str:
 def cap_gib(model_path: Path, fraction: float) -> float:
     """`fraction` of the whole model's training state (fp32 weights, grads, AdamW moments): under one
     half no two-stage split fits, so single-device stages must pipeline over all four devices."""
+    from chipfuse.model.configs import resolve_model
     from chipfuse.model.costs import model_costs
-    from chipfuse.model.spec import resolve_model
 
     return fraction * 16 * model_costs(resolve_model(str(model_path)), SEQ_LEN).total_params / 2**30
 
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     from chipfuse.cluster.pool import load_pool
-    from chipfuse.model.spec import resolve_model
+    from chipfuse.model.configs import resolve_model
     from chipfuse.plan.profile import Profile
     from chipfuse.plan.search import search
 

@@ -16,9 +16,9 @@ import types
 import pytest
 import torch
 
-from chipfuse.model.arch import spec_from_config_dict
+from chipfuse.model.build import build_full, build_stage
+from chipfuse.model.configs import spec_from_config_dict
 from chipfuse.model.gpt import loss_sum
-from chipfuse.model.split import build_full, build_stage
 from chipfuse.plan.memory import activation_bytes_per_token, hf_stage_saved_bytes
 from chipfuse.runtime.emulate.device import MemoryMeter
 from chipfuse.runtime.parallel.checkpointing import apply_checkpointing

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 
 from chipfuse.cluster.pool import Pool
 from chipfuse.errors import PlanError
-from chipfuse.model.arch import tp_refusal
 from chipfuse.model.costs import DTYPE_BYTES, ModelCosts, model_costs
+from chipfuse.model.registry import tp_refusal
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.balance import ReplicaRate, balance_shares
 from chipfuse.plan.cost import Prediction, predict
