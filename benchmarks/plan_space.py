@@ -32,7 +32,7 @@ MODEL = {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_
          "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 """A GPT-2 of 3.3M parameters: wide for its sequence, so weights, gradients and optimizer state, not
 activations, are what the caps squeeze (as with a large model on small chips). GPT-2 has no tensor
-parallel plan in chipfuse (model.arch.tp_refusal), so the full space's extra room is sharded (FSDP2)
+parallel plan in chipfuse (model.registry.tp_refusal), so the full space's extra room is sharded (FSDP2)
 stage groups: on this 2-core machine DTensor tensor parallel pays per-operation dispatch and
 optimizer costs the cost model does not price (docs/emulation.md)."""
 DEVICES = ("d0", "d1", "d2", "d3")

@@ -1,5 +1,5 @@
 """The memory model's saved activations of a Hugging Face stage (plan.memory.hf_stage_saved_bytes,
-coefficients in model.arch.SAVED) against what the emulated meter counts for transformers' own layers.
+coefficients in each family's row, model/families/) against what the emulated meter counts for transformers' own layers.
 
 For every architecture chipfuse splits, a tiny model's first, middle and last stage runs forward and
 backward (its loss on the last stage) under runtime.emulate.device.MemoryMeter, the meter the emulated
