@@ -48,7 +48,7 @@ def _rss_peak() -> int:
 
 def _plan(stages: int) -> Any:
     from chipfuse.cluster.pool import pool_from_dict
-    from chipfuse.model.arch import spec_from_config_dict
+    from chipfuse.model.configs import spec_from_config_dict
     from chipfuse.plan.plan import Plan, Replica, Stage
 
     spec = spec_from_config_dict(CONFIG, name="llama-374m", source="benchmarks/big_model.py")
@@ -71,7 +71,7 @@ def _rank(rank: int, world: int, steps: int, full_build: bool) -> dict[str, Any]
     plan, pool = _plan(world)
     base = _rss_now()
     if full_build:  # the old way, for the baseline: the whole model on every rank, then cut
-        from chipfuse.model.split import build_full, build_stage
+        from chipfuse.model.build import build_full, build_stage
 
         full = build_full(plan.model, 0)
         module = build_stage(plan.model, plan.replicas[0].stages, rank, full=full)

@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     from chipfuse.cluster.pool import load_pool
-    from chipfuse.model.spec import resolve_model
+    from chipfuse.model.configs import resolve_model
     from chipfuse.plan.cost import predict
     from chipfuse.plan.profile import Profile
 

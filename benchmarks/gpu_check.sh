@@ -98,7 +98,7 @@ if [ "$NGPU" -ge 2 ]; then run tp_nccl 90 --pool "$WORK/pool.toml" --plan "$WORK
 $PY - "$WORK" <<'PYEOF'
 import sys
 from chipfuse.cluster.pool import load_pool
-from chipfuse.model.spec import resolve_model
+from chipfuse.model.configs import resolve_model
 from chipfuse.plan.plan import Plan, Replica, Stage
 work = sys.argv[1]
 m = resolve_model(f"{work}/llama-1b/config.json")

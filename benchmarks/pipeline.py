@@ -44,8 +44,8 @@ def pool_toml(cap_gib: float, scale: float) -> str:
 def cap_that_forces_pipelining(model_path: Path) -> float:
     """90% of the whole model's training state (fp32 weights, grads, AdamW moments): no device can
     train the model alone, two can."""
+    from chipfuse.model.configs import resolve_model
     from chipfuse.model.costs import model_costs
-    from chipfuse.model.spec import resolve_model
 
     params = model_costs(resolve_model(str(model_path)), SEQ_LEN).total_params
     return 0.9 * 16 * params / 2**30
@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--speed-scale", type=float, default=0.2, help="one core x this = speed 1")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
-    from chipfuse.model.spec import resolve_model
+    from chipfuse.model.configs import resolve_model
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)

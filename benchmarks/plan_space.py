@@ -32,7 +32,7 @@ MODEL = {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "vocab_
          "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 """A GPT-2 of 3.3M parameters: wide for its sequence, so weights, gradients and optimizer state, not
 activations, are what the caps squeeze (as with a large model on small chips). GPT-2 has no tensor
-parallel plan in chipfuse (model.arch.tp_refusal), so the full space's extra room is sharded (FSDP2)
+parallel plan in chipfuse (model.registry.tp_refusal), so the full space's extra room is sharded (FSDP2)
 stage groups: on this 2-core machine DTensor tensor parallel pays per-operation dispatch and
 optimizer costs the cost model does not price (docs/emulation.md)."""
 DEVICES = ("d0", "d1", "d2", "d3")
@@ -48,8 +48,8 @@ def pool_toml(cap_gib: float, scale: float) -> str:
 def cap_gib(model_path: Path, fraction: float) -> float:
     """`fraction` of the whole model's training state (fp32 weights, grads, AdamW moments): under one
     half no two-stage split fits, so single-device stages must pipeline over all four devices."""
+    from chipfuse.model.configs import resolve_model
     from chipfuse.model.costs import model_costs
-    from chipfuse.model.spec import resolve_model
 
     return fraction * 16 * model_costs(resolve_model(str(model_path)), SEQ_LEN).total_params / 2**30
 
@@ -75,7 +75,7 @@ def main() -> None:
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
     from chipfuse.cluster.pool import load_pool
-    from chipfuse.model.spec import resolve_model
+    from chipfuse.model.configs import resolve_model
     from chipfuse.plan.profile import Profile
     from chipfuse.plan.search import search
 

@@ -161,7 +161,7 @@ def loader(kind: str, doc: Any, tmp: Path) -> Callable[[], Any]:
         f.write_text(json.dumps(doc))
         return lambda: Profile.load(f)
     if kind == "model_config":
-        from chipfuse.model.spec import from_hf_config
+        from chipfuse.model.configs import from_hf_config
 
         d = tmp / "cfg"
         d.mkdir(exist_ok=True)

@@ -6,9 +6,9 @@ import torch
 
 from chipfuse.cluster.pool import Pool, pool_from_dict
 from chipfuse.data import get_batch
+from chipfuse.model.build import build_full, full_logits
 from chipfuse.model.gpt import loss_sum
 from chipfuse.model.spec import ModelSpec
-from chipfuse.model.split import build_full, full_logits
 from chipfuse.plan.plan import Plan, Replica, Stage
 from chipfuse.runtime.parallel.pipeline import PipelineWorker, WorkerConfig
 from chipfuse.runtime.train.optim import build_optimizer

@@ -126,7 +126,7 @@ def test_trainer_applies_the_nan_policy(tmp_path, capsys, policy):
 
 
 def test_malformed_model_config(tmp_path):
-    from chipfuse.model.spec import resolve_model
+    from chipfuse.model.configs import resolve_model
 
     f = tmp_path / "config.json"
     f.write_text('{"model_type": "llama", "hidden_size": 64,')

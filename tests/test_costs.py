@@ -4,8 +4,9 @@ import json
 
 import pytest
 
+from chipfuse.model.configs import from_hf_config
 from chipfuse.model.costs import model_costs
-from chipfuse.model.spec import SPEC_PRESETS, ModelSpec, from_hf_config
+from chipfuse.model.spec import SPEC_PRESETS, ModelSpec
 
 
 @pytest.mark.parametrize("name,published", [("gpt2", 124.4e6), ("gpt2-xl", 1.558e9), ("llama-7b", 6.738e9),

@@ -15,7 +15,7 @@ import tomllib
 
 from chipfuse.cli import main
 from chipfuse.cluster.pool import load_pool
-from chipfuse.model.spec import resolve_model
+from chipfuse.model.configs import resolve_model
 from chipfuse.plan.rehearse import choose_devices, rehearse
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

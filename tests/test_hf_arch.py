@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from chipfuse.errors import ChipfuseError
+from chipfuse.model.build import build_full, build_stage, full_logits
+from chipfuse.model.configs import from_hf_config, resolve_model
 from chipfuse.model.costs import model_costs
-from chipfuse.model.spec import from_hf_config, resolve_model
-from chipfuse.model.split import build_full, build_stage, full_logits, param_count
-from chipfuse.model.weights import WeightsError, check_init_from
+from chipfuse.model.export import check_init_from
+from chipfuse.model.split import param_count
+from chipfuse.model.weights import WeightsError
 from tests.hf_tiny import TINY, hf_model, save_tiny
 from tests.pipeline_helpers import plan_of
 
@@ -48,7 +50,7 @@ def test_staged_model_from_init_from_gives_transformers_logits(tmp_path, arch):
 def test_layout_independent_init_matches_the_full_reference():
     # Weights come from (seed, module name): a stage built alone equals the same piece of the
     # whole model, for every split, with no weights loaded.
-    from chipfuse.model.arch import spec_from_config_dict
+    from chipfuse.model.configs import spec_from_config_dict
     from tests.hf_tiny import TINY as T
 
     spec = spec_from_config_dict(T["qwen2"], name="q", source="t")
@@ -115,8 +117,8 @@ def test_sharded_safetensors_with_index_load(tmp_path):
 def test_train_export_round_trip_loads_in_transformers_with_identical_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
+    from chipfuse.model.export import export_checkpoint
     from chipfuse.model.gpt import loss_sum
-    from chipfuse.model.weights import export_checkpoint
     from chipfuse.runtime.endure import checkpoint
 
     src = tmp_path / "src"
@@ -146,8 +148,8 @@ def test_train_export_round_trip_loads_in_transformers_with_identical_logits(tmp
 
 
 def test_export_refuses_the_builtin_gpt(tmp_path):
+    from chipfuse.model.export import export_checkpoint
     from chipfuse.model.spec import SPEC_PRESETS
-    from chipfuse.model.weights import export_checkpoint
     from chipfuse.runtime.endure import checkpoint
 
     spec = SPEC_PRESETS["tiny"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from chipfuse.model.arch import spec_from_config_dict
-from chipfuse.model.split import build_full, build_stage, full_logits
+from chipfuse.model.build import build_full, build_stage, full_logits
+from chipfuse.model.configs import spec_from_config_dict
 from chipfuse.runtime.parallel.pipeline import WorkerConfig
 from tests.distributed import run_ranks
 from tests.hf_tiny import TINY

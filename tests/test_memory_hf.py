@@ -1,5 +1,5 @@
 """The memory model's saved activations of a Hugging Face stage (plan.memory.hf_stage_saved_bytes,
-coefficients in model.arch.SAVED) against what the emulated meter counts for transformers' own layers.
+coefficients in each family's row, model/families/) against what the emulated meter counts for transformers' own layers.
 
 For every architecture chipfuse splits, a tiny model's first, middle and last stage runs forward and
 backward (its loss on the last stage) under runtime.emulate.device.MemoryMeter, the meter the emulated
@@ -16,9 +16,9 @@ import types
 import pytest
 import torch
 
-from chipfuse.model.arch import spec_from_config_dict
+from chipfuse.model.build import build_full, build_stage
+from chipfuse.model.configs import spec_from_config_dict
 from chipfuse.model.gpt import loss_sum
-from chipfuse.model.split import build_full, build_stage
 from chipfuse.plan.memory import activation_bytes_per_token, hf_stage_saved_bytes
 from chipfuse.runtime.emulate.device import MemoryMeter
 from chipfuse.runtime.parallel.checkpointing import apply_checkpointing

@@ -90,8 +90,8 @@ def _whole_model_bytes(spec, batch: int, seq_len: int) -> int:
     """What one device needs to train the whole model: state (params, grads, 2 AdamW moments)
     plus the activations saved for backward of one micro-batch."""
     from chipfuse.data import get_batch
+    from chipfuse.model.build import build_full
     from chipfuse.model.gpt import loss_sum
-    from chipfuse.model.split import build_full
     from chipfuse.runtime.emulate.device import MemoryMeter
 
     model = build_full(spec, 0)

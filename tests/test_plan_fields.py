@@ -115,7 +115,7 @@ def check_tp_degree():
         check_runnable(odd, POOL)
     # An architecture without a tensor-parallel plan (GPT-2's Conv1D) is refused before start, and
     # the planner never proposes tensor parallel for it.
-    from chipfuse.model.arch import spec_from_config_dict
+    from chipfuse.model.configs import spec_from_config_dict
     from chipfuse.plan.search import Context
     from tests.hf_tiny import TINY
 

@@ -12,8 +12,8 @@ import torch
 
 from chipfuse.data import get_batch
 from chipfuse.errors import ChipfuseError
+from chipfuse.model.build import build_full, full_logits
 from chipfuse.model.gpt import build_model, loss_sum
-from chipfuse.model.split import build_full, full_logits
 from chipfuse.runtime.parallel.pipeline import PipelineWorker, WorkerConfig
 from chipfuse.runtime.train.recipe import Recipe, RecipeStep, decay_groups, global_grad_norm, unit_owner
 from tests.distributed import run_ranks

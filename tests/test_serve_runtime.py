@@ -254,10 +254,10 @@ def test_generate_from_a_training_checkpoint_equals_transformers_on_its_export(t
     (chipfuse export's reader) and gives transformers' greedy tokens on the exported folder; a folder that
     is neither a model nor a checkpoint is one line naming it."""
     from chipfuse.cli import main
+    from chipfuse.model.build import build_stage
+    from chipfuse.model.configs import resolve_model
+    from chipfuse.model.export import export_checkpoint
     from chipfuse.model.gpt import loss_sum
-    from chipfuse.model.spec import resolve_model
-    from chipfuse.model.split import build_stage
-    from chipfuse.model.weights import export_checkpoint
     from chipfuse.runtime.endure import checkpoint
     from tests.pipeline_helpers import plan_of
 

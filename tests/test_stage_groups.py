@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from chipfuse.model.arch import spec_from_config_dict
+from chipfuse.model.configs import spec_from_config_dict
 from chipfuse.plan.plan import Plan, Replica, Stage
 from chipfuse.runtime.parallel.pipeline import WorkerConfig
 from tests.distributed import run_ranks

@@ -237,7 +237,7 @@ def fields(cls: type, raw: Any, *, source: str, where: str = "", error: type[Chi
 def model_spec(spec: Any, *, source: str, where: str = "model", error: type[ChipfuseError] = ChipfuseError) -> Any:
     """A ModelSpec (or its dict) checked field by field and as a whole: heads divide the width,
     key/value heads divide the heads. Returns the checked ModelSpec."""
-    from chipfuse.model.spec import ModelSpec  # the model package imports nothing from here
+    from chipfuse.model.spec import ModelSpec  # model.spec imports nothing from here (model.configs does)
 
     raw = dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) and not isinstance(spec, type) else spec
     m = build(ModelSpec, raw, source=source, where=where, error=error)

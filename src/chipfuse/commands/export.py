@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from chipfuse.model.weights import export_checkpoint
+    from chipfuse.model.export import export_checkpoint
 
     res = export_checkpoint(args.checkpoint, args.out, tokenizer=args.tokenizer)
     console.print(f"exported {res['model']} ({res['model_type']}, {res['num_params'] / 1e6:.2f}M params, step "

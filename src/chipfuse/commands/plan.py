@@ -13,7 +13,7 @@ from chipfuse.cluster.builtin import default_pool
 from chipfuse.cluster.catalog import GiB
 from chipfuse.cluster.pool import Device, Pool, load_pool
 from chipfuse.errors import ChipfuseError
-from chipfuse.model.spec import resolve_model
+from chipfuse.model.configs import resolve_model
 from chipfuse.plan.cost import predict
 from chipfuse.plan.kernels import expected_error
 from chipfuse.plan.offers import SYNC_MODES, dtype_notes, offers

@@ -111,7 +111,7 @@ def cmd_rehearse(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from chipfuse.model.spec import resolve_model
+    from chipfuse.model.configs import resolve_model
     from chipfuse.plan.rehearse import rehearse
 
     r = rehearse(load_pool(args.file), resolve_model(args.model), max_devices=args.max_devices, dtype=args.dtype)

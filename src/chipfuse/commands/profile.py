@@ -67,7 +67,7 @@ def measure(pool, spec, *, seq_len: int, micro_batch_sizes: tuple[int, ...], sla
 
 def cmd_profile(args: argparse.Namespace) -> int:
     from chipfuse.commands.train import _load_pool
-    from chipfuse.model.spec import resolve_model
+    from chipfuse.model.configs import resolve_model
 
     pool = _load_pool(args.pool)
     spec = resolve_model(args.model)

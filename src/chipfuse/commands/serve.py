@@ -65,7 +65,7 @@ def cmd_plan_serve(args: argparse.Namespace, pool) -> int:
     from pathlib import Path
 
     from chipfuse.cluster.catalog import GiB
-    from chipfuse.model.spec import resolve_model
+    from chipfuse.model.configs import resolve_model
     from chipfuse.plan.serve import plan_serve
     from chipfuse.report.output import table
 

@@ -16,7 +16,7 @@ from chipfuse.cluster.builtin import default_pool
 from chipfuse.cluster.pool import Pool, load_pool
 from chipfuse.commands import data_flags, endure_flags
 from chipfuse.errors import ChipfuseError
-from chipfuse.model.spec import resolve_model
+from chipfuse.model.configs import resolve_model
 from chipfuse.plan.plan import Plan
 from chipfuse.report.output import console, table, write_json
 from chipfuse.runtime.launch.dist import launched_by_torchrun
@@ -101,7 +101,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     plan = endure_flags.prepare(args, pool, make_plan)
     data_flags.check(args, plan)  # bad data or recipe: one line, before any worker starts
     if args.init_from:  # every tensor checked from the headers before any worker starts
-        from chipfuse.model.weights import check_init_from
+        from chipfuse.model.export import check_init_from
 
         check_init_from(plan.model, args.init_from)
     run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))

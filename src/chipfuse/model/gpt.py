@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chipfuse.model.init import materialise, no_init
 from chipfuse.model.spec import ModelSpec
 
 
@@ -38,15 +39,13 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: ModelSpec):
         super().__init__()
-        if cfg.family != "gpt":
-            raise ValueError(f"model {cfg.name!r} is a {cfg.family} shape. Fix: build it with chipfuse.model.hf")
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.pos_emb = nn.Embedding(cfg.seq_len, cfg.dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        # Weights: build_model initialises every module by name (model/split.py), so any stage
+        # Weights: build_model initialises every module by name (model/init.py), so any stage
         # of any layout starts from the reference's numbers.
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
@@ -83,8 +82,6 @@ def gpt_init(num_layers: int) -> Callable[[str, nn.Module], None]:
 def build_model(cfg: ModelSpec, seed: int = 0) -> GPT:
     """Same seed, same weights on every rank, in every stage and in every reference: built on the
     meta device, then each module initialised from a generator seeded by (seed, its name)."""
-    from chipfuse.model.split import materialise, no_init
-
     with torch.device("meta"), no_init():
         model = GPT(cfg)
     materialise(model, gpt_init(cfg.num_layers), seed)

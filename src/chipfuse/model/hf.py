@@ -3,7 +3,7 @@
 The model is transformers' own, built from its config through the Auto classes on the meta
 device; a stage keeps transformers' modules (embedding, decoder layers, rotary / learned
 positions, final norm, head) under their full names and runs them the way the architecture's
-own forward does (model/arch.py says where each piece lives), so a stage computes what
+own forward does (its family's Layout says where each piece lives, model/families/), so a stage computes what
 transformers computes: the same masks (transformers' masking_utils), the same attention
 implementation, Gemma's embedding scale (inside its embedding module) and final-logit soft-cap.
 
@@ -22,42 +22,24 @@ import torch
 import torch.nn as nn
 
 from chipfuse.errors import ChipfuseError
-from chipfuse.model.arch import Layout, layout_of
+from chipfuse.model.arch import Layout
+from chipfuse.model.init import InitFn, get, init_by_name, materialise, put
+from chipfuse.model.registry import family_of, layout_of
 from chipfuse.model.spec import ModelSpec
-from chipfuse.model.split import (
-    EMBED_UNIT,
-    HEAD_UNIT,
-    InitFn,
-    StageModule,
-    StagePart,
-    block_unit,
-    get,
-    init_by_name,
-    materialise,
-    put,
-    tied_keys,
-)
+from chipfuse.model.split import EMBED_UNIT, HEAD_UNIT, StageModule, StagePart, block_unit, tied_keys
 
 
 def hf_config(spec: ModelSpec) -> Any:
-    """transformers' config of the spec: its own (family 'hf') or a Llama of the spec's shape."""
-    if spec.family == "hf":
-        if not spec.hf_config or not spec.model_type:
-            raise ChipfuseError(f"model {spec.name!r}: family 'hf' needs model_type and hf_config. "
-                                "Fix: give --model a Hugging Face config.json")
-        from transformers import AutoConfig
+    """transformers' config of the spec, from its family's Hugging Face config (Family.hf_config: the
+    spec's own config.json, or a Llama of a preset's numbers)."""
+    fam = family_of(spec)
+    if fam.hf_config is None:
+        raise ChipfuseError(f"model {spec.name!r}: {fam.label} is not a Hugging Face model. "
+                            "Fix: give --model a Hugging Face config.json")
+    from transformers import AutoConfig
 
-        cfg = AutoConfig.for_model(spec.model_type, **{k: v for k, v in spec.hf_config.items()
-                                                       if k != "model_type"})
-    elif spec.family == "llama":
-        from transformers import LlamaConfig
-
-        cfg = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.dim, intermediate_size=spec.ffn,
-                          num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
-                          num_key_value_heads=spec.kv_heads, max_position_embeddings=spec.seq_len,
-                          tie_word_embeddings=spec.tie_embeddings)
-    else:
-        raise ChipfuseError(f"model {spec.name!r}: family {spec.family!r} is not a Hugging Face model")
+    fields = fam.hf_config(spec)
+    cfg = AutoConfig.for_model(fields["model_type"], **{k: v for k, v in fields.items() if k != "model_type"})
     cfg.use_cache = False
     return cfg
 
@@ -90,7 +72,7 @@ def check_covered(full: nn.Module, lay: Layout, model_type: str) -> None:
     stray = [n for n, _ in full.named_parameters() if not any(n == r or n.startswith(r + ".") for r in roots)]
     if stray:
         raise ChipfuseError(f"model_type {model_type!r}: parameters {stray[:3]} belong to no stage piece of "
-                            "chipfuse's split. Fix: use a supported architecture (model/arch.py)")
+                            "chipfuse's split. Fix: use a supported architecture (model/families/hf.py)")
 
 
 class HFStage(StageModule):
@@ -216,25 +198,24 @@ class _LayerCall:
         return out[0] if isinstance(out, tuple) else out
 
 
-def build_hf_stage(spec: ModelSpec, stage: StagePart, *, first: bool, last: bool, seed: int,
-                   full: nn.Module | None, init_from: str | None, device: str | torch.device) -> StageModule:
+def build_full(spec: ModelSpec, seed: int) -> nn.Module:
+    """transformers' whole model, initialised by name as every stage is."""
+    model = meta_model(spec)
+    model.tied = tied_keys(model)  # type: ignore[assignment]
+    materialise(model, hf_init(model), seed)
+    return model
+
+
+def build_stage(spec: ModelSpec, stage: StagePart, *, first: bool, last: bool, seed: int, full: nn.Module | None,
+                device: str | torch.device) -> StageModule:
     lay = layout_of(spec)
     if full is not None:
-        mod = HFStage(full, lay, stage, first=first, last=last)
-        if init_from is not None:
-            from chipfuse.model.weights import load_weights
-
-            load_weights(mod, init_from, tied=mod.tied)
-        return mod
+        return HFStage(full, lay, stage, first=first, last=last)
     meta = meta_model(spec)
     check_covered(meta, lay, str(spec.model_type or spec.family))
     mod = HFStage(meta, lay, stage, first=first, last=last)
     materialise(mod, hf_init(meta), seed, device=device)
     _init_tied_copies(mod, meta, seed)
-    if init_from is not None:
-        from chipfuse.model.weights import load_weights
-
-        load_weights(mod, init_from, tied=mod.tied)
     return mod
 
 

@@ -1,31 +1,27 @@
 """The shape of a decoder-only transformer, as the planner and the runtime both see it.
 
-Pure (no torch): the planner prices a ModelSpec, the runtime builds it. Three families:
+Pure (no torch): the planner prices a ModelSpec, the runtime builds it. `family` names its row in
+model/registry.py; the built-in ones:
 
 - ``gpt``: chipfuse's built-in GPT (model/gpt.py): LayerNorm, GELU MLP, learned positions, biases.
 - ``llama``: a Llama shape given by its numbers alone (the presets), built as transformers'
   LlamaForCausalLM.
-- ``hf``: any architecture of model/arch.py's table, read from a Hugging Face config.json through
-  transformers' AutoConfig; ``hf_config`` keeps the whole config so that every rank builds exactly
-  that model, and the shape fields below are read from it so that the planner's parameter count
-  equals transformers' (tests/test_hf_arch.py checks it per architecture).
+- ``hf``: any architecture of model/families/hf.py's rows, read from a Hugging Face config.json
+  through transformers' AutoConfig (model/configs.py); ``hf_config`` keeps the whole config so that
+  every rank builds exactly that model, and the shape fields below are read from it so that the
+  planner's parameter count equals transformers' (tests/test_hf_arch.py checks it per architecture).
 
 The architecture fields (`norm` ... `final_norm`) are optional overrides: None means the family's
-default, so a hand-written plan for the built-in GPT or a Llama preset stays short. `arch()`
-resolves them.
+default (Family.arch_defaults), so a hand-written plan for the built-in GPT or a Llama preset stays
+short. `arch()` resolves them.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
-from chipfuse.errors import ChipfuseError
-
-Family = Literal["gpt", "llama", "hf"]
-FAMILIES: tuple[str, ...] = ("gpt", "llama", "hf")
+from chipfuse.model.registry import family_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,14 +54,15 @@ class Arch:
 class ModelSpec:
     name: str
     family: str = "gpt"
-    """'gpt' (built-in), 'llama' (a Llama shape from these numbers) or 'hf' (model_type + hf_config)."""
+    """Its family in model/registry.py: 'gpt' (built-in), 'llama' (a Llama shape from these numbers), 'hf'
+    (model_type + hf_config), or one a test registered."""
     num_layers: int
     dim: int
     num_heads: int
     num_kv_heads: int | None = None
     """None = num_heads (no grouped-query attention)."""
     ffn_dim: int | None = None
-    """None = 4 * dim (gpt) or the Llama rule."""
+    """None = the family's rule (Family.default_ffn: 4 * dim for gpt, the Llama rule for the others)."""
     vocab_size: int
     seq_len: int
     """The longest context the model is built for (positions)."""
@@ -92,27 +89,13 @@ class ModelSpec:
 
     @property
     def ffn(self) -> int:
-        if self.ffn_dim:
-            return self.ffn_dim
-        if self.family != "gpt":
-            h = int(2 * 4 * self.dim / 3)
-            return 256 * ((h + 255) // 256)
-        return 4 * self.dim
+        return self.ffn_dim or family_of(self).default_ffn(self.dim)
 
     def arch(self) -> Arch:
-        gpt = self.family == "gpt"
-
-        def pick(value: Any, default: Any) -> Any:
-            return default if value is None else value
-
-        return Arch(
-            norm=pick(self.norm, "layernorm" if gpt else "rmsnorm"),
-            qkv_bias=pick(self.qkv_bias, gpt), out_bias=pick(self.out_bias, gpt),
-            mlp_bias=pick(self.mlp_bias, gpt), gated_mlp=pick(self.gated_mlp, not gpt),
-            position_rows=pick(self.position_rows, self.seq_len if gpt else 0),
-            head_dim=pick(self.head_dim, self.dim // self.num_heads), qk_norm=pick(self.qk_norm, False),
-            norms_per_block=pick(self.norms_per_block, 2), embed_dim=pick(self.embed_dim, self.dim),
-            final_norm=pick(self.final_norm, True))
+        defaults = {"head_dim": self.dim // self.num_heads, "qk_norm": False, "norms_per_block": 2,
+                    "embed_dim": self.dim, "final_norm": True, **family_of(self).arch_defaults(self)}
+        return Arch(**{k: defaults[k] if getattr(self, k) is None else getattr(self, k)
+                       for k in Arch.__dataclass_fields__})
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -141,40 +124,3 @@ SPEC_PRESETS: dict[str, ModelSpec] = {
     "llama-13b": _llama("llama-13b", 40, 5120, 40, 40, 13824),
     "llama-70b": _llama("llama-70b", 80, 8192, 64, 8, 28672, vocab=128256),
 }
-
-
-def config_path(path: str | Path) -> Path:
-    """A config.json, or the config.json inside a Hugging Face model folder."""
-    p = Path(path)
-    return p / "config.json" if p.is_dir() else p
-
-
-def from_hf_config(path: str | Path) -> ModelSpec:
-    """Read a Hugging Face `config.json` (or model folder) through transformers' AutoConfig; no weights.
-
-    Refused, with the reason, when model/arch.py has no stage split for its architecture."""
-    p = config_path(path)
-    try:
-        raw = json.loads(p.read_text())
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON or not UTF-8
-        raise ChipfuseError(f"{p}: cannot read a Hugging Face config ({e}). "
-                            "Fix: give a config.json path or a model folder holding one") from None
-    if not isinstance(raw, dict):
-        raise ChipfuseError(f"{p}: a config.json holds one JSON object, found {type(raw).__name__}. "
-                            "Fix: give a Hugging Face config.json")
-    from chipfuse.model.arch import spec_from_config_dict
-    from chipfuse.validate import model_spec
-
-    spec = spec_from_config_dict(raw, name=p.parent.name or str(raw.get("model_type", "hf")), source=str(p))
-    return model_spec(spec, source=str(p), where="config (as chipfuse reads it)")  # type and range of every field
-
-
-def resolve_model(name_or_path: str) -> ModelSpec:
-    """A preset name, a config.json or a Hugging Face model folder."""
-    if name_or_path in SPEC_PRESETS:
-        return SPEC_PRESETS[name_or_path]
-    p = Path(name_or_path)
-    if name_or_path.endswith(".json") or p.is_file() or (p / "config.json").is_file():
-        return from_hf_config(name_or_path)
-    raise ChipfuseError(f"model {name_or_path!r}: not a preset nor a config.json (nor a model folder holding one). "
-                        f"Fix: use one of {sorted(SPEC_PRESETS)}, a Hugging Face config.json or a folder holding one")

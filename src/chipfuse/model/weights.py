@@ -5,18 +5,16 @@ the tensors its stage holds (by the full model's parameter names, which are the 
 transformers saves), checking each tensor's shape and dtype first. A tied head with no tensor of
 its own in the folder (transformers saves the shared matrix once) reads the embedding's.
 
-Out: a chipfuse checkpoint (DCP, runtime/endure/checkpoint.py) read back in one process into
-transformers' model of the checkpoint's plan, then written with transformers' own
-`save_pretrained`, so `from_pretrained` finds exactly the keys it expects.
+Out (model/export.py): a chipfuse checkpoint written back as a Hugging Face folder.
+
+Family-free: tensors by name. What a family's model names them is model/build.py's and the family's.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -115,20 +113,6 @@ def load_weights(module: nn.Module, directory: str | Path, *, tied: dict[str, st
     return nbytes
 
 
-def check_init_from(spec: Any, directory: str | Path) -> None:
-    """Refuse, before any worker starts, a folder whose weights do not fit `spec`: every tensor of
-    the whole model checked from the headers, on the meta device (no memory)."""
-    from chipfuse.model.hf import meta_model
-    from chipfuse.model.split import tied_keys
-
-    if spec.family == "gpt":
-        raise ChipfuseError(f"--init-from {directory}: the built-in GPT ({spec.name!r}) has no Hugging Face "
-                            "weights. Fix: give --model the folder (or its config.json)")
-    model = meta_model(spec)
-    shapes = {n: tuple(p.shape) for n, p in model.named_parameters(remove_duplicate=False)}
-    match_tensors(shapes, directory, tied_keys(model))
-
-
 def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
     """Copy the tokenizer files a Hugging Face folder has; returns their names."""
     copied = []
@@ -137,41 +121,3 @@ def copy_tokenizer(src: str | Path, out: str | Path) -> list[str]:
             shutil.copy2(Path(src) / n, Path(out) / n)
             copied.append(n)
     return copied
-
-
-def export_checkpoint(checkpoint: str | Path, out: str | Path, *, tokenizer: str | Path | None = None) -> dict[str, Any]:
-    """Write a chipfuse checkpoint as a Hugging Face folder: config.json, safetensors, tokenizer."""
-    import torch.distributed.checkpoint as dcp
-
-    from chipfuse.model.spec import ModelSpec
-    from chipfuse.model.split import build_full
-
-    ck = Path(checkpoint)
-    manifest_path = ck / "manifest.json"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        spec = ModelSpec.from_dict(manifest["plan"]["model"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ChipfuseError(f"{manifest_path}: not a chipfuse checkpoint's manifest ({e}). Fix: give a "
-                            "checkpoint folder (RUN_DIR/checkpoints/step_NNNNNN)") from None
-    if spec.family == "gpt":
-        raise ChipfuseError(f"{manifest_path}: plan.model.family: 'gpt' is chipfuse's built-in GPT, which has no "
-                            "Hugging Face architecture to export to. Fix: train a Hugging Face model (--model with "
-                            "a config.json or model folder) to get a model back")
-    model = build_full(spec, 0)
-    params = {n: p for n, p in model.named_parameters()}  # a tied matrix once, under the embedding's name
-    try:
-        with warnings.catch_warnings():  # DCP notes that it loads in one process: that is the intent
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": params}, checkpoint_id=str(ck), no_dist=True)
-    except Exception as e:  # DCP raises a bare RuntimeError/CheckpointException naming the missing keys
-        raise ChipfuseError(f"{ck}: the checkpoint does not hold this model's weights ({str(e).splitlines()[0]}). "
-                            "Fix: export a checkpoint written by `chipfuse train` for this model") from None
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))  # type: ignore[operator]
-    tok_src = tokenizer or manifest.get("extra", {}).get("tokenizer")
-    copied = copy_tokenizer(tok_src, out_dir) if tok_src else []
-    return {"checkpoint": str(ck), "out": str(out_dir), "model": spec.name, "model_type": spec.model_type or "llama",
-            "step": manifest.get("step"), "num_params": sum(p.numel() for p in params.values()),
-            "tokenizer_files": copied}

@@ -35,6 +35,7 @@ from typing import Any
 import tomllib
 
 from chipfuse.model.costs import DTYPE_BYTES
+from chipfuse.model.registry import family_of
 from chipfuse.model.spec import ModelSpec
 
 ELEM_H = 24.0
@@ -129,7 +130,7 @@ def _block_gemms(spec: ModelSpec, t: int) -> list[tuple[float, float]]:
     """(n, k) of the block's forward GEMMs on one of t tensor-parallel ranks."""
     h, f = spec.dim, spec.ffn
     kv = spec.kv_heads * (h // spec.num_heads)
-    up = (2 if spec.family == "llama" else 1) * f
+    up = (2 if family_of(spec).gated_mlp_kernels else 1) * f
     return [((h + 2 * kv) / t, h), (h, h / t), (up / t, h), (h, f / t)]
 
 

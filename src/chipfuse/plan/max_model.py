@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from chipfuse.model.costs import model_costs
+from chipfuse.model.registry import family_of
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.memory import StageShape, Strategy, best_shard_group, stage_memory, usable_bytes
 from chipfuse.report.output import human_bytes
@@ -52,9 +53,7 @@ def family_member(base: ModelSpec, dim: int, head_dim: int) -> ModelSpec:
 
 
 def num_params(spec: ModelSpec) -> int:
-    from chipfuse.plan.memory import gpt_tensor_numels
-
-    block, embed, head = gpt_tensor_numels(spec)
+    block, embed, head = family_of(spec).tensor_numels(spec)
     return spec.num_layers * sum(block) + sum(embed) + sum(head)
 
 
@@ -157,8 +156,9 @@ def report(pool, base: ModelSpec, *, micro_batch_size: int, dtype: str, head_dim
     if dtype == "bf16" and not all(d.chip.has_bf16 for d in pool.devices):
         notes.append("some chips have no bf16: sized in fp32")
         dtype = "fp32"
-    if base.family != "gpt":
-        notes.append(f"{base.family} shapes are sized with the GPT tensor list of plan.memory's model")
+    fam = family_of(base)
+    if not fam.numels_exact:
+        notes.append(f"{fam.label} shapes are sized with the GPT tensor list of plan.memory's model")
     rows = max_model(pool, base, micro_batch_size=micro_batch_size, head_dim=head_dim, dtype=dtype)
     wide.print(table(f"largest {base.name}-family model per memory strategy on {pool.name} (predicted; "
                         f"{base.num_layers} layers, seq {base.seq_len}, {micro_batch_size} sample(s) per device, {dtype})",

@@ -25,8 +25,9 @@ Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of ch
   its input h, plus, in backward, one block's worth while it is recomputed; the embedding, head and
   loss keep 2h + V + 8. "selective" checkpoints blocks 0, 2, 4, ... (runtime.parallel.memory). Values are
   4 bytes in fp32, 2 in bf16/fp16 (the logits' fp32 copy is counted in V). A Hugging Face stage
-  (family "hf") saves what transformers' code saves, per architecture: hf_stage_saved_bytes with the
-  coefficients of model.arch.SAVED, equal to the meter's count (tests/test_memory_hf.py) in fp32 and in
+  (a family with an activation row: the Hugging Face architectures and the Llama presets) saves what
+  transformers' code saves, per architecture: hf_stage_saved_bytes with its row's coefficients
+  (Family.saved, read by model.saved), equal to the meter's count (tests/test_memory_hf.py) in fp32 and in
   bf16 autocast (some values fp32, plus a bf16 copy of the weights per micro-batch). The rebuilt
   block is held for one micro-batch at a time, the rest for every micro-batch in flight.
 - in flight: 1F1B keeps up to (stages - index) micro-batches of a stage, GPipe all of them.
@@ -42,15 +43,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from chipfuse.errors import PlanError
+from chipfuse.model.arch import Saved
 from chipfuse.model.costs import ModelCosts
+from chipfuse.model.registry import family_of
+from chipfuse.model.saved import dropout_rates, linear_weight_values, rotary_sets, saved_block_parts
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.dims import GroupDims
-
-if TYPE_CHECKING:
-    from chipfuse.model.arch import Saved
 
 RUNTIME_CONTEXT_BYTES = 768 * 2**20
 """CUDA context, cuBLAS/cuDNN workspaces and kernels loaded (measured: 0.5-1 GiB on recent GPUs)."""
@@ -133,18 +133,10 @@ def _grads_and_activations(grads: float, activations: float, accumulates: bool) 
     return grads + activations if accumulates else max(grads, activations)
 
 
-def gpt_tensor_numels(spec: ModelSpec) -> tuple[list[int], list[int], list[int]]:
-    """Numels of the parameter tensors of one block, of the embedding, of the head (model.gpt.GPT, or
-    a Llama: RMSNorm, q/k/v/o without biases, SwiGLU, no positions)."""
-    h, f, V = spec.dim, spec.ffn, spec.vocab_size
-    if spec.family == "llama":
-        kv = spec.kv_heads * (h // spec.num_heads)
-        block = [h, h * h, kv * h, kv * h, h * h, h, f * h, f * h, h * f]
-        return block, [V * h], [h] + ([] if spec.tie_embeddings else [V * h])
-    block = [h, h, 3 * h * h, 3 * h, h * h, h, h, h, f * h, f, h * f, h]
-    embed = [V * h, spec.seq_len * h]
-    head = [h, h, V * h]
-    return block, embed, head
+def tensor_numels(spec: ModelSpec) -> tuple[list[int], list[int], list[int]]:
+    """Numels of the parameter tensors of one block, of the embedding, of the head, as the spec's
+    family lists them (Family.tensor_numels)."""
+    return family_of(spec).tensor_numels(spec)
 
 
 def _opt_bytes(numels: list[float], optimizer_dtype: str, shards: int) -> float:
@@ -167,7 +159,7 @@ def stage_activation_bytes(spec: ModelSpec, num_layers: int, checkpoint: str, *,
     block rebuilt in backward, held for one micro-batch at a time (`micro_batch_tokens`; None: as many
     tokens as are in flight, the bound without the split)."""
     mb_tokens = micro_batch_tokens or tokens_in_flight
-    if spec.family in ("hf", "llama"):  # both run as transformers' own layers
+    if family_of(spec).saved is not None:  # priced by its family's activation row
         # Sequences per micro-batch: the per-micro-batch tensors (weight copies, cos/sin) are shared by them.
         sequences = max(1, micro_batch_tokens // (seq_len or spec.seq_len)) if micro_batch_tokens else 1
         return max(kept * tokens_in_flight + rebuilt * mb_tokens for kept, rebuilt in _hf_places(
@@ -177,7 +169,7 @@ def stage_activation_bytes(spec: ModelSpec, num_layers: int, checkpoint: str, *,
     rebuilt = 0.0
     if checkpoint != "none":
         h, t = spec.dim, tp
-        mlp = (4 if spec.family == "llama" else 2) * spec.ffn
+        mlp = (4 if spec.arch().gated_mlp else 2) * spec.ffn
         rebuilt = DTYPE_BYTES[dtype] * (REPLICATED_H * h + (3 * h + mlp + 2 * spec.num_heads) / t)
     return (per_token - rebuilt) * tokens_in_flight + rebuilt * mb_tokens
 
@@ -188,14 +180,14 @@ def activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str
     """Saved activation bytes per token of a stage of `num_layers` blocks, peak in backward, with one
     checkpointed block rebuilt (stage_activation_bytes holds that one for one micro-batch only).
 
-    A Hugging Face spec (family 'hf', or a 'llama' preset, built as LlamaForCausalLM) is priced by
-    hf_activation_bytes_per_token; `seq_len` (the plan's,
+    A spec whose family has an activation row (a Hugging Face architecture, a 'llama' preset built as
+    LlamaForCausalLM) is priced by hf_activation_bytes_per_token; `seq_len` (the plan's,
     default the model's) and `first_layer` (None: the stage's worst place in the model) matter there."""
-    if spec.family in ("hf", "llama"):  # both run as transformers' own layers
+    if family_of(spec).saved is not None:  # priced by its family's activation row
         return hf_activation_bytes_per_token(spec, num_layers, checkpoint, first=first, last=last, dtype=dtype,
                                              tp=tp, seq_len=seq_len or spec.seq_len, first_layer=first_layer)
     h, t = spec.dim, tp
-    mlp = (4 if spec.family == "llama" else 2) * spec.ffn
+    mlp = (4 if spec.arch().gated_mlp else 2) * spec.ffn
     block = REPLICATED_H * h + (3 * h + mlp + 2 * spec.num_heads) / t
     if checkpoint == "full":
         saved = num_layers * h + block  # inputs, plus one block recomputed in backward
@@ -228,7 +220,7 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
     """(bytes per token autograd's saved-tensor hooks see, bytes per token of the one block rebuilt in
     backward) of a Hugging Face stage running `layers` (numbers in the whole model).
 
-    Blocks: model.arch.saved_block (per architecture, from transformers' code). A block under
+    Blocks: model.saved.saved_block (per architecture, from transformers' code). A block under
     checkpointing keeps its input (h); torch's checkpoint rebuilds it in backward under its own
     saved-tensor hooks, so the meter (runtime.emulate.device.MemoryMeter) never sees the rebuilt block, a real
     chip holds it: the second figure. "selective" checkpoints layers 0, 2, 4, ... of the whole model.
@@ -240,14 +232,14 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
     one row for the whole micro-batch; Gemma's norm weights; bf16 weight copies) are shared by the
     micro-batch's `sequences` (1, the default, is the upper bound).
     Values are DTYPE_BYTES[dtype] each, except under bf16 autocast (the runtime's bf16 with fp32
-    master weights), where model.arch.saved_block_parts splits each block into values kept in fp32 and
+    master weights), where model.saved.saved_block_parts splits each block into values kept in fp32 and
     in bf16 (SavedCoeffs.bf16 states the rule): the residual stream, every norm's input, statistics and
     normalised product, a checkpointed block's input, rotary cos/sin and Gemma's (1 + weight) are fp32;
-    each linear keeps a bf16 copy of its input and of its weight (model.arch.linear_weight_values, per
+    each linear keeps a bf16 copy of its input and of its weight (model.saved.linear_weight_values, per
     micro-batch, shared by its sequences like cos/sin); on the
     last stage the head's input copy, its weight copy and Gemma 2's soft-capped logits are bf16."""
-    from chipfuse.model.arch import Saved, dropout_rates, linear_weight_values, rotary_sets, saved_block_parts
-
+    row = family_of(spec).saved
+    assert row is not None, "hf_stage_saved_bytes prices a family with an activation row"
     b = DTYPE_BYTES[dtype]
     autocast = dtype == "bf16"
     wide_b = 4 if autocast else b  # bytes of the values autocast keeps in fp32
@@ -273,17 +265,17 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
     drop = dropout_rates(spec) if training else {}
     if first:
         visible += 8  # token ids
-        if spec.model_type in ("gpt2", "opt"):
+        if row.position_ids:
             visible += 8 / sequences  # position ids (per position)
-        if spec.model_type in ("gemma", "gemma2", "gemma3_text"):
+        if row.embed_scale:
             visible += 4 / per_mb  # the embedding's scale (a scalar tensor per micro-batch)
         if drop.get("embed", 0.0) > 0:
             visible += wide_b * h  # the embedding dropout's mask (the embedding's output is fp32)
-        if spec.model_type == "opt" and a.embed_dim != h:
+        if row.project_io and a.embed_dim != h:
             visible += b * a.embed_dim  # project_in's input
             weights += a.embed_dim * h
     if last:
-        if spec.model_type == "opt":
+        if row.project_io:
             proj = a.embed_dim != h
             tail = Saved(h=(1 if a.final_norm else 0) + (1 if proj else 0) + (0 if proj else 1),
                          scalars=2 if a.final_norm else 0)
@@ -292,10 +284,10 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
         elif a.norm == "layernorm":
             tail, head_in = Saved(h=2, scalars=2), 0
         else:
-            gemma = spec.model_type in ("gemma", "gemma2", "gemma3_text")
-            tail, head_in = Saved(h=3, scalars=1, per_sequence=h if gemma else 0), 0
-        weights += spec.vocab_size * (a.embed_dim if spec.model_type == "opt" else h)
-        cap = (spec.hf_config or {}).get("final_logit_softcapping") if spec.model_type == "gemma2" else None
+            tail, head_in = Saved(h=3, scalars=1, per_sequence=h if row.norm_plus_one else 0), 0
+        weights += spec.vocab_size * (a.embed_dim if row.project_io else h)
+        # The last stage soft-caps the logits wherever the config sets the cap (model.hf.HFStage).
+        cap = (spec.hf_config or {}).get("final_logit_softcapping")
         if autocast:
             # The head (OPT: project_out) reads a bf16 copy of the fp32 norm output: one h moves to bf16.
             visible += 4 * saved_values(spec, tail + Saved(h=-1), seq_len, 1, sequences) + b * h
@@ -332,7 +324,7 @@ def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, cap
                         micro_batch_tokens: int | None = None, micro_batches: int = 1) -> DeviceMemory:
     """Predicted peak of one device of a stage group: `group_size` data (shard) ranks, each of `tp`
     tensor-parallel ranks (parameters split t ways)."""
-    block, embed, head = ([n / tp for n in x] for x in gpt_tensor_numels(spec))
+    block, embed, head = ([n / tp for n in x] for x in tensor_numels(spec))
     numels = block * num_layers + (embed if first else []) + (head if last else [])
     n_params = float(sum(numels))
     root = float(sum(embed if first else []) + sum(head if last else []))

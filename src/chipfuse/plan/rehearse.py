@@ -37,8 +37,8 @@ from typing import Any
 from chipfuse.cluster.catalog import GiB
 from chipfuse.cluster.pool import Device, Pool
 from chipfuse.errors import ChipfuseError
-from chipfuse.model.arch import LAYOUTS
 from chipfuse.model.costs import model_costs
+from chipfuse.model.registry import family_of
 from chipfuse.model.spec import SPEC_PRESETS, ModelSpec
 from chipfuse.plan.hardware import link_between
 from chipfuse.plan.memory import compute_dtype, usable
@@ -203,8 +203,10 @@ its files rather than its architecture."""
 
 def tiny_hf_config(spec: ModelSpec) -> dict[str, Any]:
     """A Hugging Face config of the real model's architecture, at the tiny size."""
-    mt = "llama" if spec.family == "llama" else str(spec.model_type)
-    kind = LAYOUTS[mt].kind
+    fam = family_of(spec)
+    assert fam.hf_config is not None and fam.layout is not None, "a family without a rehearsal preset is an HF one"
+    mt = str(fam.hf_config(spec)["model_type"])
+    kind = fam.layout.kind
     heads, kv = _scaled_heads(spec)
     base = {k: v for k, v in (spec.hf_config or {}).items()
             if k not in DROP_KEYS and k not in SHAPE_KEYS[kind] and not k.startswith("_")}
@@ -235,11 +237,12 @@ def tiny_model(spec: ModelSpec) -> tuple[ModelSpec, str, dict[str, Any] | None]:
         preset = next((n for n, s in SPEC_PRESETS.items() if s == spec), None)
         if preset is not None:
             return spec, preset, None
-        if spec.family == "hf" and spec.hf_config is not None:
+        if spec.hf_config is not None:  # read from a config.json: rehearsed from that config
             return spec, "config.json", dict(spec.hf_config)
-    if spec.family == "gpt":
-        return SPEC_PRESETS["tiny"], "tiny", None
-    from chipfuse.model.arch import spec_from_config_dict
+    small = family_of(spec).rehearsal_preset
+    if small is not None:
+        return SPEC_PRESETS[small], small, None
+    from chipfuse.model.configs import spec_from_config_dict
 
     raw = tiny_hf_config(spec)
     tiny = spec_from_config_dict(raw, name=f"{spec.name}-rehearsal", source=f"rehearsal of {spec.name}")

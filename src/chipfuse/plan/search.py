@@ -23,8 +23,8 @@ from dataclasses import dataclass, field, replace
 
 from chipfuse.cluster.pool import Pool
 from chipfuse.errors import PlanError
-from chipfuse.model.arch import tp_refusal
 from chipfuse.model.costs import DTYPE_BYTES, ModelCosts, model_costs
+from chipfuse.model.registry import tp_refusal
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.balance import ReplicaRate, balance_shares
 from chipfuse.plan.cost import Prediction, predict
@@ -121,7 +121,7 @@ class Context:
     def unit_configs(self, kind: int) -> list[tuple[int, int]]:
         """(group size, tp degree) of one kind, as the runtime runs them: a group is tensor-parallel
         over all its devices or sharded over all of them (runtime.parallel.topology refuses a mix), and
-        tensor-parallel only for an architecture with a tensor-parallel plan (model.arch)."""
+        tensor-parallel only for an architecture with a tensor-parallel plan (its family's row: model.registry.tp_refusal)."""
         tp_ok = tp_refusal(self.model) is None
         return [(g, t) for g, t in unit_configs(self.kinds[kind], self.costs, max_group=self.max_group)
                 if t == 1 or (t == g and tp_ok)]

@@ -2,7 +2,7 @@
 and loads from the safetensors only the tensors of its own layers.
 
 Where the embedding, decoder layers, positions, final norm, head and rotary module live is the
-architecture's layout in chipfuse.model.arch (the table training's stage split reads too), so an
+architecture's layout (chipfuse.model.registry.layout_of, the row training's stage split reads too), so an
 architecture added there is trained and served alike.
 """
 
@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from chipfuse.errors import ChipfuseError
-from chipfuse.model.arch import layout_of
 from chipfuse.model.hf import check_covered
-from chipfuse.model.split import get
+from chipfuse.model.init import get
+from chipfuse.model.registry import layout_of
 
 
 @contextmanager
@@ -37,7 +37,7 @@ def model_folder(model: str | Path) -> Iterator[Path]:
         raise ChipfuseError(f"{p}: neither a Hugging Face model folder (no config.json) nor a chipfuse checkpoint (no "
                             "manifest.json). Fix: give --model a model folder or a checkpoint folder "
                             "(RUN_DIR/checkpoints/step_NNNNNN)")
-    from chipfuse.model.weights import export_checkpoint
+    from chipfuse.model.export import export_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="chipfuse-export-") as tmp:
         res = export_checkpoint(p, Path(tmp) / "export")  # one reader of checkpoints: `chipfuse export`'s
@@ -196,7 +196,7 @@ class StageModel(nn.Module):
 
 def model_spec(model_dir: str | Path):
     """The planner's view of a model folder (chipfuse.model.spec reads its config.json)."""
-    from chipfuse.model.spec import from_hf_config
+    from chipfuse.model.configs import from_hf_config
 
     d = Path(model_dir)
     if not (d / "config.json").is_file():

@@ -52,8 +52,8 @@ def quality_report(model_dir: str | Path, plan: Any, text: str = FIXED_TEXT) -> 
         return None
     from transformers import AutoModelForCausalLM
 
-    from chipfuse.model.arch import layout_of
-    from chipfuse.model.split import get
+    from chipfuse.model.init import get
+    from chipfuse.model.registry import layout_of
     from chipfuse.serve.hf import load_tokenizer
 
     dtype = torch.bfloat16 if plan.dtype == "bf16" else torch.float32

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from chipfuse.data import get_batch
+from chipfuse.model.build import build_full, full_logits
 from chipfuse.model.gpt import loss_sum
 from chipfuse.model.spec import ModelSpec
-from chipfuse.model.split import build_full, full_logits
 from chipfuse.runtime.emulate.device import MemoryMeter
 
 

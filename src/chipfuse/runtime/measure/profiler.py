@@ -28,9 +28,10 @@ import torch.multiprocessing as mp
 
 from chipfuse import devices
 from chipfuse.cluster.pool import Device, Pool
+from chipfuse.model.build import build_full, build_stage
 from chipfuse.model.gpt import loss_sum
+from chipfuse.model.registry import family_of
 from chipfuse.model.spec import ModelSpec
-from chipfuse.model.split import build_full, build_stage
 from chipfuse.plan.plan import Stage
 from chipfuse.runtime.emulate.device import Pacer, solo_time
 
@@ -214,7 +215,7 @@ def block_fwd_flops_per_token(spec: ModelSpec, seq_len: int) -> float:
     """Forward FLOPs of one block per token: the matmuls (2 per weight) and attention's two
     (T x T) products, halved by the causal mask."""
     c, f = spec.dim, spec.ffn
-    if spec.family == "llama":
+    if family_of(spec).gated_mlp_kernels:
         kv = spec.kv_heads * (c // spec.num_heads)
         weights = c * (c + 2 * kv) + c * c + 3 * c * f
     else:

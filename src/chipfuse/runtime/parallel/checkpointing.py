@@ -15,7 +15,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from chipfuse.model.split import get
+from chipfuse.model.init import get
 
 WRAPPED = "._checkpoint_wrapped_module"
 

@@ -1,7 +1,7 @@
 """Apply a plan's stage to its module, the parallelisms in one documented order (as torchtitan's
 parallelize does, here per stage and with groups that differ from stage to stage):
 
-    0. stage cut      model.split.build_stage: the stage's blocks, by module names
+    0. stage cut      model.build.build_stage: the stage's blocks, by module names
     1. tensor parallel runtime.parallel.tp: DTensor colwise/rowwise over the group's mesh (tp groups)
     2. checkpointing  runtime.parallel.checkpointing: none | selective (every other layer) | full
     3. FSDP2          runtime.parallel.fsdp: shard over the group's mesh (sharded groups), parameter

@@ -34,8 +34,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from chipfuse.data.loader import Loader, builtin_loader
+from chipfuse.model.build import build_stage
 from chipfuse.model.gpt import loss_sum
-from chipfuse.model.split import build_stage
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime.emulate.device import MemoryMeter, Pacer
 from chipfuse.runtime.emulate.paced import Clock, PacedStage, measure_solo

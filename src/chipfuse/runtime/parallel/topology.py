@@ -32,8 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chipfuse.errors import PlanError
-from chipfuse.model.arch import tp_refusal
-from chipfuse.model.spec import FAMILIES, ModelSpec
+from chipfuse.model.registry import find as find_family
+from chipfuse.model.registry import names as family_names
+from chipfuse.model.registry import tp_refusal
+from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.dims import GroupKind
 from chipfuse.plan.plan import Plan
 
@@ -187,8 +189,9 @@ class Topology:
             raise PlanError(f"{source}: model: the plan is for {spec.name!r} ({spec.num_layers} layers, dim "
                             f"{spec.dim}), the job trains {model.name!r} ({model.num_layers} layers, dim {model.dim}). "
                             "Fix: re-plan for this model with `chipfuse plan`")
-        if spec.family not in FAMILIES:
-            raise PlanError(f"{source}: model.family: {spec.family!r} has no stage builder. Fix: use one of {FAMILIES}")
+        if find_family(spec) is None:
+            raise PlanError(f"{source}: model.family: {spec.family!r} (model_type {spec.model_type!r}) has no stage "
+                            f"builder. Fix: use one of {family_names()}")
         if sorted(self.by_rank) != sorted(set(self.by_rank)):
             dup = sorted({n for n in self.by_rank if self.by_rank.count(n) > 1})
             raise PlanError(f"devices {dup} were claimed by more than one worker. Fix: give each host its own "
