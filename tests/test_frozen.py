@@ -113,6 +113,9 @@ def test_a_checkpoint_keeps_frozen_weights_and_no_state_for_them(tmp_path) -> No
     assert r.step == 2 and len(resumed.opt.state) == len(resumed.trainable) < len(list(resumed.module.parameters()))
     # Same process, same kernels, same order: the resumed curve is the uninterrupted one, bit for bit.
     assert [resumed.step(s)["loss"] for s in (2, 3)] == after
+    # Another freeze would hand the optimizer other tensors: refused, naming the field.
+    with pytest.raises(checkpoint.CheckpointError, match="freeze=.*Fix:"):
+        checkpoint.check_resumable(w.plan.to_dict(), replace(w.plan, freeze=("embed",)), "ckpt")
 
 
 # ------------------------------------------------------------------ memory and cost models
@@ -228,3 +231,23 @@ def test_a_sharded_group_with_frozen_units_matches_one_device() -> None:
                                                                               micro_batch_size=2),), freeze=FREEZE)
     plan.check()
     _check(run_ranks(_run, 2, plan), _reference(plan), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ the flag on chipfuse train
+
+
+def test_train_freeze_flag_reaches_the_plan_and_the_workers(tmp_path) -> None:
+    assert main(["train", "--model", "tiny", "--dry-run", "--freeze", "embed, block0-1", "--run-dir",
+                 str(tmp_path / "d")]) == 0
+    assert Plan.from_json(tmp_path / "d" / "plan.json").freeze == ("embed", "block0-1")
+    one = tmp_path / "one.toml"
+    one.write_text('[[node]]\nname = "h"\n[[node.device]]\nname = "solo"\nchip = "cpu"\nemulate = { speed = 1.0 }\n')
+    out = tmp_path / "one.json"
+    assert main(["train", "--pool", str(one), "--model", "tiny", "--steps", "2", "--global-batch", "4",
+                 "--solo-samples", "0", "--freeze", "embed,block0", "--run-dir", str(tmp_path / "r"),
+                 "--json", str(out), "--no-progress"]) == 0
+    import json
+
+    summary = json.loads(out.read_text())
+    assert summary["freeze"] == ["embed", "block0"]
+    assert 0 < summary["num_trainable_params"] < summary["num_params"]

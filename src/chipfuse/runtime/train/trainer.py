@@ -241,6 +241,9 @@ def _summary(plan: Plan, pool: Pool, cfg: TrainConfig, log: StepLog, ranks: list
         # one replica's parameters, each counted once (DTensor numel is the whole tensor's)
         "num_params": sum(d["num_params"] for r, d in zip(topo.roles, ranks, strict=True)
                           if r.replica == 0 and r.leader),
+        "num_trainable_params": sum(d["num_trainable_params"] for r, d in zip(topo.roles, ranks, strict=True)
+                                    if r.replica == 0 and r.leader),
+        "freeze": list(plan.freeze),
         "strategy": plan.strategy,
         "schedule": plan.schedule,
         "steps": cfg.steps,
