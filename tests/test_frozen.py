@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from chipfuse.cli import main
+from chipfuse.cluster.pool import pool_from_dict
 from chipfuse.data import get_batch
 from chipfuse.errors import PlanError
 from chipfuse.model.converters import apply_converters, frozen_units
@@ -26,10 +27,10 @@ from chipfuse.model.gpt import loss_sum
 from chipfuse.model.split import build_stage
 from chipfuse.plan.cost import predict
 from chipfuse.plan.memory import plan_memory
-from chipfuse.plan.plan import Plan, Replica, Stage
+from chipfuse.plan.plan import Plan, Replica, Stage, SyncPlan
 from chipfuse.runtime.endure import checkpoint
 from chipfuse.runtime.parallel.pipeline import PipelineWorker, WorkerConfig
-from chipfuse.runtime.sync.grad_sync import UnitSync
+from chipfuse.runtime.sync.grad_sync import UnitSync, build_gradient_sync
 from chipfuse.runtime.train.optim import build_optimizer
 from tests.distributed import run_ranks
 from tests.pipeline_helpers import TINY_GPT, TINY_LLAMA, plan_of, pool_of
@@ -251,3 +252,38 @@ def test_train_freeze_flag_reaches_the_plan_and_the_workers(tmp_path) -> None:
     summary = json.loads(out.read_text())
     assert summary["freeze"] == ["embed", "block0"]
     assert 0 < summary["num_trainable_params"] < summary["num_params"]
+
+
+# ------------------------------------------------------------------ DiLoCo islands over an emulated slow link
+
+TWO_SITES = pool_from_dict({
+    "node": [{"name": "A", "device": [{"name": "a", "chip": "cpu", "emulate": {"speed": 1.0}}]},
+             {"name": "B", "device": [{"name": "b", "chip": "cpu", "emulate": {"speed": 1.0}}]}],
+    "link": [{"nodes": ["A", "B"], "bandwidth_gbit_s": 10, "latency_ms": 1}]}, source="<test pool>")
+
+
+def _islands(rank: int, world: int, plan: Plan) -> dict:
+    w = PipelineWorker(plan, TWO_SITES, rank=rank, config=CFG)
+    frozen = _frozen_names(w.module)
+    before = {n: _whole(p) for n, p in w.module.named_parameters() if n in frozen}
+    sync = build_gradient_sync(plan, TWO_SITES, w.trainable, rank=rank, rank_devices=["a", "b"],
+                               share_fn=lambda: w.share, default=UnitSync(w), worker=w)
+    for s in range(2):
+        w.step(s, sync)
+        sync.after_step()
+    moved = [n for n, p in w.module.named_parameters() if n in frozen and not torch.equal(_whole(p), before[n])]
+    return {"payload_bytes": sync.describe()["link"]["payload_bytes"], "moved": moved,
+            "trainable_numel": sum(p.numel() for p in w.trainable),
+            "numel": sum(p.numel() for p in w.module.parameters())}
+
+
+def test_diloco_sends_only_trainable_parameters_over_the_slow_link() -> None:
+    base = replace(plan_of(TINY_GPT, [([("a", 3)], 2, 2), ([("b", 3)], 2, 2)]),
+                   sync=SyncPlan(islands=(("a",), ("b",)), outer_every=1))
+    plain, frozen = (run_ranks(_islands, 2, p)[0] for p in (base, with_freeze(base, ",".join(FREEZE))))
+    assert not frozen["moved"]  # the outer step moves only what trains
+    assert frozen["trainable_numel"] < frozen["numel"] == plain["numel"]
+    # Every outer step sends each trainable parameter's delta (fp32, no compression): the payload
+    # scales with the trainable count exactly.
+    assert frozen["payload_bytes"] * plain["trainable_numel"] == plain["payload_bytes"] * frozen["trainable_numel"]
+    assert frozen["payload_bytes"] < plain["payload_bytes"]
