@@ -23,6 +23,7 @@ from chipfuse.data import get_batch
 from chipfuse.errors import PlanError
 from chipfuse.model.converters import apply_converters, frozen_units
 from chipfuse.model.converters.freeze import match_units, with_freeze
+from chipfuse.model.costs import model_costs
 from chipfuse.model.gpt import loss_sum
 from chipfuse.model.split import build_stage
 from chipfuse.plan.cost import predict
@@ -146,7 +147,13 @@ def test_cost_model_prices_frozen_backward_and_sync() -> None:
     frozen = replace(plan, freeze=FREEZE)
     a, b = predict(plan, pool), predict(frozen, pool)
     sa, sb = a.breakdown["replicas"][0]["stages"][0], b.breakdown["replicas"][0]["stages"][0]
-    assert sb["fwd_s"] == sa["fwd_s"] and sb["bwd_s"] < sa["bwd_s"]
+    assert sb["fwd_s"] == sa["fwd_s"]
+    # One of three blocks frozen: it skips its weight gradients, half its matmuls' backward.
+    costs = model_costs(TINY_GPT, plan.seq_len)
+    assert sb["bwd_s"] == pytest.approx(sa["bwd_s"] * (1 - costs.frozen_backward_fraction / 3))
+    # Optimizer and gradient sync: only the trainable parameters.
+    share = costs.trainable_params(range(3), first=True, last=True, frozen=frozen_units(frozen)) / costs.total_params
+    assert sb["opt_s"] == pytest.approx(sa["opt_s"] * share) and 0 < sb["sync_s"] < sa["sync_s"]
     assert b.step_s < a.step_s
     assert frozen_units(frozen) == {"embed", "block0"}
 
