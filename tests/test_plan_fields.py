@@ -192,6 +192,17 @@ def check_descriptive():
     check_runnable(p, POOL)
 
 
+def check_freeze():
+    """The worker's converters freeze the named units: no gradient, and the optimizer never holds them."""
+    w = _worker(_plan(freeze=("embed", "block1-2")))
+    frozen = {n for n, p in w.module.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("tok_emb", "pos_emb", "blocks.1.", "blocks.2.")) for n in frozen)
+    held = {id(p) for g in w.opt.param_groups for p in g["params"]}
+    assert held == {id(p) for p in w.module.parameters() if p.requires_grad}
+    with pytest.raises(PlanError, match="freeze: 'block9' names no unit.*Fix:"):
+        _plan(freeze=("block9",))
+
+
 CHECKS = {
     "model": check_model, "global_batch": check_global_batch_and_seq_len, "seq_len": check_global_batch_and_seq_len,
     "replicas": check_replicas_batch_share_micro_batch_size, "schedule": check_schedule, "dtype": check_dtype,
@@ -203,7 +214,7 @@ CHECKS = {
     "tp_degree": check_tp_degree, "dp_degree": check_dp_degree, "ep_degree": check_ep_and_cp_degree,
     "cp_degree": check_ep_and_cp_degree, "checkpoint": check_checkpoint, "shard": check_shard, "offload": check_offload,
     "islands": check_sync, "outer_every": check_sync, "outer_lr": check_sync, "outer_momentum": check_sync,
-    "compression": check_sync,
+    "compression": check_sync, "freeze": check_freeze,
 }
 
 

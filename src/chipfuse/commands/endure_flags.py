@@ -81,6 +81,8 @@ def prepare(args: argparse.Namespace, pool: Pool, make_plan: Callable[[argparse.
         plan = saved
     else:
         args.model_spec, args.global_batch, args.seq_len = saved.model, saved.global_batch, saved.seq_len
+        if getattr(args, "freeze", None) is None and saved.freeze:  # the optimizer state holds only what trained
+            args.freeze = ",".join(saved.freeze)
         plan = make_plan(args, pool)
     checkpoint.check_resumable(manifest["plan"], plan, args.resume)
     return plan
@@ -123,14 +125,15 @@ def launch(args: argparse.Namespace, plan: Plan, worker_argv: list[str], summary
 
     After a death, a data-parallel plan keeps its survivors' shares (in proportion); any other plan
     (pipelines) is re-planned as `chipfuse train` would plan the survivors, with the same model,
-    batch and sequence."""
+    batch, sequence and frozen units."""
     from chipfuse.runtime.launch.supervisor import supervise, survivor_plan
 
     def replan(old: Plan, dead: set[str]) -> Plan:
         if old.is_pure_data_parallel:
             return survivor_plan(old, dead)
         again = argparse.Namespace(**{**vars(args), "plan": None, "model_spec": old.model,
-                                      "global_batch": old.global_batch, "seq_len": old.seq_len})
+                                      "global_batch": old.global_batch, "seq_len": old.seq_len,
+                                      "freeze": ",".join(old.freeze) or None})
         return make_plan(again, pool.subset([d for d in old.devices if d not in dead]))
 
     def make_argv(plan_path: Path, resume: str | None) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -14,6 +15,7 @@ from chipfuse.cluster.catalog import GiB
 from chipfuse.cluster.pool import Device, Pool, load_pool
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.configs import resolve_model
+from chipfuse.model.converters.freeze import FREEZE_HELP, with_freeze
 from chipfuse.plan.cost import predict
 from chipfuse.plan.kernels import expected_error
 from chipfuse.plan.offers import SYNC_MODES, dtype_notes, offers
@@ -45,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "auto: islands when they predict more tokens/s")
     p.add_argument("--optimizer-dtype", choices=OPTIMIZER_DTYPES, default="fp32")
     p.add_argument("--schedule", choices=[s for s in SCHEDULES if s != "interleaved"], default="1f1b")
+    p.add_argument("--freeze", metavar="UNITS", help=FREEZE_HELP)
     p.add_argument("--profile", help="measured profile JSON (from `chipfuse profile`) overriding catalog figures")
     p.add_argument("--json", metavar="PATH", help="write plan, prediction and baselines (read by `chipfuse train --plan`)")
     p.add_argument("--timeline", metavar="PNG", help="draw the simulated step of the chosen plan")
@@ -73,7 +76,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     profile = Profile.load(args.profile) if args.profile else None
     source = "profile " + args.profile if args.profile else "catalog peaks through the calibrated kernel model"
     if args.evaluate:
-        plan = Plan.from_json(args.evaluate)
+        plan = with_freeze(Plan.from_json(args.evaluate), args.freeze)
         plan.check_against_pool(pool, source=args.evaluate)
         pred = predict(plan, pool, profile)
         wide.print(plan_table(plan, pool, pred.memory_bytes))
@@ -88,6 +91,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         res = search(pool, resolve_model(args.model), global_batch=args.global_batch, seq_len=args.seq_len,
                      time_budget_s=args.time_budget, profile=profile, dtype=args.dtype,
                      optimizer_dtype=args.optimizer_dtype, schedule=args.schedule)
+        if args.freeze is not None:  # the search prices every unit trainable (an upper bound); re-price the choice
+            frozen = with_freeze(res.plan, args.freeze)
+            res = replace(res, plan=frozen, prediction=predict(frozen, pool, profile))
         # Changes to what is learned (DiLoCo islands over slow links, low-bit optimizer state, fp16) are
         # offered beside the synchronous plan and applied only when asked (plan.offers).
         res, offered, advice = offers(res, pool, profile, sync=args.sync)
@@ -223,7 +229,6 @@ def strategy_table(res: SearchResult):
 
 
 def _max_model(args: argparse.Namespace, pool: Pool) -> int:
-    from dataclasses import replace
 
     from chipfuse.plan.max_model import report
 

@@ -17,6 +17,7 @@ from chipfuse.cluster.pool import Pool, load_pool
 from chipfuse.commands import data_flags, endure_flags
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.configs import resolve_model
+from chipfuse.model.converters.freeze import FREEZE_HELP
 from chipfuse.plan.plan import Plan
 from chipfuse.report.output import console, table, write_json
 from chipfuse.runtime.launch.dist import launched_by_torchrun
@@ -52,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeline", metavar="PNG", help="draw the measured step beside the simulator's prediction")
     p.add_argument("--pool-node", help="under torchrun on several hosts: this host's node in the pool; its "
                    "workers take that node's plan devices by local rank")
+    p.add_argument("--freeze", metavar="UNITS", help=FREEZE_HELP)
     p.add_argument("--dry-run", action="store_true", help="write RUN_DIR/plan.json and stop (for multi-host launches)")
     endure_flags.add_arguments(p)
     data_flags.add_arguments(p)  # --data, validation, lr schedule, clipping, weight decay
@@ -63,8 +65,14 @@ def _load_pool(arg: str) -> Pool:
 
 
 def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
-    """The plan from --plan, or unequal data parallelism over the pool. Refused here, before any
-    worker starts, if it does not match the pool or the model."""
+    """The plan from --plan, or unequal data parallelism over the pool, with --freeze's units frozen.
+    Refused here, before any worker starts, if it does not match the pool or the model."""
+    from chipfuse.model.converters.freeze import with_freeze
+
+    return with_freeze(_base_plan(args, pool), getattr(args, "freeze", None))
+
+
+def _base_plan(args: argparse.Namespace, pool: Pool) -> Plan:
     if args.plan:
         from chipfuse.plan.memory import check_plan_memory
         from chipfuse.runtime.launch.dist import host_devices

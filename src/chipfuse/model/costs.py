@@ -10,6 +10,7 @@ Formulas (h = dim, f = ffn, s = seq_len, kv = kv_heads * head_dim, V = vocab):
   positions, + OPT's project_in/out when e != h); head: final norm + V*e unless tied.
 - forward FLOPs per token per block: 2 x matmul parameters + 4sh (QK^T and AV over the whole
   sequence; the causal half is not subtracted, as in Megatron's MFU convention). Backward = 2 x forward.
+  A frozen block (model.converters) computes input gradients only: its matmuls' backward halves.
 - head: 2hV forward FLOPs per token; the embedding is a gather (no FLOPs).
 - activation bytes per token per block, 16-bit, with sequence parallelism and a fused (flash / SDPA)
   attention that stores no s x s score matrix (Korthikanti et al. 2022, generalised to GQA and SwiGLU):
@@ -57,6 +58,21 @@ class ModelCosts:
     @property
     def total_params(self) -> int:
         return self.embed_params + self.num_layers * self.block_params + self.head_params
+
+    def trainable_params(self, layers: range, *, first: bool, last: bool, frozen: frozenset[str] = frozenset()) -> int:
+        """Parameters of a stage holding `layers` (and the embedding when first, the head when last)
+        that are trained: those of units not in `frozen` (model.converters)."""
+        p = sum(self.block_params for i in layers if f"block{i}" not in frozen)
+        p += self.embed_params if first and "embed" not in frozen else 0
+        return p + (self.head_params if last and "head" not in frozen else 0)
+
+    @property
+    def frozen_backward_fraction(self) -> float:
+        """The part of a block's backward that a frozen block skips: its weight gradients, half of the
+        matmuls' backward (input gradients still flow through it to trainable layers below). The
+        attention core has no weights and is computed in full."""
+        mm = 2 * self.block_matmul_params
+        return 0.5 * mm / (mm + self.attn_core_fwd_flops_per_token)
 
     def act_bytes(self, checkpoint: str, dtype: str) -> float:
         """Activation bytes per token per block kept for backward, in the compute dtype."""

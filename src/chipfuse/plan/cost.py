@@ -5,6 +5,9 @@ Stage timing (per micro-batch, tokens = ceil(mbs / d) x seq_len on each device):
                    or the profile's measured block time; backward = 2 x forward; full checkpointing
                    adds a forward, selective (every other block
                    checkpointed, as the runtime does it) half a forward.
+  frozen units (plan.freeze): a frozen block's backward skips its weight gradients
+                   (model.costs.ModelCosts.frozen_backward_fraction); optimizer and in-group sync scale
+                   with the stage's trainable parameters, the gradient sync sends only those.
   tensor parallel: 2 ring all-reduces of tokens x h activations per block forward, 2 backward.
   sharding (ZeRO-3): an all-gather of the block's weights in forward and backward and a reduce-scatter
                    of its gradients, overlapped with compute (the slower of the two counts).
@@ -26,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from chipfuse.cluster.pool import Pool
+from chipfuse.model.converters import frozen_units
 from chipfuse.model.costs import DTYPE_BYTES, ModelCosts, model_costs
 from chipfuse.plan.gradsync import Segment, stage_finish_times, sync_segments
 from chipfuse.plan.hardware import (
@@ -196,6 +200,7 @@ def plan_tables(plan: Plan, pool: Pool, profile: Profile | None = None, *, index
     ix = index or PoolIndex(pool, profile, plan.dtype)
     cache: dict[tuple, tuple] = {}
     out = []
+    frozen = frozen_units(plan)
     for ri, r in enumerate(plan.replicas):
         p, m = len(r.stages), r.num_micro_batches
         rows = []
@@ -213,6 +218,8 @@ def plan_tables(plan: Plan, pool: Pool, profile: Profile | None = None, *, index
                               group_sync_s(costs, hw, sh, dtype=plan.dtype),
                               stage_memory(costs, sh, dtype=hw.dtype, optimizer_dtype=plan.optimizer_dtype))
             f, b, o, g, mem = cache[key]
+            if frozen:
+                b, o, g = _frozen_priced(costs, st, sh, frozen, b, o, g)
             c = 0.0
             if i < p - 1:
                 a_node, b_node = ix.dev[st.devices[0]].node, ix.dev[r.stages[i + 1].devices[0]].node
@@ -225,6 +232,19 @@ def plan_tables(plan: Plan, pool: Pool, profile: Profile | None = None, *, index
         T = pipeline_s([s.fwd_s for s in rows], [s.bwd_s for s in rows], [s.p2p_s for s in rows], m)
         out.append(ReplicaTable(stages=tuple(rows), num_micro_batches=m, pipeline_s=T))
     return out
+
+
+def _frozen_priced(costs: ModelCosts, st: Any, sh: StageShape, frozen: frozenset[str], bwd_s: float, opt_s: float,
+                   sync_s: float) -> tuple[float, float, float]:
+    """A stage's backward, optimizer and in-group sync times with some of its units frozen: each frozen
+    block's backward skips its weight gradients (ModelCosts.frozen_backward_fraction; the head and the
+    embedding are priced like blocks, a small term), and the optimizer and the group's gradient
+    traffic scale with the trainable share of the stage's parameters."""
+    n_frozen = sum(f"block{i}" in frozen for i in st.layers)
+    bwd_s *= 1 - costs.frozen_backward_fraction * n_frozen / st.num_layers
+    total = stage_params(costs, st.num_layers, is_first=sh.is_first, is_last=sh.is_last)
+    share = costs.trainable_params(st.layers, first=sh.is_first, last=sh.is_last, frozen=frozen) / total
+    return bwd_s, opt_s * share, sync_s * share
 
 
 def memory_per_device(plan: Plan, pool: Pool) -> dict[str, int]:

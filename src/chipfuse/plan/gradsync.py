@@ -6,6 +6,7 @@ among the holder groups there, then a ring across the nodes over the slowest lin
 segment starts when every holder is ready (with overlap: when its last backward starts), a stage
 reduces its segments one after another, then steps its optimizer. DiLoCo islands (Plan.sync) would
 change which holders share a segment and how often the cross-island one runs: this is the place.
+Only trainable parameters are reduced: a frozen unit (plan.freeze) adds no bytes to its segment.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from chipfuse.model.converters import frozen_units
 from chipfuse.model.costs import DTYPE_BYTES, ModelCosts
 from chipfuse.plan.hardware import PoolIndex, ring_allreduce_s
 from chipfuse.plan.islands import island_sync_s
@@ -37,6 +39,7 @@ def sync_segments(plan: Plan, tables: list[ReplicaTable], index: PoolIndex, cost
     L = plan.model.num_layers
     cuts = sorted({0, L} | {s.first_layer for r in plan.replicas for s in r.stages})
     g_b = DTYPE_BYTES[plan.dtype]
+    frozen = frozen_units(plan)
     holders_of: dict[int, list[tuple[int, int]]] = {a: [] for a in cuts[:-1]}
     pos = {a: k for k, a in enumerate(cuts)}
     for ri, r in enumerate(plan.replicas):
@@ -54,7 +57,7 @@ def sync_segments(plan: Plan, tables: list[ReplicaTable], index: PoolIndex, cost
     segs = []
     for a, b in zip(cuts[:-1], cuts[1:], strict=True):
         hs = holders_of[a]
-        params = (b - a) * costs.block_params + (costs.embed_params if a == 0 else 0) + (costs.head_params if b == L else 0)
+        params = costs.trainable_params(range(a, b), first=a == 0, last=b == L, frozen=frozen)  # frozen: no bytes
         nbytes = params * g_b
         per_node: dict[str, int] = {}
         min_tp = min(tables[ri].stages[si].shape.tp for ri, si in hs)

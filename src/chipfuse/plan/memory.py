@@ -16,6 +16,8 @@ Checked against the emulated MemoryMeter in tests/test_memory_plan.py (GPT of ch
   head (kept gathered) + two blocks (the one computing and the one prefetched).
   shard grads / optimizer (FSDP2 reshard_after_forward=False, ZeRO-2's peak): P, G, O divided; W = all P.
 - offload params: P, G, O in host memory; W as for ZeRO-3. offload optimizer: O in host memory.
+- frozen units (plan.freeze, model.converters): P and W unchanged, no G and no O for them. Their
+  activations are still counted (an upper bound: autograd keeps none before the first trainable unit).
 - tensor parallel t: P, G, O, W divided by t; activations too, except what the runtime keeps
   replicated without sequence parallelism (the two norm inputs and the residual/dropout values,
   REPLICATED_H x h per token): chipfuse's runtime does not shard the sequence.
@@ -321,11 +323,17 @@ def hf_activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: 
 def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, capacity_bytes: int, num_layers: int,
                         first: bool, last: bool, group_size: int, tokens_in_flight: int, tp: int = 1,
                         seq_len: int | None = None, first_layer: int | None = None,
-                        micro_batch_tokens: int | None = None, micro_batches: int = 1) -> DeviceMemory:
+                        micro_batch_tokens: int | None = None, micro_batches: int = 1,
+                        frozen: frozenset[str] = frozenset()) -> DeviceMemory:
     """Predicted peak of one device of a stage group: `group_size` data (shard) ranks, each of `tp`
-    tensor-parallel ranks (parameters split t ways)."""
+    tensor-parallel ranks (parameters split t ways). `frozen`: units without gradients or optimizer
+    state (model.converters; needs `first_layer` to place the stage's blocks)."""
     block, embed, head = ([n / tp for n in x] for x in tensor_numels(spec))
     numels = block * num_layers + (embed if first else []) + (head if last else [])
+    layers = range(first_layer, first_layer + num_layers) if first_layer is not None else range(0)
+    trained = numels if not frozen else (
+        [n for i in layers if f"block{i}" not in frozen for n in block]
+        + (embed if first and "embed" not in frozen else []) + (head if last and "head" not in frozen else []))
     n_params = float(sum(numels))
     root = float(sum(embed if first else []) + sum(head if last else []))
     # The ZeRO level that runs (plan.dims): over one data rank a shard level divides nothing.
@@ -334,8 +342,8 @@ def stage_device_memory(spec: ModelSpec, strategy: Strategy, *, device: str, cap
     n = group_size if zero != "none" else 1
     wbytes = DTYPE_BYTES[strategy.dtype] if sharded else 4
     p = 4 * n_params / n
-    g = 4 * n_params / n
-    o = _opt_bytes(numels, strategy.optimizer_dtype, n)
+    g = 4 * sum(trained) / n
+    o = _opt_bytes(trained, strategy.optimizer_dtype, n)
     if not sharded:
         gathered = 0.0
     elif zero in ("full", "none"):
@@ -393,7 +401,10 @@ def device_strategy(plan, stage, chip) -> Strategy:
 
 def plan_memory(plan, pool) -> list[DeviceMemory]:
     """Predicted peak of every device of `plan` (plan.plan.Plan) on `pool` (cluster.pool.Pool)."""
+    from chipfuse.model.converters import frozen_units
+
     out: list[DeviceMemory] = []
+    frozen = frozen_units(plan)
     for r in plan.replicas:
         num_stages = len(r.stages)
         for j, s in enumerate(r.stages):
@@ -407,7 +418,7 @@ def plan_memory(plan, pool) -> list[DeviceMemory]:
                                           group_size=group, tokens_in_flight=max(1, in_flight) * per_device_mb * plan.seq_len,
                                           tp=s.tp_degree, seq_len=plan.seq_len, first_layer=s.first_layer,
                                           micro_batch_tokens=per_device_mb * plan.seq_len,
-                                          micro_batches=r.num_micro_batches)
+                                          micro_batches=r.num_micro_batches, frozen=frozen)
                 out.append(mem)
     return out
 

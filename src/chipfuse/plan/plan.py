@@ -13,6 +13,7 @@ A person can write one by hand; the planner writes the same format. Shape::
                 dp_degree == n shards the stage (FSDP2, ZeRO level `shard`) and splits its
                 micro-batches evenly.
       sync:     how replicas combine gradients (every step, or DiLoCo islands over slow links).
+      freeze:   units (embed, block<i>, head) whose parameters are not trained (model.converters).
 """
 
 from __future__ import annotations
@@ -143,6 +144,9 @@ class Plan(JsonForm):
     strategy: str = "manual"
     """Who made it: chipfuse | even | fastest-only | proportional-dp | manual."""
     pool: str = ""
+    freeze: tuple[str, ...] = ()
+    """Units left untrained (model.converters.freeze): embed, head, block2, block0-3, block*. They get no
+    gradient, optimizer state or sync traffic."""
     version: Annotated[int, validate.Range(1, 1)] = 1
 
     # ------------------------------------------------------------------ derived views
@@ -228,10 +232,28 @@ class Plan(JsonForm):
                     seen.add(dv)
             if nxt != L:
                 raise fail(f"{w}.stages", f"cover {nxt} layers, the model has {L}", "cover every layer once")
+        self._check_freeze(source)
         named = [d for isl in self.sync.islands for d in isl]
         if self.sync.islands and sorted(named) != sorted(seen):
             raise fail("sync.islands", f"name {sorted(named)}, the plan's devices are {sorted(seen)}",
                        "put every device of the plan in exactly one island")
+
+    def _check_freeze(self, source: str) -> None:
+        """Every pattern names a unit, and every stage keeps a trainable one: a stage with nothing to
+        train has no backward to run and no optimizer to build."""
+        from chipfuse.model.converters import frozen_units
+        from chipfuse.model.converters.freeze import match_units
+
+        match_units(self.freeze, self.model, where=f"{source}: freeze")
+        frozen = frozen_units(self)
+        for i, r in enumerate(self.replicas):
+            for j, s in enumerate(r.stages):
+                units = {f"block{k}" for k in s.layers} | ({"embed"} if j == 0 else set()) | (
+                    {"head"} if j == len(r.stages) - 1 else set())
+                if units <= frozen:
+                    raise PlanError(f"{source}: freeze: every unit of replicas[{i}].stages[{j}] ({', '.join(sorted(units))}) "
+                                    "is frozen. Fix: freeze fewer units, or move the stage boundary so each stage "
+                                    "trains something")
 
     def check_against_pool(self, pool: Any, source: str = "<plan>") -> None:
         """The plan names only devices of `pool`, and none of them twice (pool: cluster.Pool)."""

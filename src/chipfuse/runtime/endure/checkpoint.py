@@ -438,12 +438,13 @@ def check_resumable(saved_plan: dict[str, Any], plan: Any, source: str) -> None:
     """A checkpoint continues the same training only with the same model, batch and sequence.
 
     The plan's devices and shares may differ (that is the point of re-planning); what fixes the
-    samples of each step (global_batch, seq_len) and the tensors' shapes (model) may not.
+    samples of each step (global_batch, seq_len), the tensors' shapes (model) and which of them have
+    optimizer state (freeze) may not.
     """
     if not saved_plan:
         return
     new = json.loads(json.dumps(plan.to_dict() if hasattr(plan, "to_dict") else plan))  # tuples -> lists
-    for key in ("model", "global_batch", "seq_len"):
+    for key in ("model", "global_batch", "seq_len", "freeze"):
         if key in saved_plan and saved_plan[key] != new.get(key):
             raise CheckpointError(
                 f"{source}: written with {key}={saved_plan[key]!r}, the new plan has {new.get(key)!r}; "

@@ -2,6 +2,8 @@
 parallelize does, here per stage and with groups that differ from stage to stage):
 
     0. stage cut      model.build.build_stage: the stage's blocks, by module names
+  0.5. converters     model.converters.apply_converters: the plan's freeze (requires_grad False), later
+                      LoRA adapters or a quantised base; before step 1 so every parallelism sees them
     1. tensor parallel runtime.parallel.tp: DTensor colwise/rowwise over the group's mesh (tp groups)
     2. checkpointing  runtime.parallel.checkpointing: none | selective (every other layer) | full
     3. FSDP2          runtime.parallel.fsdp: shard over the group's mesh (sharded groups), parameter

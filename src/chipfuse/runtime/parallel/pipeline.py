@@ -1,7 +1,8 @@
 """The worker for one rank of ANY plan. A data-parallel replica is a pipeline of one stage; a stage
 is a group of one or more devices (runtime/parallel/topology.py). Built, in order:
 
-1. the stage module, cut from the model by layer (model/split.py), on the rank's device;
+1. the stage module, cut from the model by layer (model/split.py), on the rank's device, then changed
+   by the plan's converters (model/converters: frozen units);
 2. the parallelisms in their one order (runtime/parallel/parallelize.py: tensor parallel, checkpointing,
    FSDP2, compute dtype) and the optimizer the plan's state dtype and offload ask for;
 3. pacing to the emulated device's speed per micro-batch (runtime/emulate/paced.py) and the memory meter
@@ -35,6 +36,7 @@ import torch.nn as nn
 
 from chipfuse.data.loader import Loader, builtin_loader
 from chipfuse.model.build import build_stage
+from chipfuse.model.converters import apply_converters
 from chipfuse.model.gpt import loss_sum
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime.emulate.device import MemoryMeter, Pacer
@@ -110,13 +112,17 @@ class PipelineWorker:
         # (chipfuse.model.split), loaded from init_from when given.
         module = build_stage(plan.model, rep.stages, role.stage_index, seed=config.seed, init_from=config.init_from,
                              device=self.torch_device)
+        apply_converters(module, plan)
         self.mem = device_memory_config(plan, pool, role.device)
         self.applied = parallelize(module, self.mem, dims=self.stage_plan.dims, model=plan.model, mesh=self.groups.mesh,
                                    device_type=self.torch_device.type)
         self.module = module
-        self.unit_params = {u: [p for n, p in module.named_parameters() if n in set(names)]
+        # Only trainable parameters are summed over replicas, clipped and handed to the optimizer:
+        # a frozen one has no gradient, no traffic and no optimizer state.
+        self.unit_params = {u: [p for n, p in module.named_parameters() if n in set(names) and p.requires_grad]
                             for u, names in module.units().items()}
-        self.opt = build_plan_optimizer(module.parameters(), self.mem, plan=plan, lr=config.lr,
+        self.trainable = [p for p in module.parameters() if p.requires_grad]
+        self.opt = build_plan_optimizer(self.trainable, self.mem, plan=plan, lr=config.lr,
                                         weight_decay=config.weight_decay)
         self.global_tokens = plan.global_batch * plan.seq_len
         self.offset = sum(r.batch_share for r in plan.replicas[: role.replica])
@@ -377,6 +383,7 @@ class PipelineWorker:
                 "torch_device": str(self.torch_device),
                 "layers": list(self.stage_plan.layers),
                 "num_params": sum(p.numel() for p in self.module.parameters()),
+                "num_trainable_params": sum(p.numel() for p in self.trainable),
                 "schedule": self.schedule_name, "schedule_note": self.schedule_note,
                 "applied": self.applied.to_dict(),
                 "optimizer": type(self.opt).__name__,

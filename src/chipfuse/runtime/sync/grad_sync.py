@@ -8,6 +8,11 @@
 - plan.sync.islands set: synchronous inside each island, DiLoCo between islands every
   plan.sync.outer_every steps (runtime.sync.diloco), the cross-island link emulated as above.
 
+Only trainable parameters travel: the trainer hands in the worker's trainable ones and the worker's
+units list no frozen parameter (model.converters), so a frozen one costs no bytes on any link. A
+trainable parameter without a gradient on a rank (its micro-batches touched nothing) still sends
+zeros, so every rank's buffers have one layout.
+
 The trainer calls reduce() where it reduced gradients, after_step() after optimizer.step(), and
 finish() after the last step.
 """
@@ -90,6 +95,8 @@ class UnitSync(GradientSync):
     def __init__(self, worker: Any):
         super().__init__([p for ps in worker.unit_params.values() for p in ps])
         self.worker = worker
+        self.sent_bytes = 0
+        """Gradient bytes this rank has handed to its reducers (trainable parameters only)."""
 
     def reduce(self) -> None:
         from torch.distributed.tensor import DTensor, distribute_tensor
@@ -107,6 +114,7 @@ class UnitSync(GradientSync):
             if not whole:
                 continue
             flat = _flatten_dense_tensors(whole)
+            self.sent_bytes += flat.numel() * flat.element_size()
             reducer.all_reduce(flat)
             for p, g in zip(params, _unflatten_dense_tensors(flat, whole), strict=True):
                 if isinstance(p, DTensor):
@@ -115,7 +123,8 @@ class UnitSync(GradientSync):
                     p.grad = g
 
     def describe(self) -> dict:
-        return {"mode": "sync", "reducers": [r.describe() for r in self.worker.groups.reducers.values()]}
+        return {"mode": "sync", "sent_bytes": self.sent_bytes,
+                "reducers": [r.describe() for r in self.worker.groups.reducers.values()]}
 
 
 class HierarchicalSync(GradientSync):
@@ -205,7 +214,7 @@ def _link_maker(pool: Pool, islands: Sequence[Sequence[str]], groups: IslandGrou
 def build_gradient_sync(plan: Plan, pool: Pool, params: Sequence[torch.nn.Parameter], *, rank: int,
                         rank_devices: Sequence[str], share_fn: Callable[[], int],
                         default: GradientSync | None = None, worker: Any = None) -> GradientSync:
-    """rank_devices: the device name of every rank, in rank order; share_fn: this rank's samples
+    """params: the trainable parameters; rank_devices: the device name of every rank, in rank order; share_fn: this rank's samples
     in the current step; default: the sync of a plan without islands on one node (the worker's
     UnitSync; a flat all-reduce when None); worker: the PipelineWorker, whose units (which ranks
     hold which layers) let islands hold pipelines; without it `params` is the whole model on every
@@ -231,7 +240,7 @@ def build_gradient_sync(plan: Plan, pool: Pool, params: Sequence[torch.nn.Parame
         diloco = DiLoCo(params, groups=groups, global_samples=plan.global_batch, share_fn=share_fn,
                         inner_steps=s.outer_every, outer_lr=s.outer_lr, outer_momentum=s.outer_momentum,
                         compression=s.compression, link=link, segments=segments, counts_samples=counts)
-        return IslandSync(list(params) if worker is None else list(worker.module.parameters()), groups, link, diloco)
+        return IslandSync(list(params) if worker is None else worker.trainable, groups, link, diloco)
     nodes: dict[str, list[str]] = {}
     for d in rank_devices:
         nodes.setdefault(pool.device(d).node, []).append(d)
@@ -247,7 +256,7 @@ def _unit_holders(worker: Any) -> tuple[list[tuple[int, ...]], dict[tuple[int, .
     rank is in, the names and tensors of its parameters in them."""
     from chipfuse.runtime.parallel.checkpointing import clean_name
 
-    name_of = {id(p): clean_name(n) for n, p in worker.module.named_parameters()}
+    name_of = {id(p): clean_name(n) for n, p in worker.module.named_parameters() if p.requires_grad}
     holder_sets = sorted(set(worker.unit_ranks.values()))
     mine: dict[tuple[int, ...], tuple[list[str], list[Any]]] = {}
     for u in units_of_model(worker.plan.model):
@@ -257,6 +266,6 @@ def _unit_holders(worker: Any) -> tuple[list[tuple[int, ...]], dict[tuple[int, .
             names.extend(name_of[id(p)] for p in ps)
             params.extend(ps)
     held = sum(len(ps) for _, ps in mine.values())
-    if held != len(name_of):  # every tensor in exactly one unit, or an island would drift apart
-        raise RuntimeError(f"units hold {held} of the stage's {len(name_of)} parameters")
+    if held != len(name_of):  # every trainable tensor in exactly one unit, or an island would drift apart
+        raise RuntimeError(f"units hold {held} of the stage's {len(name_of)} trainable parameters")
     return holder_sets, mine

@@ -136,14 +136,13 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     endure.data_position = loader.position  # checkpoints record where training is in the data
     first_step = endure.resume(worker.module, worker.opt, cfg.steps)
     # This step's lr, and clipping by the norm of the fully reduced gradient, each layer counted once.
-    recipe_step = RecipeStep(recipe, worker.opt, total_steps=cfg.steps, params=list(worker.module.parameters()),
+    recipe_step = RecipeStep(recipe, worker.opt, total_steps=cfg.steps, params=worker.trainable,
                              owns=unit_owner(worker.unit_params, worker.unit_ranks, info.rank, members=role.members))
     # Validation on the held-out split: each replica its share of the set, forward only through the worker.
     validator = Validator(loader, every=cfg.data.eval_every, total_steps=cfg.steps,
                           place=lambda: (worker.offset, worker.share), loss_sum=worker.eval_loss_sum)
     # plan.sync: per-layer sums over replicas, or islands with DiLoCo between them (docs/slow_links.md)
-    params = list(worker.module.parameters())
-    grad_sync = build_gradient_sync(plan, pool, params, rank=info.rank, rank_devices=by_rank,
+    grad_sync = build_gradient_sync(plan, pool, worker.trainable, rank=info.rank, rank_devices=by_rank,
                                     share_fn=lambda: worker.share, default=UnitSync(worker), worker=worker)
     endure.attach(grad_sync)  # checkpoints keep its state (DiLoCo's outer loop); a resume restores it
     log = StepLog(devices=by_rank, seq_len=plan.seq_len, emulated=pool.emulated, append=first_step > 0,
@@ -242,6 +241,9 @@ def _summary(plan: Plan, pool: Pool, cfg: TrainConfig, log: StepLog, ranks: list
         # one replica's parameters, each counted once (DTensor numel is the whole tensor's)
         "num_params": sum(d["num_params"] for r, d in zip(topo.roles, ranks, strict=True)
                           if r.replica == 0 and r.leader),
+        "num_trainable_params": sum(d["num_trainable_params"] for r, d in zip(topo.roles, ranks, strict=True)
+                                    if r.replica == 0 and r.leader),
+        "freeze": list(plan.freeze),
         "strategy": plan.strategy,
         "schedule": plan.schedule,
         "steps": cfg.steps,
