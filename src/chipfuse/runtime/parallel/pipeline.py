@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from chipfuse.data.loader import Loader, builtin_loader
 from chipfuse.model.gpt import loss_sum
-from chipfuse.model.split import build_stage
+from chipfuse.model.split import TIED_UNIT, build_stage
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime.emulate.device import MemoryMeter, Pacer
 from chipfuse.runtime.emulate.paced import Clock, PacedStage, measure_solo
@@ -377,6 +377,8 @@ class PipelineWorker:
                 "torch_device": str(self.torch_device),
                 "layers": list(self.stage_plan.layers),
                 "num_params": sum(p.numel() for p in self.module.parameters()),
+                # the head's copy of a tied matrix: the summary counts the matrix once (trainer._num_params)
+                "tied_params": sum(p.numel() for p in self.unit_params.get(TIED_UNIT, [])),
                 "schedule": self.schedule_name, "schedule_note": self.schedule_note,
                 "applied": self.applied.to_dict(),
                 "optimizer": type(self.opt).__name__,
