@@ -99,6 +99,27 @@ def test_lost_device_of_a_pipeline_is_replanned_as_a_pipeline():
     assert is_pipeline(new) and set(new.devices) <= {"a", "b"}
     assert (new.global_batch, new.seq_len, new.model) == (plan.global_batch, plan.seq_len, plan.model)
     assert "c" in new.excluded
+    alone = replan_survivors(plan, pool, {"b", "c"})  # one device cannot hold a pipeline: the whole model
+    assert alone.devices == ("a",) and not is_pipeline(alone)
+
+
+def test_resume_without_a_device_keeps_a_pipeline_plan_a_pipeline(tmp_path, monkeypatch):
+    """`chipfuse train --resume CK --exclude c` of a three-stage pipeline: the plan the launcher
+    resolves for the survivors is a pipeline (it was unequal data parallel before)."""
+    from chipfuse.cli import build_parser
+    from chipfuse.commands import endure_flags
+    from chipfuse.commands.train import _load_pool, make_plan
+    from chipfuse.runtime.endure import checkpoint
+
+    plan = plan_of(TINY_GPT, [([("a", 1), ("b", 1), ("c", 1)], 8, 2)])
+    monkeypatch.setattr(checkpoint, "find_latest", lambda d: (tmp_path / "ck", {"plan": plan.to_dict()}, []))
+    pool = tmp_path / "pool.toml"
+    pool.write_text(POOL + '[[node.device]]\nname = "c"\nchip = "T4"\nemulate = { speed = 0.3 }\n')
+    args = build_parser().parse_args(["train", "--pool", str(pool), "--resume", str(tmp_path / "ck"),
+                                      "--exclude", "c"])
+    new = endure_flags.prepare(args, endure_flags.exclude(args, _load_pool(args.pool)), make_plan)
+    assert is_pipeline(new) and set(new.devices) == {"a", "b"} and "c" in new.excluded
+    assert (new.global_batch, new.seq_len, new.model) == (plan.global_batch, plan.seq_len, plan.model)
 
 
 def test_search_restricted_to_one_stage_replicas_never_returns_a_pipeline():
@@ -139,7 +160,7 @@ def test_start_up_probes_run_at_the_runs_seq_len(tmp_path, monkeypatch):
     pool.write_text(POOL)
     assert main(["train", "--pool", str(pool), "--model", "small", "--seq-len", "16", "--global-batch", "6",
                  "--steps", "1", "--solo-samples", "0", "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 0
-    assert seen and set(seen) == {16}  # the memory probe and the emulation profile's timing alike
+    assert seen and set(seen) == {16}  # the emulation profile's timing; memory is predicted, not probed
 
 
 def test_num_params_counts_a_tied_matrix_once_across_two_stages(tmp_path):

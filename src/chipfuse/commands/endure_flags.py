@@ -67,8 +67,8 @@ def exclude(args: argparse.Namespace, pool: Pool) -> Pool:
 
 def prepare(args: argparse.Namespace, pool: Pool, make_plan: Callable[[argparse.Namespace, Pool], Plan]) -> Plan:
     """The plan to run: from --plan, the checkpoint's own plan when its devices are all still here, or
-    a new one over the pool with the checkpoint's model, batch and sequence (the samples of a step
-    depend on those alone). Refuses a fresh run into a directory that already holds checkpoints."""
+    a new one of the same kind over the pool with the checkpoint's model, batch and sequence (the
+    samples of a step depend on those alone). Refuses a fresh run into a directory that already holds checkpoints."""
     if args.checkpoint_every < 0 or args.checkpoint_keep < 1:
         raise ChipfuseError("--checkpoint-every must be >= 0 and --checkpoint-keep >= 1. Fix: correct them")
     if args.checkpoint_every and not args.checkpoint_dir and not args.resume:
@@ -86,6 +86,10 @@ def prepare(args: argparse.Namespace, pool: Pool, make_plan: Callable[[argparse.
         plan = make_plan(args, pool)
     elif set(saved.devices) <= {d.name for d in pool.devices}:
         plan = saved
+    elif not saved.is_pure_data_parallel:  # a pipeline stays a pipeline over the devices here
+        from chipfuse.runtime.endure.replan import same_kind_plan
+
+        plan = same_kind_plan(saved, pool)
     else:
         args.model_spec, args.global_batch, args.seq_len = saved.model, saved.global_batch, saved.seq_len
         plan = make_plan(args, pool)

@@ -78,16 +78,14 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
         check_plan_memory(plan, pool, source=args.plan)  # predicted peak per device, before any worker starts
         return plan
     from chipfuse.plan.data_parallel import unequal_data_parallel
-    from chipfuse.runtime.measure.probe import measure_memory
 
     spec = getattr(args, "model_spec", None) or resolve_model(args.model)  # a resumed run: the checkpoint's
     seq_len = args.seq_len or spec.seq_len
     if seq_len > spec.seq_len:
         raise ChipfuseError(f"--seq-len {seq_len} is longer than model {spec.name!r} allows ({spec.seq_len}). "
                             "Fix: lower --seq-len")
-    param_bytes, act = measure_memory(spec, seq_len)
+    # Sized by the planner's memory model at --seq-len: no model is built before the workers start.
     return unequal_data_parallel(pool, spec, global_batch=args.global_batch, seq_len=seq_len,
-                                 act_bytes_per_sample=act, param_bytes=param_bytes,
                                  preferred_micro_batch=args.micro_batch, even=args.even)
 
 

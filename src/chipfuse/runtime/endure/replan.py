@@ -30,11 +30,19 @@ def replan_survivors(plan: Plan, pool: Pool, dead: set[str]) -> Plan:
 
     if plan.is_pure_data_parallel:
         return survivor_plan(plan, dead)
+    return same_kind_plan(plan, pool.subset([d for d in plan.devices if d not in dead]))
+
+
+def same_kind_plan(plan: Plan, pool: Pool) -> Plan:
+    """A plan like `plan` (pipeline or not; model, batch, sequence, dtypes and schedule kept) over
+    the devices of `pool`, found by the planner's search; the devices `plan` had that `pool` lacks
+    are listed as excluded. One device left cannot hold a pipeline: it gets the whole model."""
     from chipfuse.plan.search import search
 
-    left = pool.subset([d for d in plan.devices if d not in dead])
-    found = search(left, plan.model, global_batch=plan.global_batch, seq_len=plan.seq_len,
+    found = search(pool, plan.model, global_batch=plan.global_batch, seq_len=plan.seq_len,
                    time_budget_s=SEARCH_BUDGET_S, dtype=plan.dtype, optimizer_dtype=plan.optimizer_dtype,
-                   schedule=plan.schedule, pipeline=is_pipeline(plan)).plan
-    excluded = tuple(dict.fromkeys([*plan.excluded, *sorted(dead), *found.excluded]))
+                   schedule=plan.schedule, pipeline=is_pipeline(plan) and len(pool.devices) > 1).plan
+    here = {d.name for d in pool.devices}
+    gone = sorted(d for d in plan.devices if d not in here)
+    excluded = tuple(dict.fromkeys([*plan.excluded, *gone, *found.excluded]))
     return replace(found, strategy=plan.strategy, excluded=excluded)
