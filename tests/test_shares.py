@@ -6,8 +6,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from chipfuse.cluster.pool import pool_from_dict
 from chipfuse.errors import PlanError
-from chipfuse.plan.shares import even_shares, max_micro_batch, micro_batches, proportional_shares
+from chipfuse.model.spec import SPEC_PRESETS
+from chipfuse.plan.data_parallel import unequal_data_parallel
+from chipfuse.plan.memory import plan_memory
+from chipfuse.plan.shares import even_shares, proportional_shares
 
 speeds_st = st.dictionaries(st.sampled_from("abcdefgh"), st.floats(0.01, 100), min_size=1, max_size=8)
 
@@ -50,16 +54,31 @@ def test_bad_speed_is_refused(bad):
         proportional_shares({"a": 1.0, "b": bad}, 4)
 
 
-@settings(max_examples=200, deadline=None)
-@given(share=st.integers(0, 500), max_mbs=st.integers(1, 64), pref=st.integers(1, 64))
-def test_micro_batches_cover_share_within_memory(share, max_mbs, pref):
-    mbs, count = micro_batches(share, max_mbs, pref)
-    assert 1 <= mbs <= max(1, min(max_mbs, pref))
-    assert mbs * count >= share and (count == 0 or mbs * (count - 1) < share)
+def _dp(memory_gib: float, *, share: int, preferred: int, model=None):
+    """One device's replica of the default data-parallel plan (sized by plan/memory.py)."""
+    pool = pool_from_dict({"name": "p", "node": [{"name": "h", "device": [
+        {"name": "slow", "chip": "T4", "emulate": {"speed": 0.5, "memory_gib": memory_gib}}]}]})
+    plan = unequal_data_parallel(pool, model or SPEC_PRESETS["small"], global_batch=share, seq_len=128,
+                                 preferred_micro_batch=preferred)
+    return plan, pool
+
+
+@settings(max_examples=40, deadline=None)
+@given(share=st.integers(1, 200), pref=st.integers(1, 64))
+def test_micro_batches_cover_share_within_memory(share, pref):
+    plan, pool = _dp(16.0, share=share, preferred=pref)
+    (rep,) = plan.replicas
+    assert 1 <= rep.micro_batch_size <= max(1, min(pref, share))
+    assert rep.micro_batch_size * rep.num_micro_batches >= share
+    assert rep.micro_batch_size * (rep.num_micro_batches - 1) < share
+    assert all(m.missing_bytes <= 0 for m in plan_memory(plan, pool))
 
 
 def test_memory_caps_micro_batch_and_refuses_when_nothing_fits():
-    assert max_micro_batch(memory_bytes=100, static_bytes=40, act_bytes_per_sample=10) == 5
-    assert max_micro_batch(memory_bytes=None, static_bytes=40, act_bytes_per_sample=10) > 1000
+    roomy, _ = _dp(16.0, share=64, preferred=64, model=SPEC_PRESETS["medium"])
+    tight, pool = _dp(0.2, share=64, preferred=64, model=SPEC_PRESETS["medium"])
+    assert roomy.replicas[0].micro_batch_size == 64
+    assert 1 <= tight.replicas[0].micro_batch_size < 64  # gradient accumulation covers the rest of the share
+    assert all(m.missing_bytes <= 0 for m in plan_memory(tight, pool))
     with pytest.raises(PlanError, match="device 'slow'.*Fix"):
-        max_micro_batch(memory_bytes=100, static_bytes=85, act_bytes_per_sample=10, device="slow")
+        _dp(0.001, share=8, preferred=8, model=SPEC_PRESETS["medium"])

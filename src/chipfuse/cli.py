@@ -7,6 +7,7 @@ import argparse
 import importlib
 import re
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 import torch
@@ -44,8 +45,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a bad flag (one line already printed) or --help: an exit code, not an exit
         return e.code if isinstance(e.code, int) else 2
+    return guarded(lambda: args.func(args), args)
+
+
+def guarded(call: Callable[[], int | None], args: argparse.Namespace) -> int:
+    """Run `call`, turning a user error, a device past its memory or a lost peer into one line and an
+    exit code: for a command (`main`) and for a worker loaded from its run spec alike."""
     try:
-        return int(args.func(args) or 0)
+        return int(call() or 0)
     except ChipfuseError as e:
         print(f"chipfuse: error: {one_line(str(e))}", file=sys.stderr)
         return 2

@@ -2,7 +2,7 @@
 
 Kept out of commands/train.py so that the train command only calls: `add_arguments`, `check`
 (refusals before any worker starts: bad data, a bad recipe, resuming on other data),
-`worker_args` and `config` (the workers' DataConfig and Recipe)."""
+`config` (the workers' DataConfig and Recipe)."""
 
 from __future__ import annotations
 
@@ -64,15 +64,3 @@ def check(args: argparse.Namespace, plan: Plan) -> None:
 
         path, manifest, _ = checkpoint.find_latest(args.resume)
         check_same_source(manifest.get("extra", {}).get("data"), loader.position(0), str(path))
-
-
-def worker_args(args: argparse.Namespace) -> list[str]:
-    out = ["--text-field", args.text_field, "--val-fraction", repr(args.val_fraction),
-           "--eval-every", str(args.eval_every), "--eval-samples", str(args.eval_samples),
-           "--lr-schedule", args.lr_schedule, "--warmup-steps", str(args.warmup_steps),
-           "--grad-clip", repr(args.grad_clip), "--weight-decay", repr(args.weight_decay)]
-    for flag, value in (("--data", args.data), ("--tokenizer", args.tokenizer), ("--min-lr", args.min_lr),
-                        ("--decay-steps", args.decay_steps)):
-        if value is not None:
-            out += [flag, str(value)]
-    return out

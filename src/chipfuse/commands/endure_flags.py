@@ -2,15 +2,16 @@
 
 Kept out of commands/train.py so that the train command only calls: `add_arguments`, `prepare`
 (exclusions, the plan a resumed run continues with, refusals before any worker starts),
-`config` (the workers' EndureConfig), `worker_args` and `launch` (the supervisor)."""
+`config` (the workers' EndureConfig) and `launch` (the supervisor)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from chipfuse.cluster.pool import Pool
 from chipfuse.errors import ChipfuseError
@@ -18,6 +19,7 @@ from chipfuse.plan.plan import Plan
 from chipfuse.runtime.endure import checkpoint
 from chipfuse.runtime.endure.endure import EndureConfig
 from chipfuse.runtime.endure.guard import NAN_POLICIES
+from chipfuse.runtime.launch.runspec import RunSpec
 from chipfuse.validate import arg_float, arg_int
 
 
@@ -43,8 +45,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "the same value makes runs comparable on a busy machine")
 
 
+def excluded(args: argparse.Namespace) -> tuple[str, ...]:
+    """The devices --exclude leaves out (the run spec records them: its workers load the same pool)."""
+    return tuple(n for n in args.exclude.split(",") if n)
+
+
 def exclude(args: argparse.Namespace, pool: Pool) -> Pool:
-    names = [n for n in args.exclude.split(",") if n]
+    names = list(excluded(args))
     if not names:
         return pool
     known = {d.name for d in pool.devices}
@@ -60,8 +67,8 @@ def exclude(args: argparse.Namespace, pool: Pool) -> Pool:
 
 def prepare(args: argparse.Namespace, pool: Pool, make_plan: Callable[[argparse.Namespace, Pool], Plan]) -> Plan:
     """The plan to run: from --plan, the checkpoint's own plan when its devices are all still here, or
-    a new one over the pool with the checkpoint's model, batch and sequence (the samples of a step
-    depend on those alone). Refuses a fresh run into a directory that already holds checkpoints."""
+    a new one of the same kind over the pool with the checkpoint's model, batch and sequence (the
+    samples of a step depend on those alone). Refuses a fresh run into a directory that already holds checkpoints."""
     if args.checkpoint_every < 0 or args.checkpoint_keep < 1:
         raise ChipfuseError("--checkpoint-every must be >= 0 and --checkpoint-keep >= 1. Fix: correct them")
     if args.checkpoint_every and not args.checkpoint_dir and not args.resume:
@@ -79,6 +86,10 @@ def prepare(args: argparse.Namespace, pool: Pool, make_plan: Callable[[argparse.
         plan = make_plan(args, pool)
     elif set(saved.devices) <= {d.name for d in pool.devices}:
         plan = saved
+    elif not saved.is_pure_data_parallel:  # a pipeline stays a pipeline over the devices here
+        from chipfuse.runtime.endure.replan import same_kind_plan
+
+        plan = same_kind_plan(saved, pool)
     else:
         args.model_spec, args.global_batch, args.seq_len = saved.model, saved.global_batch, saved.seq_len
         if getattr(args, "freeze", None) is None and saved.freeze:  # the optimizer state holds only what trained
@@ -99,55 +110,32 @@ def config(args: argparse.Namespace) -> EndureConfig:
                         rebalance=not args.no_rebalance, slowdown=args.slowdown)
 
 
-def worker_args(args: argparse.Namespace) -> list[str]:
-    """The flags the workers need (--resume is added per launch by the supervisor)."""
-    out = ["--nan-policy", args.nan_policy, "--checkpoint-every", str(args.checkpoint_every),
-           "--checkpoint-keep", str(args.checkpoint_keep)]
-    if args.checkpoint_dir:
-        out += ["--checkpoint-dir", args.checkpoint_dir]
-    if args.no_rebalance:
-        out.append("--no-rebalance")
-    if args.slowdown:
-        out += ["--slowdown", args.slowdown]
-    if args.unit_s:
-        out += ["--unit-s", str(args.unit_s)]
-    return out
-
-
 def supervised(args: argparse.Namespace) -> bool:
     """Launch under chipfuse's supervisor (survives a lost device) rather than plain torchrun."""
     return bool(args.checkpoint_dir)
 
 
-def launch(args: argparse.Namespace, plan: Plan, worker_argv: list[str], summary_path: Path, *, pool: Pool,
-           make_plan: Callable[[argparse.Namespace, Pool], Plan]) -> int:
-    """Run the workers under the supervisor; add what died and the restarts to the run summary.
+def launch(args: argparse.Namespace, spec: RunSpec, *, pool: Pool) -> tuple[int, dict[str, Any]]:
+    """Run the workers under the supervisor. Returns the exit status and what the summary adds: the
+    devices lost and the plans of the restarts (commands/train.py writes the summary once).
 
-    After a death, a data-parallel plan keeps its survivors' shares (in proportion); any other plan
-    (pipelines) is re-planned as `chipfuse train` would plan the survivors, with the same model,
-    batch, sequence and frozen units."""
-    from chipfuse.runtime.launch.supervisor import supervise, survivor_plan
-
-    def replan(old: Plan, dead: set[str]) -> Plan:
-        if old.is_pure_data_parallel:
-            return survivor_plan(old, dead)
-        again = argparse.Namespace(**{**vars(args), "plan": None, "model_spec": old.model,
-                                      "global_batch": old.global_batch, "seq_len": old.seq_len,
-                                      "freeze": ",".join(old.freeze) or None})
-        return make_plan(again, pool.subset([d for d in old.devices if d not in dead]))
+    After a death the survivors are re-planned keeping the plan's kind (runtime/endure/replan.py);
+    each launch's workers load a spec of their own, written beside the plan the supervisor wrote."""
+    from chipfuse.runtime.endure.replan import replan_survivors
+    from chipfuse.runtime.launch.supervisor import supervise
 
     def make_argv(plan_path: Path, resume: str | None) -> list[str]:
-        argv = list(worker_argv)
-        argv[argv.index("--plan") + 1] = str(plan_path)
-        return [sys.executable, "-m", "chipfuse.cli", *argv, *(["--resume", resume] if resume else [])]
+        launch_spec = replace(spec, plan=Plan.from_json(plan_path))
+        path = launch_spec.save(plan_path.with_name(plan_path.name.replace("plan.", "runspec.", 1)))
+        return [sys.executable, "-m", "chipfuse.runtime.launch.worker", str(path),
+                *(["--resume", resume] if resume else [])]
 
-    outcome = supervise(plan, make_argv, checkpoint_dir=args.checkpoint_dir, resume_from=args.resume,
-                        policy=args.on_device_loss, replan=replan,
+    assert spec.train.endure.checkpoint_dir is not None  # supervised() is true
+    outcome = supervise(spec.plan, make_argv, checkpoint_dir=spec.train.endure.checkpoint_dir,
+                        resume_from=args.resume, policy=args.on_device_loss,
+                        replan=lambda old, dead: replan_survivors(old, pool, dead),
                         env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
-    if summary_path.exists():
-        s = json.loads(summary_path.read_text())
-        s["device_losses"] = [{"device": d.device, "rank": d.rank, "how": d.how, "detected_unix_s": d.detected_unix_s}
-                              for d in outcome.deaths]
-        s["restart_plans"] = [p.shares for p in outcome.plans[1:]]
-        summary_path.write_text(json.dumps(s, indent=2) + "\n")
-    return outcome.returncode
+    extra = {"device_losses": [{"device": d.device, "rank": d.rank, "how": d.how,
+                                "detected_unix_s": d.detected_unix_s} for d in outcome.deaths],
+             "restart_plans": [p.shares for p in outcome.plans[1:]]}
+    return outcome.returncode, extra

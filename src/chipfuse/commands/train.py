@@ -1,5 +1,7 @@
-"""`chipfuse train`: the main job. Without torchrun it plans, checks and launches the workers
-itself; under torchrun (RANK set) it is one worker. Same flags either way."""
+"""`chipfuse train`: the main job. Without torchrun it resolves the run once (plan, checks, every
+worker's settings) into RUN_DIR/runspec.json and launches workers that load that file
+(runtime/launch/worker.py), then writes the summary once; under the user's own torchrun (RANK set,
+several hosts) each worker resolves the same flags itself. Same flags either way."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from chipfuse.cluster.builtin import default_pool
@@ -19,11 +22,13 @@ from chipfuse.errors import ChipfuseError
 from chipfuse.model.configs import resolve_model
 from chipfuse.model.converters.freeze import FREEZE_HELP
 from chipfuse.plan.plan import Plan
-from chipfuse.report.output import console, table, write_json
+from chipfuse.report.output import console, table
 from chipfuse.runtime.launch.dist import launched_by_torchrun
+from chipfuse.runtime.launch.runspec import BUILTIN_POOL, RunSpec
+from chipfuse.runtime.train.trainer import TrainConfig
 from chipfuse.validate import arg_float, arg_int
 
-BUILTIN = "builtin"
+BUILTIN = BUILTIN_POOL
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -65,8 +70,8 @@ def _load_pool(arg: str) -> Pool:
 
 
 def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
-    """The plan from --plan, or unequal data parallelism over the pool, with --freeze's units frozen.
-    Refused here, before any worker starts, if it does not match the pool or the model."""
+    """The plan from --plan (refused here if it does not match the pool or does not fit its memory),
+    or unequal data parallelism over the pool; with --freeze's units frozen."""
     from chipfuse.model.converters.freeze import with_freeze
 
     return with_freeze(_base_plan(args, pool), getattr(args, "freeze", None))
@@ -75,27 +80,49 @@ def make_plan(args: argparse.Namespace, pool: Pool) -> Plan:
 def _base_plan(args: argparse.Namespace, pool: Pool) -> Plan:
     if args.plan:
         from chipfuse.plan.memory import check_plan_memory
-        from chipfuse.runtime.launch.dist import host_devices
-        from chipfuse.runtime.parallel.topology import check_runnable
 
         plan = Plan.from_json(args.plan)
         plan.check_against_pool(pool, source=args.plan)
         check_plan_memory(plan, pool, source=args.plan)  # predicted peak per device, before any worker starts
-        # Everything about the plan against the runtime and this host's chips, before any worker starts.
-        check_runnable(plan, pool, source=args.plan, host_devices=host_devices())
         return plan
     from chipfuse.plan.data_parallel import unequal_data_parallel
-    from chipfuse.runtime.measure.probe import measure_memory
 
     spec = getattr(args, "model_spec", None) or resolve_model(args.model)  # a resumed run: the checkpoint's
     seq_len = args.seq_len or spec.seq_len
     if seq_len > spec.seq_len:
         raise ChipfuseError(f"--seq-len {seq_len} is longer than model {spec.name!r} allows ({spec.seq_len}). "
                             "Fix: lower --seq-len")
-    param_bytes, act = measure_memory(spec, seq_len)
+    # Sized by the planner's memory model at --seq-len: no model is built before the workers start.
     return unequal_data_parallel(pool, spec, global_batch=args.global_batch, seq_len=seq_len,
-                                 act_bytes_per_sample=act, param_bytes=param_bytes,
                                  preferred_micro_batch=args.micro_batch, even=args.even)
+
+
+def resolve(args: argparse.Namespace, pool: Pool) -> RunSpec:
+    """The run, resolved once from the flags and the pool: the plan (made or read, and checked once),
+    the data and the initial weights refused before any worker starts, and every worker's settings."""
+    from chipfuse.runtime.launch.dist import host_devices
+    from chipfuse.runtime.parallel.topology import check_runnable
+
+    plan = endure_flags.prepare(args, pool, make_plan)
+    # The one check: everything about the plan against the runtime and this host's chips. Workers
+    # only check their ranks (Topology.check_ranks).
+    check_runnable(plan, pool, source=args.plan or "<plan>", host_devices=host_devices())
+    data_flags.check(args, plan)  # bad data or recipe: one line, before any worker starts
+    if args.init_from:  # every tensor checked from the headers before any worker starts
+        from chipfuse.model.export import check_init_from
+
+        check_init_from(plan.model, args.init_from)
+    run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    shares = args.shares or ("plan" if all(d.emulated for d in pool.devices) else "measured")
+    data, recipe = data_flags.config(args)
+    train = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, shares=shares, solo_samples=args.solo_samples,
+                        metrics_path=args.metrics or str(run_dir / "metrics.jsonl"), progress=not args.no_progress,
+                        device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
+                        endure=endure_flags.config(args), profile_path=args.profile, data=data, recipe=recipe,
+                        init_from=args.init_from)
+    return RunSpec(plan=plan, pool_source=args.pool, exclude=endure_flags.excluded(args), train=train,
+                   run_dir=str(run_dir), summary_path=args.json or str(run_dir / "summary.json"),
+                   timeline_path=args.timeline)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -104,71 +131,81 @@ def cmd_train(args: argparse.Namespace) -> int:
     pool = endure_flags.exclude(args, _load_pool(args.pool))
     if args.init_from and args.model == "small":  # the folder is the model unless --model says otherwise
         args.model = args.init_from
-    if launched_by_torchrun():
-        return _worker(args, pool)
-    plan = endure_flags.prepare(args, pool, make_plan)
-    data_flags.check(args, plan)  # bad data or recipe: one line, before any worker starts
-    if args.init_from:  # every tensor checked from the headers before any worker starts
-        from chipfuse.model.export import check_init_from
-
-        check_init_from(plan.model, args.init_from)
-    run_dir = Path(args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    plan_path = run_dir / "plan.json"
+    if launched_by_torchrun():  # started by the user's torchrun (several hosts): each worker is its own launcher
+        return _torchrun_worker(resolve(args, pool))
+    spec = resolve(args, pool)
+    plan = spec.plan
+    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)
+    plan_path = Path(spec.run_dir) / "plan.json"
     plan.to_json(plan_path)
     if args.dry_run:
         console.print(f"plan written to {plan_path} ({len(plan.devices)} devices, strategy {plan.strategy})")
         return 0
-    summary_path = Path(args.json) if args.json else run_dir / "summary.json"
-    metrics = args.metrics or str(run_dir / "metrics.jsonl")
     if pool.emulated:
         console.print(f"[bold]pool {pool.name}[/]: {len(plan.devices)} EMULATED devices on this machine "
                       "(relative speeds and memory caps, see docs/emulation.md)")
-    worker_args = ["train", "--pool", args.pool, "--plan", str(plan_path), "--steps", str(args.steps),
-                   "--lr", str(args.lr), "--seed", str(args.seed), "--solo-samples", str(args.solo_samples),
-                   "--metrics", metrics, "--json", str(summary_path)]
-    if args.shares:
-        worker_args += ["--shares", args.shares]
-    if args.no_progress:
-        worker_args.append("--no-progress")
-    if args.init_from:
-        worker_args += ["--init-from", args.init_from]
     if args.profile is None and plan.is_pure_data_parallel and all(d.emulated for d in pool.devices):
-        args.profile = str(_emulation_profile(args, plan, pool, run_dir))
-    worker_args += endure_flags.worker_args(args)
-    worker_args += data_flags.worker_args(args)
-    if args.profile:
-        worker_args += ["--profile", args.profile]
+        profile = _emulation_profile(args, plan, pool, Path(spec.run_dir))
+        spec = replace(spec, train=replace(spec.train, profile_path=str(profile)))
+    spec_path = spec.save()  # every worker of every launch path loads this one file
+    extra: dict = {}
     if len(plan.devices) == 1:
-        worker_args += ["--resume", args.resume] if args.resume else []
-        env_backup = dict(os.environ)
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        try:
-            from chipfuse.cli import build_parser
-
-            rc = _worker(build_parser().parse_args(worker_args), pool)
-        finally:
-            os.environ.clear()
-            os.environ.update(env_backup)
+        rc = _in_process(spec)
     elif endure_flags.supervised(args):
-        rc = endure_flags.launch(args, plan, worker_args, summary_path, pool=pool, make_plan=make_plan)
+        rc, extra = endure_flags.launch(args, spec, pool=pool)
     else:
-        rc = launch_local(len(plan.devices), worker_args)
+        rc = launch_local(len(plan.devices), spec_path)
     if rc != 0:
         console.print(f"[red]training failed (exit {rc})[/]; the plan is in {plan_path}")
         return rc
-    summary = json.loads(summary_path.read_text())
+    write_summary(spec, json.loads(spec.result_path.read_text()) | extra, pool=pool)
+    return 0
+
+
+def write_summary(spec: RunSpec, raw: dict, *, pool: Pool) -> dict:
+    """The one summary writer: rank 0's summary plus what the launcher knows (lost devices, the
+    prediction), written once to the --json file and printed once."""
     from chipfuse.report.measured import finish_run, prediction_line
 
-    summary = finish_run(plan, pool, summary, summary_path=summary_path, profile_path=args.profile,
-                         timeline_path=args.timeline, metrics_path=metrics)
+    summary = finish_run(spec.plan, pool, raw, summary_path=spec.summary_path, profile_path=spec.train.profile_path,
+                         timeline_path=spec.timeline_path, metrics_path=spec.train.metrics_path)
     print_summary(summary)
     if summary.get("final_val_loss") is not None:
         console.print(f"validation: loss {summary['final_val_loss']:.3f}, perplexity {summary['final_val_ppl']:.1f} "
                       f"({summary['validation']['tokens']} held-out tokens)")
     console.print(prediction_line(summary))
-    if args.timeline:
-        console.print(f"timeline (measured beside predicted): {args.timeline}")
+    if spec.timeline_path:
+        console.print(f"timeline (measured beside predicted): {spec.timeline_path}")
+    return summary
+
+
+def _in_process(spec: RunSpec) -> int:
+    """One device: the worker runs in this process, as a job of one rank."""
+    from chipfuse.runtime.launch.worker import run_worker
+
+    env_backup = dict(os.environ)
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+    try:
+        run_worker(spec)
+    finally:
+        from chipfuse.runtime.launch import dist as cfdist
+
+        cfdist.shutdown()
+        os.environ.clear()
+        os.environ.update(env_backup)
+    return 0
+
+
+def _torchrun_worker(spec: RunSpec) -> int:
+    from chipfuse.runtime.launch import dist as cfdist
+    from chipfuse.runtime.launch.worker import run_worker
+
+    raw = run_worker(spec)
+    if raw is not None:
+        write_summary(spec, raw, pool=spec.pool())
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        cfdist.shutdown(exit_code=0)
+    cfdist.shutdown()
     return 0
 
 
@@ -178,43 +215,22 @@ def _emulation_profile(args: argparse.Namespace, plan: Plan, pool: Pool, run_dir
     from chipfuse.plan.profile import emulation_profile
     from chipfuse.runtime.measure.probe import measure_unit_s
 
-    if not args.unit_s:
-        args.unit_s = measure_unit_s(plan.model, micro_batch=max(r.micro_batch_size for r in plan.replicas))
+    unit_s = args.unit_s or measure_unit_s(plan.model, seq_len=plan.seq_len,
+                                           micro_batch=max(r.micro_batch_size for r in plan.replicas))
     path = run_dir / "emulation_profile.json"
-    emulation_profile(plan, pool, unit_s=args.unit_s).save(path)
+    emulation_profile(plan, pool, unit_s=unit_s).save(path)
     return path
 
 
-def launch_local(nproc: int, worker_args: list[str]) -> int:
-    """Start `nproc` workers on this machine with torchrun (one thread each)."""
+def launch_local(nproc: int, spec_path: Path) -> int:
+    """Start `nproc` workers on this machine with torchrun (one thread each), each loading the spec."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     # Rank 0 speaks for the job on stdout; every rank keeps its stderr, where its one-line error goes.
     quiet = ",".join(f"{i}:1" for i in range(1, nproc)) or "0:0"
     with tempfile.TemporaryDirectory() as logs:
         cmd = [sys.executable, "-m", "chipfuse.runtime.launch.torchrun", "--standalone", f"--nproc-per-node={nproc}",
-               "--log-dir", logs, "--redirects", quiet, "-m", "chipfuse.cli", *worker_args]
+               "--log-dir", logs, "--redirects", quiet, "-m", "chipfuse.runtime.launch.worker", str(spec_path)]
         return subprocess.call(cmd, env=env)
-
-
-def _worker(args: argparse.Namespace, pool: Pool) -> int:
-    from chipfuse.runtime.launch import dist as cfdist
-    from chipfuse.runtime.train.trainer import TrainConfig, run
-
-    plan = endure_flags.prepare(args, pool, make_plan)
-    shares = args.shares or ("plan" if all(d.emulated for d in pool.devices) else "measured")
-    data, recipe = data_flags.config(args)
-    cfg = TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed, metrics_path=args.metrics,
-                      shares=shares, solo_samples=args.solo_samples, progress=not args.no_progress,
-                      device=_node_device(args.pool_node, plan, pool) if args.pool_node else None,
-                      unit_s=args.unit_s, endure=endure_flags.config(args), profile_path=args.profile,
-                      data=data, recipe=recipe, init_from=args.init_from)
-    summary = run(plan, pool, cfg)
-    if summary is not None and args.json:
-        write_json(args.json, summary)
-    if cfdist.launched_by_torchrun() and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        cfdist.shutdown(exit_code=0)
-    cfdist.shutdown()
-    return 0
 
 
 def _node_device(node: str, plan: Plan, pool: Pool) -> str:

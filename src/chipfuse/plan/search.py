@@ -252,8 +252,12 @@ class Context:
 
 def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, time_budget_s: float = 5.0,
            profile: Profile | None = None, dtype: str = "bf16", optimizer_dtype: str = "fp32",
-           schedule: str = "1f1b", max_group: int | None = None, _refuse: bool = True) -> SearchResult:
-    """The best plan found within `time_budget_s`, with its prediction and the simple strategies'."""
+           schedule: str = "1f1b", max_group: int | None = None, pipeline: bool | None = None,
+           _refuse: bool = True) -> SearchResult:
+    """The best plan found within `time_budget_s`, with its prediction and the simple strategies'.
+
+    `pipeline`: None searches every layout; True only replicas of several stages, False only
+    one-stage replicas (re-planning after a lost device keeps the plan's kind: runtime/endure/replan.py)."""
     from chipfuse.plan.baselines import baselines
 
     t0 = time.perf_counter()
@@ -268,16 +272,16 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
     order = sorted(range(len(ctx.kinds)), key=lambda k: -ctx.kinds[k].rate)
     for j, k in enumerate(order):
         share = (time_budget_s * 0.5 - (time.perf_counter() - t0)) / (len(order) - j)
-        tpls = ctx.homogeneous(k, time.perf_counter() + share)
+        tpls = [t for t in ctx.homogeneous(k, time.perf_counter() + share) if _kind_ok(t, pipeline)]
         tpls.sort(key=ctx.estimate, reverse=True)
         if tpls:
             per_kind[k] = tpls[:2]
     base = baselines(ctx)
-    scored: list[Scored] = [s for s in base.values() if s is not None]
+    scored: list[Scored] = [s for s in base.values() if s is not None and _plan_kind_ok(s.plan, pipeline)]
     deadline = t0 + time_budget_s * 0.75
     # 2. mixed pipelines over subsets of kinds
     mixed: list[Template] = []
-    if len(ctx.kinds) > 1:
+    if len(ctx.kinds) > 1 and pipeline is not False:
         # Unit configs per kind: its best alone, single devices, whole nodes at the largest tensor degree.
         cfg_maps: list[dict[int, tuple[int, int]]] = [{}, {}, {}]
         for k in range(len(ctx.kinds)):
@@ -316,7 +320,7 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
         plan = ctx.build(c, "chipfuse")
         scored.append(Scored(plan=plan, prediction=ctx.predict(plan), combo=c))
         evaluated += 1
-    fitting = [s for s in scored if s.prediction.fits]
+    fitting = [s for s in scored if s.prediction.fits and _plan_kind_ok(s.plan, pipeline)]
     if not fitting:
         if not _refuse:
             raise NoPlanFits("nothing fits", missing_bytes=0, suggestions=[])
@@ -335,6 +339,14 @@ def search(pool: Pool, model: ModelSpec, *, global_batch: int, seq_len: int, tim
         notes.append(f"the best plan found is the {best.plan.strategy!r} strategy's")
     return SearchResult(plan=plan, prediction=best.prediction, baselines=base,
                         search_s=time.perf_counter() - t0, candidates=len(scored), notes=notes)
+
+
+def _kind_ok(tpl: Template, pipeline: bool | None) -> bool:
+    return pipeline is None or (sum(b.count for b in tpl.blocks) > 1) == pipeline
+
+
+def _plan_kind_ok(plan: Plan, pipeline: bool | None) -> bool:
+    return pipeline is None or any(len(r.stages) > 1 for r in plan.replicas) == pipeline
 
 
 def refusal(ctx: Context, tried: list[Scored], budget_s: float) -> NoPlanFits:

@@ -1,5 +1,5 @@
 """Batch shares for data-parallel replicas: whole samples, summing to the batch, in proportion to speed,
-within each device's memory; and micro-batch sizes that fit.
+within a cap per device. What fits a device's memory is plan/memory.py's to say (the one memory model).
 
 Written by hand: no library splits a batch unevenly (DDP and FSDP assume equal shares).
 """
@@ -9,9 +9,6 @@ from __future__ import annotations
 import math
 
 from chipfuse.errors import PlanError
-
-MEMORY_HEADROOM = 0.9
-"""Fraction of a device's memory a plan may use (the rest: runtime context, fragmentation)."""
 
 
 def even_shares(names: list[str], batch: int) -> dict[str, int]:
@@ -48,24 +45,3 @@ def proportional_shares(speeds: dict[str, float], batch: int, *, max_share: dict
             shares[k] += floors[k] + (1 if i < rest else 0)
         left = 0
     return shares
-
-
-def micro_batches(share: int, max_micro_batch: int, preferred: int) -> tuple[int, int]:
-    """(micro-batch size, count) covering `share` samples, no micro-batch above memory or preference."""
-    mbs = max(1, min(max_micro_batch, preferred, share if share else preferred))
-    return mbs, math.ceil(share / mbs)
-
-
-def max_micro_batch(*, memory_bytes: int | None, static_bytes: int, act_bytes_per_sample: int,
-                    device: str = "") -> int:
-    """Most samples per micro-batch that fit next to the static state; refuses when not even one does."""
-    if memory_bytes is None:
-        return 1 << 20
-    room = int(memory_bytes * MEMORY_HEADROOM) - static_bytes
-    n = room // max(1, act_bytes_per_sample)
-    if n < 1:
-        raise PlanError(f"device {device!r}: {static_bytes} bytes of model state and {act_bytes_per_sample} "
-                        f"bytes of activations per sample do not fit in {memory_bytes} bytes "
-                        f"({MEMORY_HEADROOM:.0%} usable). Fix: use a smaller model, or plan with `chipfuse plan` "
-                        "(sharding, checkpointing, pipeline stages)")
-    return n

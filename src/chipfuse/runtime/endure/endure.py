@@ -8,17 +8,12 @@ online rebalancing, an emulated slowdown, and periodic checkpoints. The loop cal
     if endure.stopping: break
     endure.finish(last_step + 1)
 
-A loop whose worker steps the optimizer itself (pipeline plans) calls `after_update(step, loss)`
-instead of `before_update`: it agrees on a stop the same way, but a non-finite loss can then only
-stop the run (the update is already applied), whatever the policy.
-
 All decisions are taken from numbers every rank holds (an all-reduce or the per-step gather),
 so every rank takes the same one without another message.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable
@@ -167,19 +162,6 @@ class Endurance:
             self.stop.restore()  # the run ends here; give the signals back (in-process runs, tests)
             raise
         return self._loss_ok
-
-    def after_update(self, step: int, loss: float) -> None:
-        """For loops whose worker already stepped the optimizer: agree on a stop; stop on a bad loss."""
-        t = torch.tensor([1.0 if self.stop.requested else 0.0], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(t)
-        self.stopping = self.stopping or t.item() > 0
-        if not math.isfinite(loss):
-            self.stop.restore()
-            where = f" Last checkpoint: {self.guard.checkpoint_hint}." if self.guard.checkpoint_hint else ""
-            raise NonFiniteLossError(
-                f"step {step}: loss is {loss}; stopped (a pipeline plan checks the loss after its update, so "
-                f"it cannot skip the step).{where} Fix: lower the learning rate, then resume")
 
     def after_step(self, step: int, per_rank: list[dict[str, float]]) -> dict[str, Any]:
         """Rebalance, apply an emulated slowdown, save a checkpoint when due. Returns log fields."""

@@ -38,6 +38,7 @@ from chipfuse.data.loader import Loader, builtin_loader
 from chipfuse.model.build import build_stage
 from chipfuse.model.converters import apply_converters
 from chipfuse.model.gpt import loss_sum
+from chipfuse.model.split import TIED_UNIT
 from chipfuse.plan.plan import Plan
 from chipfuse.runtime.emulate.device import MemoryMeter, Pacer
 from chipfuse.runtime.emulate.paced import Clock, PacedStage, measure_solo
@@ -384,6 +385,8 @@ class PipelineWorker:
                 "layers": list(self.stage_plan.layers),
                 "num_params": sum(p.numel() for p in self.module.parameters()),
                 "num_trainable_params": sum(p.numel() for p in self.trainable),
+                # the head's copy of a tied matrix: the summary counts the matrix once (trainer._num_params)
+                "tied_params": sum(p.numel() for p in self.unit_params.get(TIED_UNIT, [])),
                 "schedule": self.schedule_name, "schedule_note": self.schedule_note,
                 "applied": self.applied.to_dict(),
                 "optimizer": type(self.opt).__name__,

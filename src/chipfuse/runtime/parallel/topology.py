@@ -192,10 +192,6 @@ class Topology:
         if find_family(spec) is None:
             raise PlanError(f"{source}: model.family: {spec.family!r} (model_type {spec.model_type!r}) has no stage "
                             f"builder. Fix: use one of {family_names()}")
-        if sorted(self.by_rank) != sorted(set(self.by_rank)):
-            dup = sorted({n for n in self.by_rank if self.by_rank.count(n) > 1})
-            raise PlanError(f"devices {dup} were claimed by more than one worker. Fix: give each host its own "
-                            "--pool-node, with --nproc-per-node equal to that node's devices in the plan")
         for i, rep in enumerate(plan.replicas):
             for j, st in enumerate(rep.stages):
                 where = f"{source}: replicas[{i}].stages[{j}]"
@@ -239,12 +235,21 @@ class Topology:
                                         "stage and use sharding or checkpointing to save memory")
         if plan.sync.islands:
             self._check_islands(source)
-        n = len(plan.devices)
-        if world_size is not None and world_size != n:
-            raise PlanError(f"{source}: the plan uses {n} devices ({', '.join(plan.devices)}) but the job has "
-                            f"{world_size} ranks. Fix: start it with --nproc-per-node {n}")
+        self.check_ranks(world_size=world_size, source=source)
         if host_devices is not None:
             self.check_host(host_devices, source)
+
+    def check_ranks(self, *, world_size: int | None = None, source: str = "<plan>") -> None:
+        """What only the running job knows: its world size and which worker took which device. A
+        worker checks this alone; the rest of `check` ran once, in the launcher (runtime/launch/runspec.py)."""
+        if sorted(self.by_rank) != sorted(set(self.by_rank)):
+            dup = sorted({n for n in self.by_rank if self.by_rank.count(n) > 1})
+            raise PlanError(f"devices {dup} were claimed by more than one worker. Fix: give each host its own "
+                            "--pool-node, with --nproc-per-node equal to that node's devices in the plan")
+        n = len(self.plan.devices)
+        if world_size is not None and world_size != n:
+            raise PlanError(f"{source}: the plan uses {n} devices ({', '.join(self.plan.devices)}) but the job has "
+                            f"{world_size} ranks. Fix: start it with --nproc-per-node {n}")
 
     def _check_islands(self, source: str) -> None:
         from chipfuse.plan.islands import island_layout, islands_refusal

@@ -55,8 +55,6 @@ class TrainConfig:
     """A Hugging Face folder each rank loads its own tensors from (chipfuse.model.weights)."""
     device: str | None = None
     """This worker's device name; None = the plan's device at this rank (single host)."""
-    unit_s: float | None = None
-    """Kept for the CLI: with a profile (which the launcher writes from it) it changes nothing."""
     endure: EndureConfig = field(default_factory=EndureConfig)
     """Checkpoints, resume, NaN policy, clean stop, online rebalancing (runtime/endure/endure.py)."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,8 +105,9 @@ def run(plan: Plan, pool: Pool, cfg: TrainConfig) -> dict | None:
     info = cfdist.init(device_kind=cfdist.torch_device_kind(pool.device(name)),
                        backend=None if len(kinds) == 1 else "gloo")
     by_rank = _rank_names(name, info)
-    topo = Topology.of(plan, pool, by_rank)
-    topo.check(world_size=info.world_size, host_devices=cfdist.host_devices())
+    topo = Topology.of(plan, pool, by_rank)  # the one topology of this worker
+    # The plan itself was checked once, by the launcher that resolved the run spec.
+    topo.check_ranks(world_size=info.world_size)
     if any(s.offload == "params" for r in plan.replicas for s in r.stages):
         _init_one_process_group()
     # Emulated devices are always paced; solo_samples=0 only leaves fusion efficiency out.
@@ -238,9 +237,7 @@ def _summary(plan: Plan, pool: Pool, cfg: TrainConfig, log: StepLog, ranks: list
         "emulated": pool.emulated,
         "pool": pool.name,
         "model": plan.model.name,
-        # one replica's parameters, each counted once (DTensor numel is the whole tensor's)
-        "num_params": sum(d["num_params"] for r, d in zip(topo.roles, ranks, strict=True)
-                          if r.replica == 0 and r.leader),
+        "num_params": _num_params(topo, ranks),
         "num_trainable_params": sum(d["num_trainable_params"] for r, d in zip(topo.roles, ranks, strict=True)
                                     if r.replica == 0 and r.leader),
         "freeze": list(plan.freeze),
@@ -269,6 +266,13 @@ def _summary(plan: Plan, pool: Pool, cfg: TrainConfig, log: StepLog, ranks: list
         "timeline": {r.device: ranks[r.rank]["events"] for r in topo.roles},
         "metrics_path": cfg.metrics_path,
     }
+
+
+def _num_params(topo: Topology, ranks: list[dict]) -> int:
+    """One replica's parameters, each counted once: one leader per stage group (DTensor numel is the
+    whole tensor's), and a tied embedding/head matrix that spans two stages only on the first."""
+    return sum(d["num_params"] - (d["tied_params"] if r.last and not r.first else 0)
+               for r, d in zip(topo.roles, ranks, strict=True) if r.replica == 0 and r.leader)
 
 
 def _speed(device: Device) -> float | None:
