@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import TYPE_CHECKING
 
 from chipfuse.plan.balance import largest_remainder
+from chipfuse.plan.context import Context, Scored
 from chipfuse.plan.cost import in_flight
 from chipfuse.plan.memory import StageShape, stage_memory, usable_bytes
 from chipfuse.plan.plan import Plan, Replica, Stage
-
-if TYPE_CHECKING:
-    from chipfuse.plan.search import Context, Scored
 
 
 def baselines(ctx: Context) -> dict[str, Scored | None]:
@@ -28,8 +25,6 @@ def baselines(ctx: Context) -> dict[str, Scored | None]:
 
 
 def _best(ctx: Context, plans: list[Plan]) -> Scored | None:
-    from chipfuse.plan.search import Scored
-
     scored = [Scored(plan=p, prediction=ctx.predict(p)) for p in plans]
     if not scored:
         return None

@@ -45,7 +45,6 @@ from chipfuse.plan.hardware import (
 )
 from chipfuse.plan.kernels import block_kernels
 from chipfuse.plan.memory import (
-    StageMemory,
     StageShape,
     stage_memory,
     stage_params,
@@ -54,6 +53,7 @@ from chipfuse.plan.memory import (
 )
 from chipfuse.plan.plan import Plan
 from chipfuse.plan.profile import Profile, gemm_scale
+from chipfuse.plan.tables import ReplicaTable, StageTable
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,34 +165,6 @@ def in_flight(schedule: str, p: int, i: int, m: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- plan tables
-@dataclass(frozen=True, kw_only=True)
-class StageTable:
-    replica: int
-    index: int
-    devices: tuple[str, ...]
-    nodes: frozenset[str]
-    hw: GroupHW
-    shape: StageShape
-    fwd_s: float
-    bwd_s: float
-    p2p_s: float
-    """Transfer of one micro-batch's activations to the next stage (0 on the last)."""
-    opt_s: float
-    group_sync_s: float
-    memory: StageMemory
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReplicaTable:
-    stages: tuple[StageTable, ...]
-    num_micro_batches: int
-    pipeline_s: float
-
-    def end_s(self, i: int) -> float:
-        """When stage i's last backward ends."""
-        return self.pipeline_s - sum(s.bwd_s + s.p2p_s for s in self.stages[:i])
-
-
 def plan_tables(plan: Plan, pool: Pool, profile: Profile | None = None, *, index: PoolIndex | None = None,
                 costs: ModelCosts | None = None) -> list[ReplicaTable]:
     """Per replica and stage: the cost tables that both predict() and the simulator use."""

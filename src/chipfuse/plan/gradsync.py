@@ -12,16 +12,13 @@ Only trainable parameters are reduced: a frozen unit (plan.freeze) adds no bytes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from chipfuse.model.converters import frozen_units
 from chipfuse.model.costs import DTYPE_BYTES, ModelCosts
 from chipfuse.plan.hardware import PoolIndex, ring_allreduce_s
 from chipfuse.plan.islands import island_sync_s
 from chipfuse.plan.plan import Plan
-
-if TYPE_CHECKING:
-    from chipfuse.plan.cost import ReplicaTable
+from chipfuse.plan.tables import ReplicaTable
 
 
 @dataclass(frozen=True, kw_only=True)

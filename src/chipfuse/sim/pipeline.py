@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from chipfuse.cluster.pool import Pool
 from chipfuse.model.costs import model_costs
-from chipfuse.plan.cost import ReplicaTable, plan_tables, stage_finish_times, sync_segments
+from chipfuse.plan.cost import plan_tables, stage_finish_times, sync_segments
 from chipfuse.plan.hardware import PoolIndex
 from chipfuse.plan.plan import Plan
 from chipfuse.plan.profile import Profile
+from chipfuse.plan.tables import ReplicaTable
 
 
 @dataclass(frozen=True, kw_only=True)
