@@ -217,18 +217,10 @@ def test_the_branch_pattern_sees_the_usual_forms():
 
 
 # ------------------------------------------------------------------------------ no import circle in model/
-def _imports(path: Path, package: str) -> set[str]:
-    """chipfuse modules a file imports, at module level or inside functions; `if TYPE_CHECKING:` blocks
-    are left out (they are never run)."""
-    tree = ast.parse(path.read_text())
-    skip: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
-            skip.update(id(n) for b in node.body for n in ast.walk(b))
+def _imports(path: Path) -> set[str]:
+    """chipfuse modules a file imports anywhere: at module level, inside functions, under TYPE_CHECKING."""
     out: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("chipfuse"):
             out.add(node.module)
             out.update(f"{node.module}.{a.name}" for a in node.names)
@@ -240,7 +232,7 @@ def _imports(path: Path, package: str) -> set[str]:
 def test_model_package_has_no_import_circle():
     mods = {".".join(("chipfuse", *p.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__"): p
             for p in (SRC / "model").rglob("*.py")}
-    graph = {m: {i for i in _imports(p, m) if i in mods and i != m} for m, p in mods.items()}
+    graph = {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
     for m in mods:  # a package's __init__ runs before its modules
         parent = m.rpartition(".")[0]
         if parent in mods:

@@ -16,12 +16,40 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from chipfuse.model.arch import Layout, SavedCoeffs
 
-if TYPE_CHECKING:
-    from chipfuse.model.spec import ModelSpec
+
+class Spec(Protocol):
+    """What a row reads of a model.spec.ModelSpec. Named here so that the rows and the registry never
+    import model.spec (which asks the registry for its defaults): the model package keeps no circle."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def family(self) -> str: ...
+    @property
+    def model_type(self) -> str | None: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def seq_len(self) -> int: ...
+    @property
+    def tie_embeddings(self) -> bool: ...
+    @property
+    def hf_config(self) -> dict[str, Any] | None: ...
+    @property
+    def ffn(self) -> int: ...
+    @property
+    def kv_heads(self) -> int: ...
+    def arch(self) -> Any: ...
 
 Numels = tuple[list[int], list[int], list[int]]
 """Numels of the parameter tensors of one block, of the embedding (first stage), of the head (last stage)."""
@@ -41,11 +69,11 @@ class Family:
     build_stage(spec, stage, *, first, last, seed, full, device) -> model.split.StageModule; optionally
     meta_model(spec) (the whole model on meta: weight checks, export) and tp_block_forward (a block's
     forward with the member's heads, set by runtime/parallel/tp.py after the split)."""
-    arch_defaults: Callable[[ModelSpec], dict[str, Any]]
+    arch_defaults: Callable[[Spec], dict[str, Any]]
     """model.spec.Arch's fields a spec leaves None (ModelSpec.arch() fills them from here)."""
     default_ffn: Callable[[int], int]
     """The MLP width from the model width when a spec leaves ffn_dim None."""
-    tensor_numels: Callable[[ModelSpec], Numels]
+    tensor_numels: Callable[[Spec], Numels]
     """Parameter tensors by size, for plan.memory's per-tensor optimizer and sharding arithmetic."""
     numels_exact: bool = True
     """False where tensor_numels borrows another family's list (plan --max-model says so)."""
@@ -62,7 +90,7 @@ class Family:
     """Whether spec.tie_embeddings ties its head to its embedding (the built-in GPT never does)."""
     hf_weights: bool = False
     """Whether it has Hugging Face weights to load (--init-from) and export to."""
-    hf_config: Callable[[ModelSpec], dict[str, Any]] | None = None
+    hf_config: Callable[[Spec], dict[str, Any]] | None = None
     """The Hugging Face config dict (with model_type) transformers builds the model from."""
     config_fields: Callable[[Any, str], dict[str, Any]] | None = None
     """ModelSpec's shape and architecture fields read from transformers' config object (with the

@@ -10,15 +10,10 @@ Keys: (spec.family, spec.model_type) for a Hugging Face architecture ('hf', 'qwe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.arch import Layout
 from chipfuse.model.families import gpt, hf, llama
-from chipfuse.model.family import Family
-
-if TYPE_CHECKING:
-    from chipfuse.model.spec import ModelSpec
+from chipfuse.model.family import Family, Spec
 
 _FAMILIES: dict[tuple[str, str | None], Family] = {}
 
@@ -36,12 +31,12 @@ def unregister(family: Family) -> None:
     _FAMILIES.pop(family.key, None)
 
 
-def find(spec: ModelSpec) -> Family | None:
+def find(spec: Spec) -> Family | None:
     """The family serving the spec, None when none does."""
     return _FAMILIES.get((spec.family, spec.model_type)) or _FAMILIES.get((spec.family, None))
 
 
-def family_of(spec: ModelSpec) -> Family:
+def family_of(spec: Spec) -> Family:
     fam = find(spec)
     if fam is None:
         raise ChipfuseError(f"model {spec.name!r}: family {spec.family!r} (model_type {spec.model_type!r}) has no "
@@ -64,7 +59,7 @@ def hf_family(model_type: str) -> Family | None:
     return _FAMILIES.get(("hf", model_type))
 
 
-def tp_refusal(spec: ModelSpec) -> str | None:
+def tp_refusal(spec: Spec) -> str | None:
     """Why a tensor-parallel stage of this model is not run; None when it is."""
     fam = family_of(spec)
     if fam.tp is None:
@@ -77,7 +72,7 @@ def tp_refusal(spec: ModelSpec) -> str | None:
     return None
 
 
-def layout_of(spec: ModelSpec) -> Layout:
+def layout_of(spec: Spec) -> Layout:
     """Where the pieces of a transformers-built spec live (its family's layout)."""
     fam = family_of(spec)
     if fam.layout is None:

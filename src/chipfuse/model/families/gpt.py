@@ -6,24 +6,21 @@ block forward) is model/families/gpt_stage.py.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from chipfuse.model.family import Family, Numels
-
-if TYPE_CHECKING:
-    from chipfuse.model.spec import ModelSpec
+from chipfuse.model.family import Family, Numels, Spec
 
 # Megatron's split of the GPT block: the fused qkv by output columns, q, k and v each (its own
 # strided split, runtime/parallel/tp.py), the projections back by input rows.
 GPT_TP = {"qkv": "fused_qkv", "proj": "rowwise", "fc": "colwise", "fc_out": "rowwise"}
 
 
-def gpt_arch(spec: ModelSpec) -> dict[str, Any]:
+def gpt_arch(spec: Spec) -> dict[str, Any]:
     return {"norm": "layernorm", "qkv_bias": True, "out_bias": True, "mlp_bias": True, "gated_mlp": False,
             "position_rows": spec.seq_len}
 
 
-def gpt_numels(spec: ModelSpec) -> Numels:
+def gpt_numels(spec: Spec) -> Numels:
     """model.gpt.GPT's tensors: ln1 (2), qkv (2), proj (2), ln2 (2), fc (2), fc_out (2) per block;
     token and position tables; final LayerNorm and the untied head."""
     h, f, V = spec.dim, spec.ffn, spec.vocab_size

@@ -16,7 +16,7 @@ Adding one: its row below (and its tiny config in the tests), nothing else.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from chipfuse.errors import ChipfuseError
 from chipfuse.model.arch import (
@@ -37,10 +37,7 @@ from chipfuse.model.arch import (
 )
 from chipfuse.model.families.gpt import gpt_numels
 from chipfuse.model.families.llama import LLAMA_SAVED, llama_arch, llama_ffn
-from chipfuse.model.family import Family
-
-if TYPE_CHECKING:
-    from chipfuse.model.spec import ModelSpec
+from chipfuse.model.family import Family, Spec
 
 FieldReader = Callable[[Any, str], dict[str, Any]]
 
@@ -82,7 +79,7 @@ def opt_fields(c: Any, source: str) -> dict[str, Any]:
             "seq_len": c.max_position_embeddings}
 
 
-def own_config(spec: ModelSpec) -> dict[str, Any]:
+def own_config(spec: Spec) -> dict[str, Any]:
     """The spec's own Hugging Face config (read from its config.json)."""
     if not spec.hf_config or not spec.model_type:
         raise ChipfuseError(f"model {spec.name!r}: family 'hf' needs model_type and hf_config. "

@@ -3,18 +3,15 @@ transformers' LlamaForCausalLM (its torch side is model/hf.py, as every Hugging 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from chipfuse.model.arch import LLAMA, LLAMA_BF16, LLAMA_LIKE, SavedCoeffs
-from chipfuse.model.family import Family, Numels
-
-if TYPE_CHECKING:
-    from chipfuse.model.spec import ModelSpec
+from chipfuse.model.family import Family, Numels, Spec
 
 LLAMA_SAVED = SavedCoeffs(block=LLAMA, bf16=LLAMA_BF16)
 
 
-def llama_arch(spec: ModelSpec) -> dict[str, Any]:
+def llama_arch(spec: Spec) -> dict[str, Any]:
     """RMSNorm, no biases, SwiGLU, rotary positions: the defaults of every transformers decoder row."""
     return {"norm": "rmsnorm", "qkv_bias": False, "out_bias": False, "mlp_bias": False, "gated_mlp": True,
             "position_rows": 0}
@@ -26,7 +23,7 @@ def llama_ffn(dim: int) -> int:
     return 256 * ((h + 255) // 256)
 
 
-def llama_numels(spec: ModelSpec) -> Numels:
+def llama_numels(spec: Spec) -> Numels:
     """LlamaForCausalLM's tensors: RMSNorm, q/k/v/o without biases, RMSNorm, gate/up/down; no positions."""
     h, f, V = spec.dim, spec.ffn, spec.vocab_size
     kv = spec.kv_heads * (h // spec.num_heads)
@@ -34,7 +31,7 @@ def llama_numels(spec: ModelSpec) -> Numels:
     return block, [V * h], [h] + ([] if spec.tie_embeddings else [V * h])
 
 
-def llama_config(spec: ModelSpec) -> dict[str, Any]:
+def llama_config(spec: Spec) -> dict[str, Any]:
     """transformers' LlamaConfig fields for the spec's numbers."""
     return {"model_type": "llama", "vocab_size": spec.vocab_size, "hidden_size": spec.dim,
             "intermediate_size": spec.ffn, "num_hidden_layers": spec.num_layers,
