@@ -4,7 +4,6 @@ model/ has no import circle."""
 
 from __future__ import annotations
 
-import ast
 import re
 import types
 from dataclasses import dataclass
@@ -214,39 +213,3 @@ def test_the_branch_pattern_sees_the_usual_forms():
                  "if spec.family not in FAMILIES:"):
         assert BRANCH.search(code), code
     assert not BRANCH.search('raise ChipfuseError(f"model_type {mt!r} is refused")')
-
-
-# ------------------------------------------------------------------------------ no import circle in model/
-def _imports(path: Path) -> set[str]:
-    """chipfuse modules a file imports anywhere: at module level, inside functions, under TYPE_CHECKING."""
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("chipfuse"):
-            out.add(node.module)
-            out.update(f"{node.module}.{a.name}" for a in node.names)
-        elif isinstance(node, ast.Import):
-            out.update(a.name for a in node.names if a.name.startswith("chipfuse"))
-    return out
-
-
-def test_model_package_has_no_import_circle():
-    mods = {".".join(("chipfuse", *p.relative_to(SRC).with_suffix("").parts)).removesuffix(".__init__"): p
-            for p in (SRC / "model").rglob("*.py")}
-    graph = {m: {i for i in _imports(p) if i in mods and i != m} for m, p in mods.items()}
-    for m in mods:  # a package's __init__ runs before its modules
-        parent = m.rpartition(".")[0]
-        if parent in mods:
-            graph[m].add(parent)
-    done: set[str] = set()
-
-    def visit(m: str, path: list[str]) -> None:
-        if m in path:
-            raise AssertionError("import circle: " + " -> ".join(path[path.index(m):] + [m]))
-        if m in done:
-            return
-        for n in sorted(graph[m]):
-            visit(n, [*path, m])
-        done.add(m)
-
-    for m in sorted(mods):
-        visit(m, [])
