@@ -3,6 +3,7 @@
 Runs through the trainer's own worker (runtime.parallel.pipeline.PipelineWorker): a data-parallel
 replica is a pipeline of one stage."""
 
+import pytest
 import torch
 
 from chipfuse.data import get_batch
@@ -35,6 +36,7 @@ def _rank(rank, world):
     return out["losses"][0], out["grads"]
 
 
+@pytest.mark.slow
 def test_uneven_split_with_accumulation_matches_single_device():
     ref_loss, ref_grads = _reference()
     results = run_ranks(_rank, 3)

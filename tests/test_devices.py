@@ -158,6 +158,7 @@ def _toy_steps(rank: int, world: int, *args):  # type: ignore[no-untyped-def]
     return run_steps(rank, world, *args)
 
 
+@pytest.mark.slow
 def test_a_toy_kind_trains_beside_a_cpu(toy_kind):
     # One replica on the toy chip, one on a CPU: two vendor groups joined by the bridge, as two
     # real vendors would be, and the result of one device training the whole batch.

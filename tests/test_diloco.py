@@ -111,6 +111,7 @@ def results() -> list[dict]:
     return run_ranks(_worker, 3)
 
 
+@pytest.mark.slow
 def test_diloco_h1_equals_synchronous_training(results):
     ref = _reference()
     for rank, r in enumerate(results):

@@ -87,6 +87,7 @@ def test_rehearse_refuses_bad_input_in_one_line(tmp_path, capsys):
     assert not out.exists()  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", sorted(MODELS))
 def test_emitted_plan_passes_checks_and_runs_three_steps(example, tmp_path, capsys):
     from chipfuse.plan.memory import check_plan_memory

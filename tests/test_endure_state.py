@@ -29,6 +29,7 @@ def _losses(path):
     return {r["step"]: r["loss"] for r in map(json.loads, path.read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_island_run_resumed_mid_round_equals_the_uninterrupted_one(tmp_path):
     """H = 2 and a checkpoint after step 3: mid-round, after one outer step (so the outer momentum
     is not zero). Resumed from it, the run must compute the same losses as the run that went on."""
@@ -64,6 +65,7 @@ SAVER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_worker_killed_while_writing_a_checkpoint_leaves_the_previous_one(tmp_path):
     root = tmp_path / "ck"
     env = {**os.environ, **ENV}
@@ -118,6 +120,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
 def test_supervisor_killed_leaves_no_worker(tmp_path, sig):
     pids_file = tmp_path / "pids"

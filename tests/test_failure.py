@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from chipfuse.runtime.launch.supervisor import supervise, survivor_plan
@@ -41,6 +42,7 @@ def _run(tmp_path, policy):
     return outcome, killed, out
 
 
+@pytest.mark.slow
 def test_killed_device_is_named_and_training_continues_on_survivors(tmp_path):
     outcome, killed, out = _run(tmp_path, "restart")
     assert outcome.returncode == 0 and len(outcome.deaths) == 1
@@ -59,6 +61,7 @@ def test_killed_device_is_named_and_training_continues_on_survivors(tmp_path):
     torch.testing.assert_close([losses[s] for s in range(3, 9)], [ref[s] for s in range(3, 9)], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_stop_policy_says_what_died_and_how_to_resume(tmp_path):
     outcome, _, _ = _run(tmp_path, "stop")
     assert outcome.returncode == 1 and len(outcome.plans) == 1

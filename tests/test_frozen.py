@@ -215,6 +215,7 @@ def _check(results: list[dict], ref: dict, *, atol: float, rtol: float) -> None:
     assert ref["losses"][-1] < ref["losses"][0] - 0.3  # it really trains
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["data_parallel", "pipeline"])
 def test_training_with_the_first_blocks_frozen_matches_one_device(layout: str) -> None:
     if layout == "data_parallel":  # unequal shares and micro-batches (replica 0's last is padded)
@@ -231,6 +232,7 @@ def test_training_with_the_first_blocks_frozen_matches_one_device(layout: str) -
             assert r["sent_bytes"] == (STEPS + 1) * 4 * r["trainable_numel"] and r["trainable_numel"] < r["numel"]
 
 
+@pytest.mark.slow
 def test_a_sharded_group_with_frozen_units_matches_one_device() -> None:
     # FSDP2 over a group of two: block 0 wholly frozen, and the root unit mixes the frozen embedding
     # with the trainable head.
@@ -284,6 +286,7 @@ def _islands(rank: int, world: int, plan: Plan) -> dict:
             "numel": sum(p.numel() for p in w.module.parameters())}
 
 
+@pytest.mark.slow
 def test_diloco_sends_only_trainable_parameters_over_the_slow_link() -> None:
     base = replace(plan_of(TINY_GPT, [([("a", 3)], 2, 2), ([("b", 3)], 2, 2)]),
                    sync=SyncPlan(islands=(("a",), ("b",)), outer_every=1))

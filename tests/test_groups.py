@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from chipfuse.runtime.parallel.pipeline import WorkerConfig
@@ -28,6 +29,7 @@ def _reduce_three_ways(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_vendor_groups_and_bridge_equal_the_flat_sum():
     res = run_ranks(_reduce_three_ways, 3)
     for s in [(0, 1, 2), (0, 2), (1, 2)]:
@@ -50,6 +52,7 @@ def test_backend_choice():
     assert link_backend({"nvidia", "huawei"}, {"nvidia": "nccl", "huawei": "hccl"}) == "gloo"
 
 
+@pytest.mark.slow
 def test_pipeline_across_vendors_matches_one_device():
     # Replica 0 is a pipeline from an NVIDIA chip to an Ascend (its activations cross the bridge);
     # replica 1 is a whole model on another NVIDIA chip. Layers 1-2 and the head are reduced

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from chipfuse.model.build import build_full, build_stage, full_logits
@@ -26,6 +27,7 @@ def test_llama_stages_compose_to_the_full_model():
     assert names == set(dict(full.named_parameters()))  # every parameter in exactly one stage
 
 
+@pytest.mark.slow
 def test_tied_hf_pipeline_with_unequal_replicas_matches_transformers():
     """2 unequal stages (1 + 2 layers) in one replica, a whole-model replica beside it, shares
     5 : 3, on a Qwen2 (a Llama with q/k/v biases) whose head is tied to its embedding:

@@ -38,6 +38,7 @@ def _worker(rank: int, world: int) -> dict:
             "small": small.tolist()}
 
 
+@pytest.mark.slow
 def test_emulated_link_fidelity():
     results = run_ranks(_worker, 2)
     for r in results:

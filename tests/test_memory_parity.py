@@ -104,6 +104,7 @@ def sharded() -> list[list[ProbeResult]]:
     return res
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("i", [0, 1, 2, 3])
 def test_fsdp2_sharding_matches_one_device(plain: ProbeResult, sharded, i: int) -> None:
     ranks = sharded[i]

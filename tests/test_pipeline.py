@@ -33,6 +33,7 @@ def _check_parity(results: list[dict], ref: dict, *, curve_atol: float) -> None:
     assert ref["losses"][-1] < ref["losses"][0] - 0.5  # it really trains
 
 
+@pytest.mark.slow
 def test_two_unequal_stages_times_two_unequal_replicas_match_one_device():
     # 4 ranks are unavoidable here: 2 stages x 2 replicas. Splits differ between replicas
     # (1+2 vs 2+1 layers), so gradients are reduced over per-layer rank sets; shares 5 and 3
@@ -44,6 +45,7 @@ def test_two_unequal_stages_times_two_unequal_replicas_match_one_device():
     assert {r["describe"]["schedule"] for r in results} == {"1f1b"}
 
 
+@pytest.mark.slow
 def test_gpipe_checkpointing_and_a_whole_model_replica_match_one_device():
     # A 2-stage GPipe replica with activation checkpointing next to a one-device replica. Ranks are
     # handed out in another order than the plan's (as multi-host rendezvous does): stage 0 of the
@@ -103,6 +105,7 @@ def _whole_model_bytes(spec, batch: int, seq_len: int) -> int:
     return 4 * meter.static_bytes + (meter.peak_bytes - meter.static_bytes)
 
 
+@pytest.mark.slow
 def test_model_too_big_for_any_one_device_trains_across_two():
     from chipfuse.cluster.catalog import GiB
     from chipfuse.cluster.pool import pool_from_dict

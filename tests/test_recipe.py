@@ -71,6 +71,7 @@ def _pipeline_clip(rank: int, world: int, plan, pool, max_norm: float) -> dict:
     return {"norm": stats["grad_norm"], "grads": w.grads(), "clipped": step.clipped_steps}
 
 
+@pytest.mark.slow
 def test_clip_over_two_stages_times_two_unequal_replicas_matches_one_process():
     # 4 ranks are unavoidable: 2 stages x 2 replicas, split differently (1+2 and 2+1 layers), shares 5
     # and 3. Each layer's gradient lives on 2 ranks (one per replica) after the reduction: counted
@@ -106,6 +107,7 @@ def _fsdp_clip(rank: int, world: int, shares: list[int], max_norm: float) -> dic
     return {"norm": norm, "grads": {n: p.grad.full_tensor() for n, p in model.named_parameters()}}
 
 
+@pytest.mark.slow
 def test_clip_over_fsdp_shards_with_unequal_shares_matches_one_process():
     shares = [5, 2]
     model = build_model(TINY_GPT, seed=CFG.seed)
@@ -157,6 +159,7 @@ def _stage_group_plans():
     return {"tp": tp, "fsdp": fsdp}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["tp", "fsdp"])
 def test_clip_and_validation_over_stage_groups_match_one_process(kind):
     # Clipping counts each layer once across replicas and each DTensor piece once inside a group;

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from dataclasses import replace
 
+import pytest
+
 from chipfuse.cli import main
 from chipfuse.model.spec import ModelSpec
 from chipfuse.plan.search import search
@@ -71,6 +73,7 @@ def test_workers_load_the_spec_and_never_reenter_the_cli_or_recheck_the_plan(tmp
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 
+@pytest.mark.slow
 def test_worker_process_has_no_path_into_the_command_line(tmp_path):
     pool = tmp_path / "pool.toml"
     pool.write_text(POOL)
@@ -137,6 +140,7 @@ def test_data_parallel_survivors_keep_data_parallel():
     assert new.is_pure_data_parallel and new.shares == {"a": 9}
 
 
+@pytest.mark.slow
 def test_start_up_probes_run_at_the_runs_seq_len(tmp_path, monkeypatch):
     """Models allowing 512 and 128 positions trained at --seq-len 16: no probe may build a longer
     batch (a 135M model allowing 8192 positions grew the launcher past 24 GB probing at its full context)."""
@@ -164,7 +168,7 @@ def test_start_up_probes_run_at_the_runs_seq_len(tmp_path, monkeypatch):
 
 
 def test_num_params_counts_a_tied_matrix_once_across_two_stages(tmp_path):
-    from chipfuse.model.split import build_full
+    from chipfuse.model.build import build_full
 
     spec = replace(TINY_LLAMA, tie_embeddings=True)
     plan = tmp_path / "plan.json"

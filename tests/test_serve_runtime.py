@@ -92,6 +92,7 @@ def test_a_prompt_prefilled_in_chunks_gives_the_full_models_tokens(tmp_path, arc
     torch.testing.assert_close(h, ref, rtol=1e-4, atol=1e-4)  # fp32, sums in another order: rounding only
 
 
+@pytest.mark.slow
 def test_decode_keeps_going_while_a_long_prompt_is_prefilled(llama, engine3):
     """A request decoding when a 60-token prompt arrives keeps getting tokens while that prompt is prefilled
     in chunks of 4 (the whole prompt in one step would hold it for that step), and both answers stay exact."""
@@ -143,6 +144,7 @@ def test_three_stage_unequal_greedy_equals_transformers_and_concurrency_changes_
     assert a == b and a != refs[0][:8]  # sampled with the seed, reproducible
 
 
+@pytest.mark.slow
 def test_two_stage_qwen2_with_tied_embeddings(tmp_path):
     d = tiny_model(tmp_path, "qwen2", layers=3)
     plan = fixed_plan(default_pool(), model_spec(d), {"mid": 2, "fast": 1}, context_len=64, concurrency=2,
@@ -154,6 +156,7 @@ def test_two_stage_qwen2_with_tied_embeddings(tmp_path):
         eng.close()
 
 
+@pytest.mark.slow
 def test_lost_device_is_reported_and_the_survivors_finish_the_answer(llama):
     plan = fixed_plan(default_pool(), model_spec(llama), {"fast": 2, "mid": 1, "slow": 1}, context_len=64,
                       concurrency=2, dtype="fp32")
@@ -249,6 +252,7 @@ def test_http_client_that_disconnects_frees_its_slot(server, engine3):
     assert engine3.generate(PROMPTS[3], 3)[0] == engine3.generate(PROMPTS[3], 3)[0]
 
 
+@pytest.mark.slow
 def test_generate_from_a_training_checkpoint_equals_transformers_on_its_export(tmp_path, capsys):
     """`chipfuse generate --model CHECKPOINT`: the checkpoint of 2 training steps is exported on the fly
     (chipfuse export's reader) and gives transformers' greedy tokens on the exported folder; a folder that

@@ -18,6 +18,7 @@ Tolerances, and why:
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from chipfuse.model.configs import spec_from_config_dict
@@ -62,6 +63,7 @@ def _check(results: list[dict], ref: dict, tied: dict[str, str] | None = None) -
         torch.testing.assert_close(got, want, atol=CURVE_ATOL, rtol=0)
 
 
+@pytest.mark.slow
 def test_tensor_parallel_stage_and_a_one_device_replica_match_one_device():
     # Replica 0: the whole GPT tensor-parallel over two devices; replica 1: one device. Unequal
     # replicas whose groups differ in size, reduced layer by layer.
@@ -74,6 +76,7 @@ def test_tensor_parallel_stage_and_a_one_device_replica_match_one_device():
     assert results[0]["local_numel"] < results[2]["local_numel"]
 
 
+@pytest.mark.slow
 def test_pipeline_with_a_sharded_two_device_stage_matches_one_device():
     # Stage 0 on one device feeds stage 1 sharded (FSDP2, ZeRO-3) over two devices that split each
     # micro-batch by rows; checkpointing on the sharded stage too.
@@ -83,6 +86,7 @@ def test_pipeline_with_a_sharded_two_device_stage_matches_one_device():
     assert results[1]["describe"]["applied"]["fsdp"] and results[1]["describe"]["applied"]["shard"] == "full"
 
 
+@pytest.mark.slow
 def test_llama_pipeline_of_two_tensor_parallel_stages_matches_one_device():
     # PP-2 x TP-2 on the Hugging Face Llama (4 ranks: two stages of two devices).
     plan = _plan(TINY_LLAMA, [([(("a0", "a1"), 2, {"tp_degree": 2}), (("b0", "b1"), 1, {"tp_degree": 2})], 4, 2)])
@@ -90,6 +94,7 @@ def test_llama_pipeline_of_two_tensor_parallel_stages_matches_one_device():
     _check(results, reference(TINY_LLAMA, plan, STEPS, CFG))
 
 
+@pytest.mark.slow
 def test_tied_hf_pipeline_with_a_tensor_parallel_last_stage_matches_one_device():
     # Qwen2 from its config (q/k/v biases, head tied to the embedding), generic HF stages: stage 0 on
     # one device, stage 1 tensor-parallel over two. The tied matrix is one unit of the first and the
@@ -103,6 +108,7 @@ def test_tied_hf_pipeline_with_a_tensor_parallel_last_stage_matches_one_device()
                                atol=0, rtol=0)  # one all-reduced sum on both copies
 
 
+@pytest.mark.slow
 def test_parameter_offload_inside_a_pipeline_matches_one_device():
     # offload = "params" on the second stage: FSDP2 over a mesh of that one device with
     # CPUOffloadPolicy (emulated accelerators run on the CPU, so nothing moves; the maths is FSDP2's).
@@ -113,6 +119,7 @@ def test_parameter_offload_inside_a_pipeline_matches_one_device():
     assert results[1]["describe"]["applied"]["fsdp"] and results[1]["describe"]["applied"]["offload"] == "params"
 
 
+@pytest.mark.slow
 def test_a_data_parallel_group_runs_the_zero_level_its_plan_names():
     # The group's kind and ZeRO level are decided once (plan.dims) and reported as applied: an omitted
     # shard on a data-parallel group is written into the plan as "grads", "optimizer" runs as itself

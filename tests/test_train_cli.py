@@ -24,6 +24,7 @@ emulate = { speed = 0.3, memory_gib = 0.05 }
 """
 
 
+@pytest.mark.slow
 def test_train_on_emulated_pool_writes_summary_and_metrics(tmp_path):
     pool = tmp_path / "pool.toml"
     pool.write_text(POOL)
@@ -93,6 +94,7 @@ def test_pacer_pads_to_target_and_never_speeds_up():
     assert torch.get_num_threads() >= 1
 
 
+@pytest.mark.slow
 def test_single_device_runs_in_process_and_measured_shares_follow_speed(tmp_path):
     one = tmp_path / "one.toml"
     one.write_text('[[node]]\nname = "h"\n[[node.device]]\nname = "solo"\nchip = "cpu"\nemulate = { speed = 1.0 }\n')

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from chipfuse.cli import main
@@ -34,6 +35,7 @@ def _rows(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_stop_then_resume_on_fewer_devices_follows_the_uninterrupted_curve(tmp_path, capsys):
     (tmp_path / "pool.toml").write_text(POOL)
     (tmp_path / "text.txt").write_bytes(bytes(corpus()[:60_000].tolist()))

@@ -43,6 +43,7 @@ def _rows(path):
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+@pytest.mark.slow
 def test_straggler_rebalanced_then_sigterm_then_resume_on_two_devices_continues_the_curve(tmp_path):
     pool, ckpt, run = tmp_path / "pool.toml", tmp_path / "ckpt", tmp_path / "run"
     pool.write_text(POOL)
@@ -104,6 +105,7 @@ def test_endure_flags_are_checked_before_anything_starts(tmp_path, capsys):
     assert Slowdown.parse("c@20:0.5") == Slowdown(device="c", step=20, factor=0.5)
 
 
+@pytest.mark.slow
 def test_pipeline_checkpoint_resumes_as_data_parallel_on_one_device(tmp_path):
     """A full plan (a two-stage pipeline over two devices) writes each stage's part; a one-device
     data-parallel plan loads the whole model and optimizer from those parts and continues."""

@@ -32,6 +32,7 @@ latency_ms = 20
 """
 
 
+@pytest.mark.slow
 def test_train_honours_plan_islands(tmp_path):
     pool = tmp_path / "pool.toml"
     pool.write_text(POOL)
@@ -64,6 +65,7 @@ def _run(tmp_path, name: str, plan) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_an_island_may_be_a_pipeline(tmp_path):
     """Island A runs its replica as a two-stage pipeline (a0: layers 0-1, a1: layer 2), island B as
     one device: DiLoCo then syncs each unit with the ranks holding it. A pipeline computes what one

@@ -3,6 +3,8 @@ the timeline picture, and refusal of a plan the runtime cannot run before anythi
 
 import json
 
+import pytest
+
 from chipfuse.cli import main
 from chipfuse.plan.plan import Plan, Replica, Stage
 from tests.pipeline_helpers import TINY_GPT, plan_of
@@ -22,6 +24,7 @@ emulate = { speed = 0.4 }
 """
 
 
+@pytest.mark.slow
 def test_train_pipeline_plan_reports_predicted_and_measured(tmp_path):
     pool = tmp_path / "pool.toml"
     pool.write_text(POOL)

@@ -3,10 +3,13 @@ namespaces joined by a veth pair: the traffic really crosses a network interface
 
 import json
 
+import pytest
+
 from chipfuse.cli import main
 from tests.netns import POOL, train_on_two_hosts, two_hosts  # noqa: F401  (two_hosts is a fixture)
 
 
+@pytest.mark.slow
 def test_two_hosts_over_veth_with_c10d_rendezvous(two_hosts, tmp_path):  # noqa: F811
     pool = tmp_path / "pool.toml"
     pool.write_text(POOL)

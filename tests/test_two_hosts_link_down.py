@@ -7,6 +7,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from chipfuse.cli import main
 from chipfuse.runtime.endure import checkpoint
 from tests.netns import POOL, start_on_two_hosts, train_on_two_hosts, two_hosts  # noqa: F401  (a fixture)
@@ -17,6 +19,7 @@ BOUND_S = 60
 """From the cut to the line naming it: the timeout, plus a busy 2-core host's scheduling."""
 
 
+@pytest.mark.slow
 def test_link_down_mid_run_is_detected_named_and_resumable(two_hosts, tmp_path):  # noqa: F811
     pool = tmp_path / "pool.toml"
     pool.write_text(POOL)

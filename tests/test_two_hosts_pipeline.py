@@ -4,10 +4,13 @@ ranks are handed out by arrival, not in the plan's order."""
 
 import json
 
+import pytest
+
 from tests.netns import POOL, train_on_two_hosts, two_hosts  # noqa: F401  (two_hosts is a fixture)
 from tests.pipeline_helpers import TINY_GPT, plan_of
 
 
+@pytest.mark.slow
 def test_pipeline_across_two_hosts(two_hosts, tmp_path):  # noqa: F811
     pool = tmp_path / "pool.toml"
     pool.write_text(POOL)

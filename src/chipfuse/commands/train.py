@@ -200,6 +200,7 @@ def _torchrun_worker(spec: RunSpec) -> int:
     from chipfuse.runtime.launch import dist as cfdist
     from chipfuse.runtime.launch.worker import run_worker
 
+    Path(spec.run_dir).mkdir(parents=True, exist_ok=True)  # each host's own: metrics and the summary go there
     raw = run_worker(spec)
     if raw is not None:
         write_summary(spec, raw, pool=spec.pool())

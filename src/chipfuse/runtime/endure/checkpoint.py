@@ -444,6 +444,7 @@ def check_resumable(saved_plan: dict[str, Any], plan: Any, source: str) -> None:
     if not saved_plan:
         return
     new = json.loads(json.dumps(plan.to_dict() if hasattr(plan, "to_dict") else plan))  # tuples -> lists
+    saved_plan = json.loads(json.dumps(saved_plan))  # read from a file or still in memory: compared alike
     for key in ("model", "global_batch", "seq_len", "freeze"):
         if key in saved_plan and saved_plan[key] != new.get(key):
             raise CheckpointError(
