@@ -19,6 +19,7 @@ short. `arch()` resolves them.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 from chipfuse.model.registry import family_of
@@ -92,6 +93,19 @@ class ModelSpec:
         return self.ffn_dim or family_of(self).default_ffn(self.dim)
 
     def arch(self) -> Arch:
+        return self._arch
+
+    @cached_property
+    def memo(self) -> dict[Any, Any]:
+        """Tables that pure functions derive from this spec once and read many times (plan.memory's
+        per-layer activation bytes), keyed by the function's own key; a spec is frozen, so they never
+        go stale."""
+        return {}
+
+    @cached_property
+    def _arch(self) -> Arch:
+        """Computed once per spec (the planner asks for it millions of times in a 1024-device search);
+        cached_property writes the instance's __dict__, which a frozen dataclass allows."""
         defaults = {"head_dim": self.dim // self.num_heads, "qk_norm": False, "norms_per_block": 2,
                     "embed_dim": self.dim, "final_norm": True, **family_of(self).arch_defaults(self)}
         return Arch(**{k: defaults[k] if getattr(self, k) is None else getattr(self, k)

@@ -216,9 +216,26 @@ def saved_values(spec: ModelSpec, s: Saved, seq_len: int, tp: int = 1, sequences
     return s.h * spec.dim + s.scalars + s.mask * seq_len + s.per_sequence / (seq_len * sequences) + split / tp
 
 
+def _layer_saved_bytes(spec: ModelSpec, i: int, checkpoint: str, *, dtype: str, tp: int, seq_len: int,
+                       training: bool, sequences: int) -> tuple[float, float]:
+    """Layer `i`'s part of hf_stage_saved_bytes: (bytes per token the meter sees, bytes per token of the
+    block when rebuilt in backward, 0 when it is not checkpointed)."""
+    b = DTYPE_BYTES[dtype]
+    autocast = dtype == "bf16"
+    wide_b = 4 if autocast else b
+    wide, half = saved_block_parts(spec, i, seq_len, dtype=dtype, training=training)
+    ck = checkpoint == "full" or (checkpoint == "selective" and i % 2 == 0)
+    blk = (wide_b * saved_values(spec, wide, seq_len, tp, sequences)
+           + b * saved_values(spec, half, seq_len, tp, sequences))
+    if autocast:
+        blk += b * linear_weight_values(spec) / tp / (seq_len * sequences)
+    return (wide_b * spec.dim, blk) if ck else (blk, 0.0)
+
+
 def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, first: bool, last: bool,
                          dtype: str = "fp32", tp: int = 1, seq_len: int, training: bool = True,
-                         sequences: int = 1) -> tuple[float, float]:
+                         sequences: int = 1, per_layer: dict[int, tuple[float, float]] | None = None,
+                         ) -> tuple[float, float]:
     """(bytes per token autograd's saved-tensor hooks see, bytes per token of the one block rebuilt in
     backward) of a Hugging Face stage running `layers` (numbers in the whole model).
 
@@ -239,7 +256,8 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
     normalised product, a checkpointed block's input, rotary cos/sin and Gemma's (1 + weight) are fp32;
     each linear keeps a bf16 copy of its input and of its weight (model.saved.linear_weight_values, per
     micro-batch, shared by its sequences like cos/sin); on the
-    last stage the head's input copy, its weight copy and Gemma 2's soft-capped logits are bf16."""
+    last stage the head's input copy, its weight copy and Gemma 2's soft-capped logits are bf16.
+    `per_layer`: _layer_saved_bytes of every layer, computed once when many stages are priced."""
     row = family_of(spec).saved
     assert row is not None, "hf_stage_saved_bytes prices a family with an activation row"
     b = DTYPE_BYTES[dtype]
@@ -252,15 +270,10 @@ def hf_stage_saved_bytes(spec: ModelSpec, layers: range, checkpoint: str, *, fir
     weights = 0.0  # matmul weights whose bf16 copies a micro-batch keeps
     per_mb = seq_len * sequences  # tokens of a micro-batch: what a per-micro-batch tensor is shared by
     for i in layers:
-        wide, half = saved_block_parts(spec, i, seq_len, dtype=dtype, training=training)
-        ck = checkpoint == "full" or (checkpoint == "selective" and i % 2 == 0)
-        blk = (wide_b * saved_values(spec, wide, seq_len, tp, sequences)
-               + b * saved_values(spec, half, seq_len, tp, sequences))
-        if autocast:
-            blk += b * linear_weight_values(spec) / tp / per_mb
-        visible += wide_b * h if ck else blk
-        if ck:
-            rebuilt = max(rebuilt, blk)
+        seen, built = per_layer[i] if per_layer is not None else _layer_saved_bytes(
+            spec, i, checkpoint, dtype=dtype, tp=tp, seq_len=seq_len, training=training, sequences=sequences)
+        visible += seen
+        rebuilt = max(rebuilt, built)
     sets = rotary_sets(spec, layers)
     if checkpoint != "full" and sets:
         visible += wide_b * sets * 2 * a.head_dim / sequences  # cos, sin: head_dim each per position
@@ -308,8 +321,14 @@ def _hf_places(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool
     (the planner's stage shapes; the caller keeps the worst)."""
     starts = [first_layer] if first_layer is not None else (
         [0] if first else [spec.num_layers - num_layers] if last else range(max(1, spec.num_layers - num_layers + 1)))
+    key = ("hf_layer_saved", checkpoint, dtype, tp, seq_len, sequences)
+    per_layer = spec.memo.get(key)
+    if per_layer is None:
+        per_layer = spec.memo[key] = {
+            i: _layer_saved_bytes(spec, i, checkpoint, dtype=dtype, tp=tp, seq_len=seq_len, training=True,
+                                  sequences=sequences) for i in range(spec.num_layers)}
     return [hf_stage_saved_bytes(spec, range(s, s + num_layers), checkpoint, first=first, last=last, dtype=dtype,
-                                 tp=tp, seq_len=seq_len, sequences=sequences) for s in starts]
+                                 tp=tp, seq_len=seq_len, sequences=sequences, per_layer=per_layer) for s in starts]
 
 
 def hf_activation_bytes_per_token(spec: ModelSpec, num_layers: int, checkpoint: str, *, first: bool, last: bool,
