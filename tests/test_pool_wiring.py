@@ -126,6 +126,8 @@ def _set(path, value):
     (("node", 0, "wiring", "bridges"), [["g0", "g9"]], "node[0].wiring.bridges", "expanded"),
     (("node", 0, "wiring", "bridges"), [["g0", "g1", "g2"]], "node[0].wiring.bridges", "pairs"),
     (("node", 0, "wiring", "bridges"), [["g0", "g1"], ["g1", "g2"]], "node[0].wiring.bridges", "at most once"),
+    (("node", 0, "wiring", "bridges"), [["g0", ["g1"]]], "node[0].wiring.bridges", "as strings"),
+    (("node", 0, "wiring", "bridges"), [["g0", {"a": 1}]], "node[0].wiring.bridges", "as strings"),
     (("node", 0, "wiring", "bridge_gbs"), KeyError, "node[0].wiring.bridge_gbs", "bridge_gbs ="),
     (("node", 0, "wiring", "switches"), "g0", "node[0].wiring.switches", "switches ="),
     (("node", 0, "wiring", "nic_gbit_s"), 0, "node[0].wiring.nic_gbit_s", "above 0"),

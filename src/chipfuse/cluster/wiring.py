@@ -138,6 +138,9 @@ def parse_wiring(raw: Any, device_names: Sequence[str], where: str, fail: Fail) 
                 raise fail(f"{where}.{key}", f"{g!r} has {len(g)} devices, a bridge joins two",
                            f"write pairs: `{key} = {shape}`")
             for d in g:
+                if not isinstance(d, str):
+                    raise fail(f"{where}.{key}", f"{g!r} holds {d!r}, not a device name",
+                               f"name devices as strings: `{key} = {shape}`")
                 if d not in known:
                     raise fail(f"{where}.{key}", f"unknown device {d!r} (this node has {sorted(known)})",
                                "name devices of this node as they are expanded (count = 2 gives g0, g1)")
