@@ -143,6 +143,22 @@ def test_three_stage_unequal_greedy_equals_transformers_and_concurrency_changes_
     assert a == b and a != refs[0][:8]  # sampled with the seed, reproducible
 
 
+def test_stage_workers_meet_at_the_store_training_launchers_host(engine3):
+    """The engine hosts the rendezvous as training's supervisor does (runtime.launch.dist.rendezvous): a
+    store on a port the OS picked, named in torchrun's environment, where the running workers registered."""
+    from torch.distributed import TCPStore
+
+    from chipfuse.runtime.launch import dist as cfdist
+
+    store, env = cfdist.rendezvous(2)
+    assert env["WORLD_SIZE"] == "2" and env["MASTER_PORT"] == str(store.port) and env["TORCHELASTIC_USE_AGENT_STORE"] == "True"
+    client = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False)
+    client.set("k", "v")
+    assert store.get("k") == b"v"
+    running = TCPStore(cfdist.LOCAL_ADDR, engine3._store.port, is_master=False)
+    assert running.num_keys() > 0  # the 3 workers' process group keys
+
+
 @pytest.mark.slow
 def test_two_stage_qwen2_with_tied_embeddings(tmp_path):
     d = tiny_model(tmp_path, "qwen2", layers=3)
