@@ -1,5 +1,6 @@
 """Every supported Hugging Face architecture against transformers itself: the planner's parameter
-count, and chipfuse's staged model loaded with --init-from giving transformers' logits."""
+count, chipfuse's staged model loaded with --init-from giving transformers' logits, and the same
+stages serving a sequence with a KV cache (chunked prompt, then decode) giving transformers' logits."""
 
 from __future__ import annotations
 
@@ -179,3 +180,68 @@ def test_train_init_from_refuses_a_misshapen_folder_before_any_worker(tmp_path, 
     errors = [ln for ln in err.splitlines() if ln.startswith("chipfuse: error")]
     assert len(errors) == 1 and "Fix:" in errors[0]  # one line (torchao may print its own load notes)
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no step ran
+
+
+@pytest.mark.parametrize("arch", sorted(TINY))
+def test_served_stages_with_kv_caches_give_transformers_logits(tmp_path, arch):
+    """Serving runs training's stage modules (same class, same tensors as --init-from loads) with a
+    DynamicCache: a 20-token prompt in chunks of 7, then 6 decode steps, over 3 stages of one layer;
+    the logits of every step equal transformers' forward over the whole sequence. 26 positions pass
+    the sliding windows of 16 (Mistral, Gemma 2 / 3), so the cached window masks are exercised."""
+    from chipfuse.serve.hf import StageModel
+
+    ref = save_tiny(TINY[arch], tmp_path, seed=1).eval()
+    spec = resolve_model(str(tmp_path))
+    served = [StageModel(tmp_path, i, 1) for i in range(3)]
+    plan = plan_of(spec, [([("a", 1), ("b", 1), ("c", 1)], 2, 2)])
+    trained = build_stage(spec, plan.replicas[0].stages, 1, init_from=str(tmp_path))
+    assert type(served[1].module) is type(trained)
+    for (n, p), (m, q) in zip(served[1].module.named_parameters(), trained.named_parameters(), strict=True):
+        assert n == m and torch.equal(p, q)
+    caches = [s.new_cache() for s in served]
+    torch.manual_seed(3)
+    seq = torch.randint(3, spec.vocab_size, (20,)).tolist()
+    chunks = [seq[0:7], seq[7:14], seq[14:20]]
+    got = []
+    for step in range(9):  # 3 prompt chunks, then 6 decode steps each feeding the token the last one chose
+        h = torch.tensor([chunks[step] if step < 3 else [seq[-1]]])
+        for s, c in zip(served, caches, strict=True):
+            h = s(h, c)
+        got.append(h)
+        if step >= 2:
+            seq.append(int(torch.argmax(h)))
+    with torch.no_grad():
+        want = ref(torch.tensor([seq[:-1]])).logits[0]
+    for i, end in enumerate([6, 13, 19, *range(20, 26)]):
+        torch.testing.assert_close(got[i], want[end], rtol=1e-4, atol=1e-4, msg=f"step {i} (position {end})")
+
+
+def test_served_stage_reads_only_its_tensors_through_the_training_reader(tmp_path):
+    """A stage holding a missing tensor is refused by model/weights.py's check (the --init-from reader),
+    naming it; a stage that does not hold it serves."""
+    from safetensors.torch import load_file, save_file
+
+    from chipfuse.serve.hf import StageModel
+
+    save_tiny(TINY["llama"], tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if k != "model.layers.2.mlp.up_proj.weight"},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(WeightsError, match=r"model.safetensors: tensor 'model.layers.2.mlp.up_proj.weight' "
+                                           r"missing.*Fix"):
+        StageModel(tmp_path, 2, 1)
+    first = StageModel(tmp_path, 0, 2)
+    torch.testing.assert_close(first.blocks[1].mlp.up_proj.weight, weights["model.layers.1.mlp.up_proj.weight"],
+                               atol=0, rtol=0)
+
+
+def test_one_reader_of_safetensors_in_the_package():
+    """Training's --init-from, export's checks and serving share model/weights.py: no other module opens
+    a safetensors file."""
+    from pathlib import Path
+
+    import chipfuse
+
+    root = Path(chipfuse.__file__).parent
+    readers = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py") if "safe_open" in p.read_text())
+    assert readers == ["model/weights.py"]

@@ -49,13 +49,12 @@ def test_stage_chain_kv_caches_equal_the_full_models(tmp_path, arch):
     caches = [s.new_cache() for s in stages]
     full = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     prompt = PROMPTS[2]
-    x, start, ours = torch.tensor([prompt]), 0, []
+    x, ours = torch.tensor([prompt]), []
     for _ in range(4):
         h = x
         for s, c in zip(stages, caches, strict=True):
-            h = s(h, start, c)
+            h = s(h, c)
         ours.append(int(torch.argmax(h)))
-        start += x.shape[1]
         x = torch.tensor([[ours[-1]]])
     with torch.no_grad():
         out = full(torch.tensor([prompt + ours[:3]]), use_cache=True)
@@ -85,7 +84,7 @@ def test_a_prompt_prefilled_in_chunks_gives_the_full_models_tokens(tmp_path, arc
     for start in range(0, len(prompt), 4):
         h = torch.tensor([prompt[start:start + 4]])
         for s, c in zip(stages, caches, strict=True):
-            h = s(h, start, c)
+            h = s(h, c)
     full = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
     with torch.no_grad():
         ref = full(torch.tensor([prompt])).logits[0, -1]
@@ -142,6 +141,22 @@ def test_three_stage_unequal_greedy_equals_transformers_and_concurrency_changes_
     a = engine3.generate(PROMPTS[0], 8, temperature=0.9, top_p=0.8, seed=7)[0]
     b = engine3.generate(PROMPTS[0], 8, temperature=0.9, top_p=0.8, seed=7)[0]
     assert a == b and a != refs[0][:8]  # sampled with the seed, reproducible
+
+
+def test_stage_workers_meet_at_the_store_training_launchers_host(engine3):
+    """The engine hosts the rendezvous as training's supervisor does (runtime.launch.dist.rendezvous): a
+    store on a port the OS picked, named in torchrun's environment, where the running workers registered."""
+    from torch.distributed import TCPStore
+
+    from chipfuse.runtime.launch import dist as cfdist
+
+    store, env = cfdist.rendezvous(2)
+    assert env["WORLD_SIZE"] == "2" and env["MASTER_PORT"] == str(store.port) and env["TORCHELASTIC_USE_AGENT_STORE"] == "True"
+    client = TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), is_master=False)
+    client.set("k", "v")
+    assert store.get("k") == b"v"
+    running = TCPStore(cfdist.LOCAL_ADDR, engine3._store.port, is_master=False)
+    assert running.num_keys() > 0  # the 3 workers' process group keys
 
 
 @pytest.mark.slow

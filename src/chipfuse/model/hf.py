@@ -10,6 +10,12 @@ implementation, Gemma's embedding scale (inside its embedding module) and final-
 Rotary embeddings are not passed between stages: every stage holds its own copy of the
 parameter-free rotary module and recomputes (cos, sin) from the positions, so that stages
 exchange one tensor only.
+
+The same stage serves (chipfuse.serve): given a transformers Cache (a DynamicCache over the whole
+model's layers, one per sequence), its forward continues the sequence the cache holds. Positions
+start after the cached ones and the masks come from masking_utils sized by this stage's own
+layers' part of the cache (the other stages' layers stay empty in it), as transformers' own
+forward with a cache computes them.
 """
 
 from __future__ import annotations
@@ -114,61 +120,92 @@ class HFStage(StageModule):
         if rot is not None:
             self._rotary_takes_type = "layer_type" in inspect.signature(rot.forward).parameters
         self._base_path = base_path
+        self.layer_ids = list(stage.layers)
+        # transformers 5.x renamed the layers' cache keyword (past_key_values -> cache).
+        sig = inspect.signature(layers[self.layer_ids[0]].forward).parameters
+        self._cache_kw = "cache" if "cache" in sig else "past_key_values"
+
+    def forward(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        """Training: the whole sequence, no cache. Serving: `cache` (a transformers Cache) holds the
+        sequence so far; x continues it, and this stage's layers read and extend their part."""
+        return self.body(self.pre(x, cache), cache)
+
+    def past(self, cache: Any) -> int:
+        """Positions the cache already holds, read at this stage's first layer (0 without a cache)."""
+        return int(cache.get_seq_length(self.layer_ids[0])) if cache is not None else 0
+
+    def _positions(self, x: torch.Tensor, cache: Any) -> torch.Tensor:
+        start = self.past(cache)
+        return torch.arange(start, start + x.shape[1], device=x.device)[None, :]
 
     # ------------------------------------------------------------------ forward pieces
-    def pre(self, x: torch.Tensor) -> torch.Tensor:
+    def pre(self, x: torch.Tensor, cache: Any = None) -> torch.Tensor:
         if not self.first:
             return x
         h = get(self, self.lay.embed)(x)
         if self.kind == "gpt2":
-            pos = torch.arange(x.shape[1], device=x.device)[None, :]
-            h = h + get(self, "transformer.wpe")(pos)
+            h = h + get(self, "transformer.wpe")(self._positions(x, cache))
             drop = get(self, "transformer.drop")
             return drop(h) if drop is not None else h
         if self.kind == "opt":
-            pos = torch.arange(x.shape[1], device=x.device)[None, :]
+            pos = self._positions(x, cache)
             ones = torch.ones(x.shape, device=x.device)
-            pe = get(self, "model.decoder.embed_positions")(ones, 0, position_ids=pos)
+            pe = get(self, "model.decoder.embed_positions")(ones, self.past(cache), position_ids=pos)
             proj = get(self, "model.decoder.project_in")
             return (proj(h) if proj is not None else h) + pe
         return h
 
-    def _masks(self, h: torch.Tensor, pos: torch.Tensor) -> dict[str, Any]:
+    def _masks(self, h: torch.Tensor, pos: torch.Tensor, cache: Any) -> dict[str, Any]:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         cfg = self.config
-        am = torch.ones(h.shape[:2], device=h.device) if self.kind == "opt" else None
-        # No cache (training): passed by position, its keyword was renamed across transformers 5.x.
-        args = (cfg, h, am, None)
+        types = cfg.layer_types if self.lay.masks == "by_layer_type" else None
+        am = None
+        if self.kind == "opt":
+            am = torch.ones(h.shape[0], self.past(cache) + h.shape[1], device=h.device)
+        # Passed by position: the cache's keyword was renamed across transformers 5.x. With a cache,
+        # each mask is sized by this stage's first layer of its type (the cache's other layers are
+        # other stages' and empty here).
+        args = (cfg, h, am, cache)
         out: dict[str, Any] = {}
-        if self.lay.masks != "by_layer_type":
+        if types is None:
             sliding = self.lay.masks == "window" and getattr(cfg, "sliding_window", None) is not None
             fn = create_sliding_window_causal_mask if sliding else create_causal_mask
-            out["full_attention"] = fn(*args, position_ids=pos)
+            at = {"layer_idx": self.layer_ids[0]} if cache is not None else {}
+            out["full_attention"] = fn(*args, position_ids=pos, **at)
             return out
-        types = set(cfg.layer_types)
-        if "full_attention" in types:
-            out["full_attention"] = create_causal_mask(*args, position_ids=pos)
-        if "sliding_attention" in types:
-            out["sliding_attention"] = create_sliding_window_causal_mask(*args, position_ids=pos)
+        for lt, fn in (("full_attention", create_causal_mask), ("sliding_attention", create_sliding_window_causal_mask)):
+            mine = [i for i in self.layer_ids if types[i] == lt]
+            if mine:
+                at = {"layer_idx": mine[0]} if cache is not None else {}
+                out[lt] = fn(*args, position_ids=pos, **at)
         return out
 
-    def body(self, h: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(h.shape[1], device=h.device)[None, :]
-        masks = self._masks(h, pos)
+    def body(self, h: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        h = self.run_layers(h, cache)
+        return self.final(h) if self.last else h
+
+    def run_layers(self, h: torch.Tensor, cache: Any = None) -> torch.Tensor:
+        """This stage's decoder layers (with a cache: attending to and extending their part of it)."""
+        pos = self._positions(h, cache)
+        masks = self._masks(h, pos, cache)
         types = self.config.layer_types if self.lay.masks == "by_layer_type" else None
         rot = get(self, f"{self._base_path}.rotary_emb")
         pe_cache: dict[str, Any] = {}
         for key, blk in get(self, self.lay.layers).items():
             lt = types[int(key)] if types else "full_attention"
             kw: dict[str, Any] = {"attention_mask": masks[lt], "position_ids": pos}
+            if cache is not None:
+                kw.update({self._cache_kw: cache, "use_cache": True})
             if rot is not None:
                 if lt not in pe_cache:
                     pe_cache[lt] = rot(h, pos, lt) if self._rotary_takes_type else rot(h, pos)
                 kw["position_embeddings"] = pe_cache[lt]
             h = self._run_block(_LayerCall(blk, kw), h)
-        if not self.last:
-            return h
+        return h
+
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        """The last stage's final norm, head and logit soft-cap (of the positions given)."""
         for n in self._last:
             h = get(self, n)(h)
         logits = get(self, self.lay.head)(h)

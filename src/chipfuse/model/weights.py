@@ -1,4 +1,4 @@
-"""Hugging Face weights in and out: `--init-from DIR` and `chipfuse export`.
+"""Hugging Face weights in and out: `--init-from DIR`, serving's stages and `chipfuse export`.
 
 In: each rank opens the folder's safetensors files with safetensors' `safe_open` and reads only
 the tensors its stage holds (by the full model's parameter names, which are the names
@@ -48,8 +48,8 @@ def weight_files(directory: str | Path) -> dict[str, Path]:
 
         with safe_open(str(d / SINGLE), framework="pt") as f:
             return dict.fromkeys(f.keys(), d / SINGLE)
-    raise WeightsError(f"{d}: neither {SINGLE} nor {INDEX} found. Fix: give --init-from a Hugging Face model "
-                       "folder saved with safetensors (save_pretrained(..., safe_serialization=True))")
+    raise WeightsError(f"{d}: neither {SINGLE} nor {INDEX} found. Fix: give a Hugging Face model folder saved "
+                       "with safetensors (save_pretrained(..., safe_serialization=True))")
 
 
 def _source_key(name: str, files: dict[str, Path], tied: dict[str, str], prefixes: tuple[str, ...]) -> str | None:
@@ -77,8 +77,8 @@ def match_tensors(shapes: dict[str, tuple[int, ...]], directory: str | Path,
         if key is None:
             where = d / (INDEX if (d / INDEX).is_file() else SINGLE)
             raise WeightsError(f"{where}: tensor {name!r} missing ({len(files)} tensors, none of that name). "
-                               "Fix: give --init-from the folder of this model (its config.json and weights "
-                               "together), or --model the folder's config.json")
+                               "Fix: use the weights saved with this model's config.json (the folder that "
+                               "holds both)")
         plan.setdefault(files[key], []).append((name, key))
     for path, pairs in plan.items():
         with safe_open(str(path), framework="pt") as f:

@@ -1,8 +1,9 @@
 """The frontend of a serving job: starts one worker process per stage of a ServePlan, feeds requests to
 rank 0 and delivers tokens back, and re-places the model on the survivors when a device is lost.
 
-Workers are started like torchrun's standalone mode starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT,
-one thread each) but one subprocess per rank, so that the frontend knows which device's process died.
+Workers are started as training's supervisor starts them (torchrun's environment, the rendezvous store
+hosted here: runtime.launch.dist.rendezvous), one subprocess per rank with one thread each, so that the
+frontend knows which device's process died.
 A lost device is reported; the frontend stops the other workers, plans again without it
 (chipfuse.plan.serve), starts the new pipeline and resubmits every unfinished request with the tokens
 it has produced so far (greedy requests continue exactly; sampled ones continue from a fresh seed).
@@ -14,7 +15,6 @@ import itertools
 import json
 import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +29,7 @@ from typing import Any
 from chipfuse.cluster.pool import Pool
 from chipfuse.errors import ChipfuseError
 from chipfuse.plan.serve import ServePlan, fastest_layer_step_s, plan_serve, stage_times
+from chipfuse.runtime.launch import dist as cfdist
 
 Event = tuple  # ("token", id) | ("done", reason) | ("error", message)
 
@@ -62,12 +63,6 @@ class Request:
     id: str = ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Engine:
     def __init__(self, model_dir: str | Path, pool: Pool, plan: ServePlan, cfg: ServeConfig | None = None):
         self.model_dir, self.pool, self.plan = str(model_dir), pool, plan
@@ -86,6 +81,7 @@ class Engine:
         self._conn: Any = None
         self._closing = False
         self._tmp = tempfile.TemporaryDirectory(prefix="chipfuse-serve-")
+        self._store: Any = None
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- lifecycle
@@ -106,8 +102,9 @@ class Engine:
         run = Path(self._tmp.name) / f"run{len(self.lost)}"
         run.mkdir(exist_ok=True)
         (run / "spec.json").write_text(json.dumps(spec))
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(_free_port()), WORLD_SIZE=str(k))
+        # The rendezvous training's launcher uses: a store held here while this pipeline runs.
+        self._store, rdzv = cfdist.rendezvous(k)
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **rdzv)
         self._procs = []
         for r in range(k):
             log = open(run / f"rank{r}.log", "w")

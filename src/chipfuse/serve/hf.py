@@ -1,18 +1,18 @@
-"""A Hugging Face decoder folder, cut into serving stages: each rank builds the model on the meta device
-and loads from the safetensors only the tensors of its own layers.
+"""A Hugging Face decoder folder, cut into serving stages.
 
-Where the embedding, decoder layers, positions, final norm, head and rotary module live is the
-architecture's layout (chipfuse.model.registry.layout_of, the row training's stage split reads too), so an
-architecture added there is trained and served alike.
+A serving stage is training's stage module: built by the family's builder on the meta device
+(model/build.py, the architecture's row in model/families/hf.py says where each piece lives) and
+loaded with model/weights.py, the reader `--init-from` uses, which reads only the stage's tensors.
+`StageModel` only adapts it to serving: no gradients, the compute dtype, one sequence at a time
+through the stage's forward with a transformers DynamicCache, the last position's logits.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +20,7 @@ import torch
 import torch.nn as nn
 
 from chipfuse.errors import ChipfuseError
-from chipfuse.model.hf import check_covered
 from chipfuse.model.init import get
-from chipfuse.model.registry import layout_of
 
 
 @contextmanager
@@ -50,113 +48,48 @@ def model_folder(model: str | Path) -> Iterator[Path]:
         yield named
 
 
-def read_config(model_dir: str | Path) -> Any:
-    from transformers import AutoConfig
+@dataclass(frozen=True, kw_only=True)
+class _Part:
+    """The part of a stage the builder reads (model.split.StagePart); serving keeps no activations."""
 
-    d = Path(model_dir)
-    if not (d / "config.json").is_file():
-        raise ChipfuseError(f"{d}: no config.json. Fix: give a Hugging Face model folder (config.json + safetensors)")
-    try:
-        return AutoConfig.from_pretrained(str(d))
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        raise ChipfuseError(f"{d / 'config.json'}: transformers cannot read it ({str(e).splitlines()[0]}). "
-                            "Fix: give the config.json of a transformers decoder model") from None
+    layers: range
+    checkpoint: str = "none"
 
 
-def _weight_files(d: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, from the index of a sharded checkpoint or the one file."""
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            wm = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ChipfuseError(f"{index}: no weight_map ({e}). Fix: re-save the model with save_pretrained") from None
-        return {k: d / v for k, v in wm.items()}
-    one = d / "model.safetensors"
-    if not one.is_file():
-        raise ChipfuseError(f"{d}: no model.safetensors nor model.safetensors.index.json. "
-                            "Fix: save the model with save_pretrained (safe_serialization)")
-    from safetensors import safe_open
-
-    with safe_open(str(one), framework="pt") as f:
-        return {k: one for k in f.keys()}  # noqa: SIM118 (safe_open is not a mapping)
-
-
-class StageModel(nn.Module):
-    """The part of a causal LM one serving stage runs: [embedding] + layers[first:last] + [norm + head]."""
+class StageModel:
+    """One serving stage: layers [first_layer, first_layer + num_layers) of the folder's model, with the
+    embedding on the first stage and the final norm and head on the last."""
 
     def __init__(self, model_dir: str | Path, first_layer: int, num_layers: int, *, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        from transformers import AutoModelForCausalLM
+        from chipfuse.model.build import build_stage
+        from chipfuse.model.hf import HFStage
 
         d = Path(model_dir)
-        self.config = read_config(d)
-        self.config._attn_implementation = "sdpa"  # one sequence at a time: no mask, causal in prefill
-        L = self.config.num_hidden_layers
+        spec = model_spec(d)
+        L = spec.num_layers
         if first_layer < 0 or num_layers < 1 or first_layer + num_layers > L:
             raise ChipfuseError(f"{d}: stage layers {first_layer}..+{num_layers} outside the model's {L} layers. "
                                 "Fix: re-plan for this model")
-        spec = model_spec(d)
-        lay = layout_of(spec)
-        if lay.kind not in ("rotary", "gpt2"):
-            raise ChipfuseError(f"{d}: model_type {spec.model_type!r} is trained by chipfuse but not served yet (its "
-                                "learned positions start at an offset). Fix: serve a Llama-, Qwen-, Mistral-, Gemma- "
-                                "or GPT-2-style model")
-        with torch.device("meta"):
-            full = AutoModelForCausalLM.from_config(self.config, dtype=dtype)
-        check_covered(full, lay, str(spec.model_type))
-        self.lay = lay
-        self.first, self.last = first_layer == 0, first_layer + num_layers == L
-        self.layer_ids = list(range(first_layer, first_layer + num_layers))
-        blocks = get(full, lay.layers)
-        self.blocks = nn.ModuleList([blocks[i] for i in self.layer_ids])
-        self.embed = get(full, lay.embed) if self.first else None
-        # The first stage's learned positions (GPT-2's wpe), the last stage's final norm: present pieces only.
-        self.pos = nn.ModuleList([m for n in lay.first if (m := get(full, n)) is not None] if self.first else [])
-        self.post = nn.ModuleList([m for n in lay.last if (m := get(full, n)) is not None] if self.last else [])
-        self.head = get(full, lay.head) if self.last else None
-        self.rotary = None
-        rot = get(full, lay.rotary) if lay.rotary else None
-        if rot is not None:
-            self.rotary = type(rot)(config=self.config)  # its inv_freq buffer is computed, not stored
-        self._load(d, full, dtype)
-        self.eval()
-        sig = inspect.signature(self.blocks[0].forward).parameters
-        self._cache_kw = "cache" if "cache" in sig else "past_key_values"
-        self._kw = {k for k in ("position_ids", "position_embeddings") if k in sig}
+        mine = range(first_layer, first_layer + num_layers)
+        # The builder reads whether the stage is first or last from its place among the model's stages.
+        parts = tuple(_Part(layers=r) for r in (range(first_layer), mine, range(mine.stop, L)) if len(r))
+        module = build_stage(spec, parts, int(first_layer > 0), init_from=str(d))
+        assert isinstance(module, HFStage), "a folder's config.json is served by its Hugging Face row"
+        with torch.no_grad():
+            for p in module.parameters():  # weights in the compute dtype; computed buffers (rotary) stay fp32
+                p.data = p.data.to(dtype)
+        self.module = module.eval()
+        self.config = module.config
+        self.first, self.last, self.layer_ids = module.first, module.last, module.layer_ids
 
-    def _load(self, d: Path, full: nn.Module, dtype: torch.dtype) -> None:
-        from safetensors import safe_open
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The stage's decoder layers (what weight-only quantisation changes)."""
+        return list(get(self.module, self.module.lay.layers).values())
 
-        files = _weight_files(d)
-        full_names = {id(m): n for n, m in full.named_modules()}
-        wanted: dict[str, nn.Module] = {}
-        for m in (self.embed, *self.pos, *self.post, self.head, *self.blocks):
-            if m is not None:
-                wanted[full_names[id(m)]] = m
-        tied = bool(getattr(self.config, "tie_word_embeddings", False))
-        handles: dict[Path, Any] = {}
-        for prefix, mod in wanted.items():
-            mod.to_empty(device="cpu")
-            for kind, tensors in (("parameter", mod.named_parameters()), ("buffer", mod.named_buffers())):
-                for name, t in tensors:
-                    key = f"{prefix}.{name}"
-                    src = key
-                    if src not in files and tied and prefix == self.lay.head:
-                        src = f"{self.lay.embed}.{name}"  # tied head: the embedding's matrix
-                    if src not in files:
-                        if kind == "buffer":
-                            raise ChipfuseError(f"{d}: buffer {key} is not in the safetensors and chipfuse cannot "
-                                                "rebuild it. Fix: this architecture is not supported for serving yet")
-                        raise ChipfuseError(f"{d}: tensor {key} is missing from the safetensors. "
-                                            "Fix: re-save the complete model with save_pretrained")
-                    f = handles.get(files[src]) or handles.setdefault(files[src], safe_open(str(files[src]), "pt"))
-                    got = f.get_tensor(src)
-                    if tuple(got.shape) != tuple(t.shape):
-                        raise ChipfuseError(f"{files[src]}: tensor {src} has shape {tuple(got.shape)}, the config "
-                                            f"makes {tuple(t.shape)}. Fix: use the config.json saved with these weights")
-                    with torch.no_grad():
-                        t.copy_(got.to(t.dtype))
+    @property
+    def head(self) -> nn.Module | None:
+        return get(self.module, self.module.lay.head) if self.last else None
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache
@@ -164,34 +97,15 @@ class StageModel(nn.Module):
         return DynamicCache(config=self.config)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, start: int, cache: Any, *, logits: bool = True) -> torch.Tensor:
-        """One sequence: x is token ids [1, T] on the first stage, hidden states [1, T, h] after it.
-        Returns hidden states, or on the last stage (unless `logits` is False) the logits of the last
-        position [V] in fp32."""
-        T = x.shape[1]
-        pos = torch.arange(start, start + T).unsqueeze(0)
-        if self.embed is not None:
-            x = self.embed(x)
-            for p in self.pos:
-                x = x + p(pos)
-        # A whole prompt (start 0) or one decode token needs no mask (SDPA's causal flag / nothing); a later
-        # chunk of a prompt does: its queries see the cached positions and their own causal part, while
-        # SDPA's causal flag aligns to the top-left corner and would hide the cache.
-        mask = torch.ones(T, start + T, dtype=torch.bool).tril(start)[None, None] if start and T > 1 else None
-        kw: dict[str, Any] = {self._cache_kw: cache, "use_cache": True, "attention_mask": mask}
-        if "position_ids" in self._kw:
-            kw["position_ids"] = pos
-        if self.rotary is not None:
-            kw["position_embeddings"] = self.rotary(x, pos)
-        for blk in self.blocks:
-            out = blk(x, **kw)
-            x = out[0] if isinstance(out, tuple) else out
-        if self.head is None or not logits:
-            return x
-        x = x[:, -1:]
-        for m in self.post:
-            x = m(x)
-        return self.head(x)[0, -1].float()
+    def __call__(self, x: torch.Tensor, cache: Any, *, logits: bool = True) -> torch.Tensor:
+        """One sequence continued: x is token ids [1, T] on the first stage, hidden states [1, T, h] after
+        it; `cache` holds what came before. Returns hidden states, or on the last stage (unless `logits` is
+        False) the logits of the last position [V] in fp32."""
+        m = self.module
+        h = m.run_layers(m.pre(x, cache), cache)
+        if not m.last or not logits:
+            return h
+        return m.final(h[:, -1:])[0, -1].float()
 
 
 def model_spec(model_dir: str | Path):

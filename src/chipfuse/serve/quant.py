@@ -40,7 +40,7 @@ def quantize_blocks(blocks: Iterable[nn.Module], weight_dtype: str) -> None:
 
 
 def quantize_layers(stage: Any, weight_dtype: str) -> None:
-    """Quantise the decoder layers of a serving StageModel in place."""
+    """Quantise the decoder layers of a serving stage (chipfuse.serve.hf.StageModel) in place."""
     quantize_blocks(stage.blocks, weight_dtype)
 
 

@@ -80,16 +80,18 @@ class Stage:
                 self.caches[sid] = self.model.new_cache()
                 if self.model.last:
                     self.gens[sid] = torch.Generator().manual_seed(int(seed))
+            # The stage reads its positions from the cache: the scheduler's must be the same.
+            assert self.model.module.past(self.caches[sid]) == start, (sid, start)
             x = payload[off:off + n].unsqueeze(0)
             off += n
             decode += is_decode
             prefill_tokens += 0 if is_decode else n
             if not self.model.last:
-                outs.append(self.model(x, start, self.caches[sid])[0])
+                outs.append(self.model(x, self.caches[sid])[0])
             elif want:
-                outs.append(sample(self.model(x, start, self.caches[sid]), temp, top_p, self.gens.get(sid)))
+                outs.append(sample(self.model(x, self.caches[sid]), temp, top_p, self.gens.get(sid)))
             else:
-                self.model(x, start, self.caches[sid], logits=False)  # fills the KV cache only
+                self.model(x, self.caches[sid], logits=False)  # fills the KV cache only
                 outs.append(-1)
         if self.pacer is not None:
             # A real chip runs a micro-batch's prompt tokens as one prefill and its decodes as one step.

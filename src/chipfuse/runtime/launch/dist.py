@@ -102,6 +102,22 @@ def collective_timeout(default_s: float = 60.0) -> datetime.timedelta:
     return datetime.timedelta(seconds=float(os.environ.get("CHIPFUSE_COLLECTIVE_TIMEOUT_S", default_s)))
 
 
+LOCAL_ADDR = "127.0.0.1"
+
+
+def rendezvous(world_size: int, *, addr: str = LOCAL_ADDR) -> tuple[dist.TCPStore, dict[str, str]]:
+    """Where a job's workers meet, for a launcher that starts them itself (training's supervisor,
+    serving's engine): a store hosted by the launching process on a port the OS picks when it binds,
+    as torchrun's agent hosts its own (a port chosen first and bound later can be taken in between
+    on a busy host), and torchrun's environment naming it, which `init` reads on every worker.
+    Keep the store alive while the workers run. `addr`: where workers reach the launcher; this host
+    only for now (the workers are its subprocesses)."""
+    store = dist.TCPStore(addr, 0, is_master=True, wait_for_workers=False)
+    env = {"WORLD_SIZE": str(world_size), "MASTER_ADDR": addr, "MASTER_PORT": str(store.port),
+           "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    return store, env
+
+
 def init(*, device_kind: str = "cpu", backend: str | None = None, timeout_s: float = 60.0,
          threads: int | None = 1) -> DistInfo:
     """Join the job. With no RANK in the environment this is a one-process job (no group).

@@ -35,6 +35,7 @@ from chipfuse.plan.shares import proportional_shares
 from chipfuse.runtime.endure import checkpoint
 from chipfuse.runtime.endure.balance import with_shares
 from chipfuse.runtime.endure.guard import die_with_parent
+from chipfuse.runtime.launch import dist as cfdist
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,16 +66,13 @@ def launch(argv: list[str], devices: tuple[str, ...] | list[str], *,
            env: dict[str, str] | None = None) -> tuple[list[subprocess.Popen], TCPStore]:
     """Start one worker per device with torchrun's environment; rank i runs devices[i].
 
-    The rendezvous store is hosted here, on a port the OS picks when it binds (as torchrun's agent
-    does): a port chosen first and bound later by rank 0 can be taken in between on a busy host.
-    Keep the returned store alive while the workers run."""
-    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    The rendezvous store is hosted here (runtime.launch.dist.rendezvous). Keep the returned store
+    alive while the workers run."""
+    store, rdzv = cfdist.rendezvous(len(devices))
     procs = []
     for rank, name in enumerate(devices):
-        e = {**os.environ, **(env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank),
-             "WORLD_SIZE": str(len(devices)), "LOCAL_WORLD_SIZE": str(len(devices)),
-             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(store.port), "TORCHELASTIC_USE_AGENT_STORE": "True",
-             "CHIPFUSE_DEVICE_NAME": name}
+        e = {**os.environ, **(env or {}), **rdzv, "RANK": str(rank), "LOCAL_RANK": str(rank),
+             "LOCAL_WORLD_SIZE": str(len(devices)), "CHIPFUSE_DEVICE_NAME": name}
         procs.append(subprocess.Popen(argv, env=e, preexec_fn=die_with_parent))
     return procs, store
 
