@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from chipfuse.runtime.launch.dist import usable_backend
 from chipfuse.runtime.parallel.pipeline import WorkerConfig
-from chipfuse.runtime.sync.groups import link_backend, make_reducer, usable_backend
+from chipfuse.runtime.sync.groups import link_backend, make_reducer
 from tests.distributed import run_ranks
 from tests.pipeline_helpers import TINY_GPT, plan_of, pool_of, reference, run_steps
 

@@ -24,10 +24,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from chipfuse.devices import BRIDGE as BRIDGE_BACKEND
+from chipfuse.devices import BRIDGE
 from chipfuse.runtime.launch.dist import collective_timeout, usable_backend
 
-__all__ = ["BRIDGE_BACKEND", "Reducer", "link_backend", "make_reducer", "usable_backend"]
+__all__ = ["Reducer", "link_backend", "make_reducer"]
 
 
 @dataclass(kw_only=True)
@@ -52,7 +52,7 @@ class Reducer:
             self.vendor_groups[v] = (members, _new_group(members, self.backend_of[v]))
         if len(self.vendor_groups) > 1:
             leaders = tuple(m[0] for m, _ in self.vendor_groups.values())
-            self.bridge = (leaders, _new_group(leaders, BRIDGE_BACKEND))
+            self.bridge = (leaders, _new_group(leaders, BRIDGE))
         return self
 
     def all_reduce(self, t: torch.Tensor) -> None:
@@ -80,7 +80,7 @@ class Reducer:
             "ranks": list(self.ranks),
             "vendor_groups": {v: {"ranks": list(m), "backend": self.backend_of[v]}
                               for v, (m, _) in self.vendor_groups.items()},
-            "bridge": {"ranks": list(self.bridge[0]), "backend": BRIDGE_BACKEND} if self.bridge else None,
+            "bridge": {"ranks": list(self.bridge[0]), "backend": BRIDGE} if self.bridge else None,
         }
 
 
@@ -102,4 +102,4 @@ def link_backend(vendors: set[str], native_of: dict[str, str]) -> str:
     """Backend for point-to-point traffic among devices of `vendors` (a pipeline's stages)."""
     if len(vendors) == 1:
         return usable_backend(native_of[next(iter(vendors))])
-    return BRIDGE_BACKEND
+    return BRIDGE
